@@ -1,0 +1,25 @@
+# One entry point. `make test` and `make train` create the environment on first use.
+# VENV may point outside the clone (.ci/run keeps one per hash of requirements.lock).
+# The stamp is named by that hash, not compared by mtime: a fresh clone has new mtimes,
+# and a changed lock must rebuild the environment from scratch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-12)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: env test train clean
+
+env: $(STAMP)
+
+$(STAMP):
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	touch $@
+
+test: env
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache
