@@ -1,0 +1,132 @@
+"""The involution operator: one front door, several backends.
+
+``involution(x, kernel)`` validates its inputs, then dispatches to the CUDA kernel
+(compiled through CuPy) when it can run and to the pure-PyTorch reference otherwise.
+``REDNET_INVOLUTION_BACKEND=reference|cupy`` forces a backend; ``auto`` (the
+default) chooses. Importing this package never imports CuPy.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ._reference import involution_reference, involution_unfold
+
+__all__ = [
+    "BACKENDS",
+    "can_use_cuda_kernel",
+    "involution",
+    "involution_output_size",
+    "involution_reference",
+    "involution_unfold",
+    "select_backend",
+]
+
+_logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "cupy")
+_ENV = "REDNET_INVOLUTION_BACKEND"
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def involution_output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
+def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
+    """Whether the CuPy kernel can run on ``x``, and if not, why."""
+    if not x.is_cuda:
+        return False, f"input is on {x.device.type}, the CUDA kernel needs a CUDA tensor"
+    try:
+        from . import _cupy
+    except ImportError as e:  # CuPy missing or broken: the reference still works.
+        return False, f"the CuPy backend cannot be imported ({e})"
+    return _cupy.can_run(x)
+
+
+def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """Resolve ``backend`` (or the environment variable) to ``'reference'`` or ``'cupy'``."""
+    backend = (backend or os.environ.get(_ENV) or "auto").lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}")
+    if backend == "reference":
+        return backend
+    ok, why = can_use_cuda_kernel(x)
+    if backend == "cupy" and not ok:
+        raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'.")
+    if not ok:
+        _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
+        return "reference"
+    return "cupy"
+
+
+def _check(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"involution: x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if kernel.dim() != 6:
+        raise ValueError(
+            f"involution: kernel must be 6-D (B, G, K, K, Ho, Wo), got shape {tuple(kernel.shape)}; "
+            "view a (B, G*K*K, Ho, Wo) kernel as (B, G, K, K, Ho, Wo)"
+        )
+    for name, val, lo in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
+        if not isinstance(val, int) or val < lo:
+            raise ValueError(f"involution: {name} must be an int >= {lo}, got {val!r}")
+    b, c, h, w = x.shape
+    kb, g, k, k2, ho, wo = kernel.shape
+    if kb != b:
+        raise ValueError(f"involution: batch sizes differ: x has {b}, kernel has {kb}")
+    if k != k2 or k < 1:
+        raise ValueError(f"involution: kernel window must be square, got {k}x{k2} in kernel shape {tuple(kernel.shape)}")
+    if g < 1 or c % g:
+        raise ValueError(f"involution: channels C={c} must be divisible by the number of groups G={g} (kernel dim 1)")
+    eho = involution_output_size(h, k, stride, padding, dilation)
+    ewo = involution_output_size(w, k, stride, padding, dilation)
+    if eho < 1 or ewo < 1:
+        raise ValueError(
+            f"involution: input {h}x{w} is too small for K={k}, stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    if (ho, wo) != (eho, ewo):
+        raise ValueError(
+            f"involution: kernel spatial size {ho}x{wo} does not match the output size {eho}x{ewo} of a {h}x{w} "
+            f"input with K={k}, stride={stride}, padding={padding}, dilation={dilation}; generate the kernel at the output "
+            "resolution (average-pool the input by the stride first)"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"involution: dtype {x.dtype} is not supported; use one of {_FLOAT_DTYPES}")
+    if kernel.dtype != x.dtype:
+        raise ValueError(f"involution: x is {x.dtype} but kernel is {kernel.dtype}; cast one so they match")
+    if kernel.device != x.device:
+        raise ValueError(f"involution: x is on {x.device} but kernel is on {kernel.device}; move them to one device")
+
+
+def involution(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Involution of ``x`` (B, C, H, W) with per-pixel kernels (B, G, K, K, Ho, Wo).
+
+    ``y[b, c, i, j] = sum_{u,v} kernel[b, c // (C/G), u, v, i, j] * x[b, c, i*s - p + u*d, j*s - p + v*d]``,
+    taps outside the image reading zero.
+
+    Args:
+        x: input feature map.
+        kernel: one K x K kernel per output pixel and channel group.
+        stride: output stride s.
+        padding: zero padding p; defaults to the "same" padding ``dilation * (K - 1) // 2``.
+        dilation: spacing d between taps.
+        backend: ``'auto'``, ``'reference'`` or ``'cupy'``; defaults to ``$REDNET_INVOLUTION_BACKEND`` or auto.
+    """
+    if padding is None and kernel.dim() == 6:
+        padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
+    _check(x, kernel, stride, padding, dilation)
+    if select_backend(x, backend) == "cupy":
+        from ._cupy import involution_cupy
+
+        return involution_cupy(x, kernel, stride, padding, dilation)
+    return involution_reference(x, kernel, stride, padding, dilation)
