@@ -1,0 +1,3 @@
+from .involution import Involution
+
+__all__ = ["Involution"]
