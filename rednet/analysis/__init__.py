@@ -1,0 +1,1 @@
+"""Model analysis: complexity counting and involution kernel capture."""
