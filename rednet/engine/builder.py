@@ -1,0 +1,92 @@
+"""Model, optimizer and learning-rate schedule from a ``Config``."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+
+from ..models import create_model
+from .config import Config
+
+__all__ = ["build_model", "build_optimizer", "build_scheduler", "global_batch_size", "peak_lr", "WarmupCosine"]
+
+
+def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
+    """The configured network (any timm model name).
+
+    Args:
+        cfg: the run config; ``model.pretrained`` is ``"default"``, a path, a URL or None.
+        pretrained: set False to skip the pretrained weights (when a checkpoint follows).
+    """
+    source = cfg.model.pretrained if pretrained else None
+    return create_model(
+        cfg.model.name,
+        pretrained=True if source == "default" else source,
+        num_classes=cfg.model.num_classes,
+        in_chans=cfg.model.in_chans,
+        drop_rate=cfg.model.drop_rate,
+        **cfg.model.kwargs,
+    )
+
+
+def global_batch_size(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step: per-process batch x processes x accumulation steps."""
+    return cfg.data.batch_size * world_size * cfg.train.accum_steps
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """``optim.lr`` if set, else the linear scaling rule ``base_lr * global_batch / base_batch_size``."""
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return cfg.optim.base_lr * global_batch_size(cfg, world_size) / cfg.optim.base_batch_size
+
+
+def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory; the paper decays every parameter, BN and bias included."""
+    return create_optimizer_v2(
+        model,
+        opt=cfg.optim.name,
+        lr=lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        filter_bias_and_bn=not cfg.optim.decay_bn_and_bias,
+    )
+
+
+class WarmupCosine:
+    """lr factor at optimizer step ``it``: half-cosine over all steps times a linear warmup.
+
+    As in the authors' mmcv schedule, the warmup multiplies the cosine value, rising
+    linearly from ``warmup_factor`` to 1 over ``warmup_iters``; the cosine reaches
+    ``min_factor`` at ``total_iters``. A class, not a closure, so ``LambdaLR.state_dict``
+    stores its (plain) attributes.
+
+    Args:
+        total_iters: optimizer steps of the whole run.
+        warmup_iters: steps of the linear warmup.
+        warmup_factor: the factor at step 0.
+        min_factor: the factor at the last step.
+    """
+
+    def __init__(self, total_iters: int, warmup_iters: int, warmup_factor: float, min_factor: float = 0.0):
+        self.total_iters = max(1, total_iters)
+        self.warmup_iters = warmup_iters
+        self.warmup_factor = warmup_factor
+        self.min_factor = min_factor
+
+    def __call__(self, it: int) -> float:
+        t = min(it, self.total_iters) / self.total_iters
+        factor = self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if it < self.warmup_iters:
+            factor *= self.warmup_factor + (1.0 - self.warmup_factor) * it / self.warmup_iters
+        return factor
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration ``LambdaLR`` (stepped after every optimizer step) with the paper's warmup + cosine."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    fn = WarmupCosine(total, warmup, cfg.optim.warmup_factor, cfg.optim.min_lr_factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,213 @@
+"""Checkpoint I/O: atomic writes, integrity checks, resume discovery, model loading.
+
+A training checkpoint is a dict of plain data and tensors, so ``torch.load(path,
+weights_only=True)`` reads it without executing pickled code:
+
+    format      "rednet-train/1"
+    config      the resolved config (nested dicts of str/numbers/lists)
+    model       the model's state_dict (unwrapped: no DDP ``module.`` / compile prefixes)
+    ema         the EMA model's state_dict, or None
+    optimizer, scheduler, scaler   their state_dicts (scaler None without fp16)
+    epoch, iteration   the epoch in progress and the optimizer steps done in it
+                       (iteration 0: the epoch has not started)
+    global_step        optimizer steps since the start of training
+    rng                RNG states of python, numpy, torch (CPU and CUDA) as tensors/lists
+    best_top1, metrics bookkeeping
+
+Each file is written to a temporary name, fsynced and renamed, then a ``.sha256``
+sidecar is written the same way; reading verifies the sidecar when it exists, because
+``torch.load`` does not notice flipped bytes inside tensor data.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "capture_rng_state",
+    "find_resume_checkpoint",
+    "list_checkpoints",
+    "load_model_from_checkpoint",
+    "prune_checkpoints",
+    "read_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "rednet-train/1"
+_ROLLING = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or not a RedNet training checkpoint."""
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` atomically (temporary file, fsync, rename) plus its sha256 sidecar."""
+    path = Path(path)
+    state = {"format": FORMAT, **state}
+    _atomic_write(path, lambda f: torch.save(state, f))
+    digest = _sha256(path)
+    _atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a training checkpoint; ``CheckpointError`` says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    side = _sidecar(path)
+    if side.is_file():
+        expected = side.read_text().split()[0] if side.read_text().strip() else ""
+        actual = _sha256(path)
+        if expected != actual:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or truncated: its sha256 {actual[:12]}... does not match "
+                f"{side.name} ({expected[:12]}...)"
+            )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip/pickle errors come in many types; all mean the same here
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state or "config" not in state:
+        raise CheckpointError(
+            f"{path} is not a RedNet training checkpoint (expected a dict with format {FORMAT!r}, 'model' and 'config')"
+        )
+    return state
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The rolling checkpoints of a run directory, newest (highest step) first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _ROLLING.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in ``run_dir`` and its state, skipping (and reporting) bad ones."""
+    for path in list_checkpoints(run_dir):
+        try:
+            return path, read_checkpoint(path, map_location)
+        except CheckpointError as e:
+            _logger.warning("resume: skipping %s; trying the previous one", e)
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` rolling checkpoints (and their sidecars)."""
+    for path in list_checkpoints(run_dir)[keep:]:
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors and plain lists (``weights_only``-safe)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the trained network from a training checkpoint, weights loaded, in eval mode.
+
+    The architecture comes from the checkpoint's stored config (``model.name``,
+    ``num_classes``, ``in_chans``, ``kwargs``); pretrained weights are not fetched. The
+    weights are the main model's, except when the run evaluated its EMA
+    (``train.eval_ema: true``), in which case the EMA weights are the ones it validated
+    and reported, and those are returned.
+
+    Args:
+        path: a ``checkpoint-*.pt``, ``best.pt`` or ``last.pt`` written by the trainer.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        ``(model, config)``: the model on ``map_location`` and the resolved config as a plain dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
+    """
+    from .builder import build_model  # builder imports rednet.models; keep this module light
+    from .config import config_from_dict
+
+    state = read_checkpoint(path, map_location)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg, pretrained=False)
+    weights = state["ema"] if cfg.train.eval_ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    model.to(map_location).eval()
+    return model, state["config"]

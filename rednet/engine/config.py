@@ -1,0 +1,428 @@
+"""The training configuration: YAML file -> typed, validated dataclasses -> overrides.
+
+The schema is the set of dataclasses below; every key a YAML file or ``--set`` names
+must exist in it (an unknown key is an error naming the nearest valid one) and every
+value must have the declared type (an error names the key and what it expects).
+The resolved config is a plain dict (``config_to_dict``) so it can be written next to
+the run and stored in checkpoints that load with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """The network.
+
+    Args:
+        name: any model in timm's registry (``rednet26`` ... ``rednet152``, ``resnet50``, ...).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        pretrained: ``None``, ``"default"`` (the model's published weights), a local path or a URL.
+        drop_rate: dropout before the classifier.
+        kwargs: extra keyword arguments for the model constructor.
+    """
+
+    name: str = "rednet50"
+    num_classes: int = 1000
+    in_chans: int = 3
+    pretrained: Optional[str] = None
+    drop_rate: float = 0.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Datasets, augmentation and loaders.
+
+    Args:
+        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``digits``
+            (scikit-learn's bundled 8x8 digits, upsampled to RGB) or ``synthetic`` (random tensors).
+        root: the ImageFolder root for ``imagenet``.
+        train_split / val_split: folder names under ``root``.
+        img_size: training (and evaluation crop) size.
+        batch_size: images per process per step (the global batch is this x processes x accum_steps).
+        eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
+        workers: loader worker processes per process.
+        pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
+        scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
+            ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
+        mean / std: normalisation on a 0-1 scale.
+        eval_crop_pct: evaluation resizes the shorter side to ``img_size / eval_crop_pct`` and
+            center-crops ``img_size`` (0.875: resize 256, crop 224); 1.0 only resizes.
+        val_fraction / split_seed: the held-out split of ``digits``.
+        synthetic_train_size / synthetic_val_size: lengths of the ``synthetic`` splits.
+    """
+
+    dataset: Literal["imagenet", "digits", "synthetic"] = "imagenet"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    workers: int = 8
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: float = 0.5
+    color_jitter: Optional[float] = None
+    auto_augment: Optional[str] = None
+    reprob: float = 0.0
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    eval_crop_pct: float = 0.875
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    synthetic_train_size: int = 256
+    synthetic_val_size: int = 64
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        name: a timm optimizer name; timm's ``sgd`` is SGD with Nesterov momentum (``momentum``
+            is SGD without Nesterov).
+        lr: absolute peak learning rate; ``None`` scales ``base_lr`` by global batch / ``base_batch_size``.
+        base_lr / base_batch_size: the linear scaling rule (paper: 0.8 at 2048).
+        momentum / weight_decay: optimizer options.
+        decay_bn_and_bias: apply weight decay to BN and bias too (the paper decays all parameters).
+        warmup_epochs: linear warmup length in epochs (converted to iterations; the paper's 3130
+            iterations at batch 2048 are 5 epochs of ImageNet).
+        warmup_factor: the warmup starts at this fraction of the peak lr.
+        min_lr_factor: the cosine ends at this fraction of the peak lr.
+        clip_grad: clip the global gradient norm to this value; ``None`` disables.
+    """
+
+    name: str = "sgd"
+    lr: Optional[float] = None
+    base_lr: float = 0.8
+    base_batch_size: int = 2048
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    decay_bn_and_bias: bool = True
+    warmup_epochs: float = 5.0
+    warmup_factor: float = 0.25
+    min_lr_factor: float = 0.0
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop, precision, logging, checkpoints.
+
+    Args:
+        epochs: training epochs.
+        seed: base seed (each process adds its rank).
+        deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN benchmark.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
+        channels_last: NHWC memory format.
+        compile: wrap the model in ``torch.compile``.
+        sync_bn: convert BatchNorm to SyncBatchNorm under distributed training.
+        accum_steps: micro-batches per optimizer step.
+        label_smoothing: for the cross-entropy (ignored when mixup/cutmix supply soft targets).
+        mixup / cutmix / mixup_prob / mixup_switch_prob: timm ``Mixup`` options; 0 disables.
+        ema / ema_decay / eval_ema: keep a timm ``ModelEmaV3``; ``eval_ema`` validates and picks
+            "best" with it (and ``load_model_from_checkpoint`` then returns its weights).
+        val_every: validate every this many epochs (and after the last).
+        log_every: iterations between log lines / TensorBoard points.
+        ckpt_every_iters: also checkpoint every this many optimizer steps; 0 only at epoch ends.
+        keep_last: rolling checkpoints to keep.
+        max_iters_per_epoch: cap on optimizer steps per epoch (smoke tests, benchmarks); ``None`` for all.
+        output: run directory (``--output`` overrides it).
+    """
+
+    epochs: int = 130
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    accum_steps: int = 1
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_ema: bool = False
+    val_every: int = 1
+    log_every: int = 50
+    ckpt_every_iters: int = 0
+    keep_last: int = 3
+    max_iters_per_epoch: Optional[int] = None
+    output: str = "runs/default"
+
+
+@dataclass
+class Config:
+    """A whole run: ``model``, ``data``, ``optim``, ``train`` sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- typed conversion ------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} values ({', '.join(_type_name(a) for a in typing.get_args(tp))})"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``, or a ConfigError naming ``key`` and what it expects."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    raise TypeError(f"unsupported schema type {tp!r} for '{key}'")
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        k = prefix + f.name
+        keys.append(k)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], k + ".")
+    return keys
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    # A key that exists in another section is the likeliest slip ('train.lr' -> 'optim.lr');
+    # otherwise the closest spelling among keys of the same depth.
+    leaf = key.rsplit(".", 1)[-1]
+    match = [k for k in _all_keys() if "." in k and k.rsplit(".", 1)[-1] == leaf][:1]
+    if not match:
+        same_depth = [k for k in valid if k.count(".") == key.count(".")] or valid
+        match = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5)
+    hint = f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise _unknown(prefix + str(k), [prefix + n for n in names])
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _convert(data[f.name], tp, prefix + f.name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Value checks the types cannot express; each names its key."""
+    checks = [
+        ("model.num_classes", cfg.model.num_classes >= 1, "an integer >= 1"),
+        ("model.in_chans", cfg.model.in_chans >= 1, "an integer >= 1"),
+        ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "a number in [0, 1)"),
+        ("data.img_size", cfg.data.img_size >= 8, "an integer >= 8"),
+        ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
+        ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "null or an integer >= 1"),
+        ("data.workers", cfg.data.workers >= 0, "an integer >= 0"),
+        ("data.scale", 0.0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1.0, "[min, max] with 0 < min <= max <= 1"),
+        ("data.ratio", 0.0 < cfg.data.ratio[0] <= cfg.data.ratio[1], "[min, max] with 0 < min <= max"),
+        ("data.hflip", 0.0 <= cfg.data.hflip <= 1.0, "a probability in [0, 1]"),
+        ("data.reprob", 0.0 <= cfg.data.reprob <= 1.0, "a probability in [0, 1]"),
+        ("data.std", all(s > 0 for s in cfg.data.std), "three positive numbers"),
+        ("data.eval_crop_pct", 0.0 < cfg.data.eval_crop_pct <= 1.0, "a number in (0, 1]"),
+        ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "a number in (0, 1)"),
+        ("data.synthetic_train_size", cfg.data.synthetic_train_size >= 1, "an integer >= 1"),
+        ("data.synthetic_val_size", cfg.data.synthetic_val_size >= 1, "an integer >= 1"),
+        ("data.root", cfg.data.dataset != "imagenet" or bool(cfg.data.root), "a directory with train/ and val/ when data.dataset is 'imagenet' (or pass --data DIR)"),
+        ("optim.lr", cfg.optim.lr is None or cfg.optim.lr > 0, "null or a number > 0"),
+        ("optim.base_lr", cfg.optim.base_lr > 0, "a number > 0"),
+        ("optim.base_batch_size", cfg.optim.base_batch_size >= 1, "an integer >= 1"),
+        ("optim.momentum", 0.0 <= cfg.optim.momentum < 1.0, "a number in [0, 1)"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "a number >= 0"),
+        ("optim.warmup_epochs", cfg.optim.warmup_epochs >= 0, "a number >= 0"),
+        ("optim.warmup_factor", 0.0 <= cfg.optim.warmup_factor <= 1.0, "a number in [0, 1]"),
+        ("optim.min_lr_factor", 0.0 <= cfg.optim.min_lr_factor <= 1.0, "a number in [0, 1]"),
+        ("optim.clip_grad", cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "null or a number > 0"),
+        ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
+        ("train.accum_steps", cfg.train.accum_steps >= 1, "an integer >= 1"),
+        ("train.label_smoothing", 0.0 <= cfg.train.label_smoothing < 1.0, "a number in [0, 1)"),
+        ("train.mixup", cfg.train.mixup >= 0, "a number >= 0 (0 disables)"),
+        ("train.cutmix", cfg.train.cutmix >= 0, "a number >= 0 (0 disables)"),
+        ("train.ema_decay", 0.0 < cfg.train.ema_decay < 1.0, "a number in (0, 1)"),
+        ("train.eval_ema", cfg.train.ema or not cfg.train.eval_ema, "false unless train.ema is true"),
+        ("train.val_every", cfg.train.val_every >= 1, "an integer >= 1"),
+        ("train.log_every", cfg.train.log_every >= 1, "an integer >= 1"),
+        ("train.ckpt_every_iters", cfg.train.ckpt_every_iters >= 0, "an integer >= 0 (0: epoch ends only)"),
+        ("train.keep_last", cfg.train.keep_last >= 1, "an integer >= 1"),
+        ("train.max_iters_per_epoch", cfg.train.max_iters_per_epoch is None or cfg.train.max_iters_per_epoch >= 1, "null or an integer >= 1"),
+    ]
+    for key, ok, expects in checks:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"config key '{key}' expects {expects}, got {value!r}")
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated ``Config`` from nested plain data (a parsed YAML file or a checkpoint's copy)."""
+    cfg = _build(Config, data or {}, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested plain dicts/lists/str/numbers (tuples become lists), safe for YAML and ``weights_only``."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.1), got {item!r}")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives numbers, booleans, null and [lists] their natural types.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to nested plain data (validated later as a whole)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    valid = _all_keys()
+    for item in overrides:
+        key, value = _parse_override(item)
+        parts = key.split(".")
+        if key not in valid:
+            raise _unknown(key, valid)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults when ``path`` is None), apply ``overrides``, validate.
+
+    Args:
+        path: a YAML file with ``model``/``data``/``optim``/``train`` sections.
+        overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides or []))
