@@ -81,6 +81,7 @@ WEIGHTS: dict[str, Weights] = {
 
 LAYOUTS = ("rednet", "mmcls", "paddle")
 _PADDLE_NAMES_KEY = "StructuredToParameterName@@"
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _SHOW = 8  # keys named in an error before "... and N more"
 
 
@@ -364,7 +365,7 @@ class Checkpoint:
             arch=self.arch,
             num_classes=self.num_classes,
             tensors=len(self.state_dict),
-            params=int(sum(v.numel() for k, v in self.state_dict.items() if not k.endswith("num_batches_tracked"))),
+            params=int(sum(v.numel() for k, v in self.state_dict.items() if not k.endswith(_BUFFERS))),
             renamed=len(self.renamed),
             transposed=list(self.transposed),
             filled=len(self.filled),

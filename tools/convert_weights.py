@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Convert RedNet weights in any supported layout to this project's safetensors layout.
+
+    python tools/convert_weights.py RedNet50_pretrained.pdparams rednet50.safetensors
+    python tools/convert_weights.py rednet50-xxxx.pth rednet50.safetensors --json
+    python tools/convert_weights.py https://.../RedNet26_pretrained.pdparams rednet26.safetensors
+
+The source layout (this project's safetensors, the authors' mmcls ``.pth``, the
+PaddleClas ``.pdparams``) is detected from the content. The result is checked
+key by key against the model it belongs to before it is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import timm
+import torch
+
+from rednet.models import create_model
+from rednet.models._pretrained import CheckpointError, fit_state_dict, load_checkpoint, save_rednet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Convert RedNet weights (safetensors, mmcls .pth, PaddleClas .pdparams) to this project's "
+        "safetensors layout, printing what was mapped."
+    )
+    p.add_argument("src", help="source checkpoint: a local path or a URL (downloads into the torch.hub cache)")
+    p.add_argument("dst", help="destination .safetensors file")
+    p.add_argument("--arch", default=None, help="model name (default: inferred from the number of blocks per stage)")
+    p.add_argument("--sha256", default=None, help="expected sha256 of the source file")
+    p.add_argument("--json", action="store_true", help="print the mapping summary as one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ck = load_checkpoint(args.src, sha256=args.sha256, progress=not args.json)
+        arch = args.arch or ck.arch
+        if arch is None or not timm.is_model(arch):
+            raise CheckpointError(f"{args.src}: cannot tell which model these weights are for (got {arch!r}); pass --arch")
+        # Check on the meta device: every key and shape against the real model, no memory.
+        with torch.device("meta"):
+            model = create_model(arch, num_classes=ck.num_classes or 0)
+        fit_state_dict(model, ck)
+        save_rednet(ck.state_dict, args.dst, arch=arch)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    s = ck.summary()
+    s.update(arch=arch, dst=args.dst)
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    print(f"read   {s['source']} ({s['container']}, {s['layout']} layout): {s['tensors']} tensors, {s['params']:,} parameters")
+    print(f"model  {arch}, {s['num_classes']} classes")
+    if s["renamed"]:
+        examples = "; ".join(f"{a} -> {b}" for a, b in s["rename_examples"])
+        print(f"renamed {s['renamed']} keys, e.g. {examples}")
+    if s["transposed"]:
+        print(f"transposed {', '.join(s['transposed'])} (stored as (in, out))")
+    if s["filled"]:
+        print(f"filled {s['filled']} BatchNorm num_batches_tracked with 0 (absent in the source)")
+    if s["dropped"]:
+        print(f"dropped {', '.join(s['dropped'])} (not weights)")
+    print(f"wrote  {args.dst} (safetensors, rednet layout)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
