@@ -1,0 +1,169 @@
+"""Draw the kernels a RedNet generates for an image, one heat map per involution group.
+
+    python tools/visualize.py --model rednet50 --pretrained --image photo.jpg --out maps.png
+    python tools/visualize.py --checkpoint runs/digits/last.pt --layer layer2.1.conv2
+    python tools/visualize.py --model rednet26 --layer list
+
+Each map is, at every position, the sum of the K*K kernel generated there (the paper's
+Figure 3), drawn over the eval-transformed crop the model saw. With no --image the
+astronaut photo bundled with scikit-image is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rednet.analysis.kernels import default_layer, involution_layers
+from rednet.analysis.plot import DEFAULT_TOP, load_image, visualize_kernels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="visualize.py",
+        description="Plot an involution layer's generated kernels (sum per position, one map per group).",
+    )
+    p.add_argument("--model", help="registered model name (rednet26 ... rednet152); taken from --checkpoint if omitted")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH|URL",
+                         help="pretrained weights: a file or URL, or the model's default weights if no value")
+    weights.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by tools/train.py")
+    p.add_argument("--image", metavar="PATH", help="input image (default: scikit-image's astronaut photo)")
+    p.add_argument("--layer", metavar="NAME",
+                   help="involution layer, e.g. layer3.3.conv2 (default: last block of stage 3); 'list' prints them")
+    p.add_argument("--out", metavar="FILE.png", help="output PNG (default: kernels_<model>_<layer>.png)")
+    p.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="N",
+                   help=f"draw the N groups of largest spatial variance (default {DEFAULT_TOP}; 0: all groups)")
+    p.add_argument("--input-size", type=int, metavar="PX",
+                   help="square eval crop size, overriding the model's (smaller runs faster)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available)")
+    p.add_argument("--cmap", default="turbo", help="matplotlib colour map (default turbo)")
+    p.add_argument("--dpi", type=int, default=100, help="PNG pixels per inch (default 100)")
+    p.add_argument("--json", action="store_true", help="print the result (or the layer list) as JSON")
+    return p
+
+
+def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The model and the data config its eval transform comes from."""
+    import rednet
+    from timm.data import resolve_data_config
+
+    overrides = {}
+    if args.checkpoint:
+        from rednet.engine.checkpoint import load_model_from_checkpoint
+
+        try:
+            model, config = load_model_from_checkpoint(args.checkpoint, map_location=args.device)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            parser.error(f"cannot load checkpoint {args.checkpoint}: {e}")
+        name = config["model"]["name"]
+        if args.model and args.model != name:
+            parser.error(f"checkpoint {args.checkpoint} holds a {name}, not a {args.model}; "
+                         f"drop --model or pass --model {name}")
+        args.model = name
+        overrides.update(_checkpoint_data_config(config))
+    else:
+        if not args.model:
+            parser.error("--model is required unless --checkpoint is given")
+        names = rednet.list_models()
+        if args.model not in names:
+            parser.error(f"unknown model {args.model!r}; registered: {', '.join(names)}")
+        try:
+            model = rednet.create_model(args.model, pretrained=args.pretrained)
+        except (OSError, ValueError, RuntimeError) as e:
+            parser.error(f"cannot load pretrained weights {args.pretrained}: {e}")
+    # The eval transform must produce what the first conv takes (1 channel for a
+    # grayscale-trained model), which the pretrained_cfg's ImageNet size does not know.
+    in_chans = model.get_submodule(model.pretrained_cfg["first_conv"]).in_channels
+    size = args.input_size or overrides.get("input_size", model.pretrained_cfg["input_size"])[-1]
+    overrides["input_size"] = (in_chans, size, size)
+    return model, resolve_data_config(overrides, model=model)
+
+
+def _checkpoint_data_config(config: dict) -> dict:
+    """The eval transform the run validated with, from its stored ``data`` section, in timm's keys.
+
+    A digits run evaluates at its own ``img_size``, crop and normalisation, not ImageNet's.
+    """
+    data = config.get("data", {})
+    out = {}
+    if data.get("img_size"):
+        out["input_size"] = (config["model"].get("in_chans", 3), data["img_size"], data["img_size"])
+    if data.get("eval_crop_pct"):
+        out["crop_pct"] = data["eval_crop_pct"]
+    for key in ("interpolation", "mean", "std"):
+        if data.get(key) is not None:
+            out[key] = tuple(data[key]) if isinstance(data[key], list) else data[key]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top < 0:
+        parser.error("--top must be >= 0")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        parser.error(f"--out must be a .png file, got {args.out}")
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:
+        parser.error(f"unknown --cmap {args.cmap!r}; e.g. turbo, viridis, inferno, RdBu_r")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"bad --device {args.device!r}: {e}")
+
+    image = None
+    if args.layer != "list":
+        try:  # before building the model: a typo in the path should fail in a second
+            image = load_image(args.image)
+        except ValueError as e:
+            parser.error(str(e))
+    model, data_config = _load_model(args, parser)
+    layers = involution_layers(model)
+    if not layers:
+        parser.error(f"{args.model} has no involution layers to visualize")
+    if args.layer == "list":
+        rows = [dict(name=n, channels=m.channels, groups=m.groups, kernel_size=m.kernel_size, stride=m.stride)
+                for n, m in layers.items()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['name']:<16} channels={r['channels']:<4} groups={r['groups']:<3} "
+                      f"kernel={r['kernel_size']} stride={r['stride']}")
+        return 0
+    layer = args.layer or default_layer(model)
+    if layer not in layers:
+        parser.error(f"unknown involution layer {layer!r} for {args.model}; valid layers: {', '.join(layers)} "
+                     "(or --layer list)")
+
+    if args.checkpoint:
+        note = f"{args.model} from {Path(args.checkpoint).name}"
+    elif args.pretrained:
+        note = f"{args.model}, pretrained weights"
+    else:
+        # Random kernels look structured too (they follow image edges); say so on the figure.
+        note = f"{args.model} with random weights (no --pretrained or --checkpoint)"
+        print(f"warning: {note}", file=sys.stderr)
+    out = args.out or f"kernels_{args.model}_{layer}.png"
+    result = visualize_kernels(model.to(device), image, data_config, out, layer=layer, top=args.top or None,
+                               note=note, cmap=args.cmap, dpi=args.dpi)
+    result.update(model=args.model, device=str(device), image=args.image or "skimage:astronaut",
+                  data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        shown = len(result["shown"])
+        print(f"wrote {result['out']}: {result['layer']}, {shown} of {result['groups']} groups, "
+              f"{result['map_size'][0]}x{result['map_size'][1]} maps over a "
+              f"{result['image_size'][1]}x{result['image_size'][0]} crop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
