@@ -231,6 +231,23 @@ def test_cli_user_image_and_layer(tmp_path, capsys):
     assert out.is_file()
 
 
+@pytest.mark.parametrize("name", rednet.list_models())
+def test_cli_every_registered_model(name, tmp_path, capsys):
+    # stem.1 with a tiny crop: the capture stops after the layer, so even RedNet-152 is quick.
+    rc, io = _run_main(["--model", name, "--layer", "stem.1", "--input-size", "32", "--dpi", "10",
+                        "--out", str(tmp_path / "m.png"), "--json"], capsys)
+    assert rc == 0 and json.loads(io.out)["map_size"] == [16, 16]
+
+
+def test_capture_of_a_layer_outside_forward_is_an_error(model):
+    model.extra = Involution(16, 3)  # registered, never called
+    try:
+        with pytest.raises(RuntimeError, match="not used"):
+            capture_kernel_sums(model, torch.randn(1, 3, 32, 32), "extra")
+    finally:
+        del model.extra
+
+
 def test_cli_layer_list(capsys):
     rc, io = _run_main(["--model", "rednet26", "--layer", "list", "--json"], capsys)
     assert rc == 0

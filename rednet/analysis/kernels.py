@@ -92,12 +92,21 @@ class KernelCapture:
             self._handle = None
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the observed layer has run: nothing after it is needed."""
+
+
+def _stop(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    raise _StopForward
+
+
 @torch.no_grad()
 def capture_kernel_sums(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
     """Run ``model`` on ``x`` and return the kernel sums of one involution layer.
 
     The model is run in eval mode (BatchNorm with running statistics, as at inference)
-    and restored to its previous mode afterwards.
+    and restored to its previous mode afterwards. The forward pass stops once the layer
+    has run, so early layers of deep models cost little.
 
     Args:
         model: a network containing Involution layers.
@@ -110,14 +119,17 @@ def capture_kernel_sums(model: nn.Module, x: torch.Tensor, layer: str | None = N
     target = resolve_layer(model, layer if layer is not None else default_layer(model))
     was_training = model.training
     model.eval()
+    stop = target.register_forward_hook(_stop)
     try:
         with KernelCapture(target) as cap:
             model(x)
+    except _StopForward:
+        pass
     finally:
+        stop.remove()
         model.train(was_training)
-    if len(cap.sums) != 1:
-        # A layer reused in one forward (weight sharing) would make "the" map ambiguous.
-        raise RuntimeError(f"layer {layer!r} ran {len(cap.sums)} times in one forward pass; expected once")
+    if not cap.sums:
+        raise RuntimeError(f"layer {layer!r} is not used by {type(model).__name__}.forward; nothing was captured")
     return cap.sums[0]
 
 
