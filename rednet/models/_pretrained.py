@@ -185,11 +185,13 @@ def _read_torch(path: Path) -> Any:
         try:
             with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
                 return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
+        except pickle.UnpicklingError as e:
+            # torch blocks some modules (os, posix, subprocess, ...) even when allowlisted.
+            why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
             raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) refused it because it references {', '.join(unsafe)}, "
-                f"and reading it with those replaced by inert placeholders failed too ({e}). Re-save only the "
-                "state_dict from a trusted environment: torch.save(ckpt['state_dict'], 'weights.pth')"
+                f"refusing to load {path}: it references {', '.join(unsafe)}, which can run "
+                f"code ({why or 'blocked by torch.load(weights_only=True)'}); nothing from it was executed. If the "
+                "file is trusted, re-save only its weights: torch.save(ckpt['state_dict'], 'weights.pth')"
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise _corrupt(path, "torch", e) from None

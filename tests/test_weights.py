@@ -1,0 +1,418 @@
+"""Pretrained weights: every layout round-trips, downloads, refusals and clear errors."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rednet
+from rednet.models._pretrained import (
+    WEIGHTS,
+    CheckpointError,
+    arch_from_state_dict,
+    convert_state_dict,
+    fit_state_dict,
+    read_checkpoint,
+    save_rednet,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPTHS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4, 6, 3),
+          "rednet101": (3, 4, 23, 3), "rednet152": (3, 8, 36, 3)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a loaded 2-core machine two intra-op threads spin against each other: a tiny
+    # forward takes 1.7 s instead of 0.04 s.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- foreign layouts, built from a model's own weights ---------------------------------
+
+
+def to_paddle(sd: dict[str, torch.Tensor]) -> dict:
+    """What PaddleClas publishes: _mean/_variance, no num_batches_tracked, fc as (in, out)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        a = v.detach().cpu().numpy()
+        if k == "fc.weight":
+            a = np.ascontiguousarray(a.T)
+        out[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = a
+    out["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(out)}
+    return out
+
+
+def to_mmcls(sd: dict[str, torch.Tensor], meta: object = None) -> dict:
+    """The authors' release: backbone./head.fc. prefixes inside state_dict, plus meta."""
+    state = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in sd.items()}
+    return {"state_dict": state, "meta": meta if meta is not None else {"epoch": 130, "CLASSES": ("tench",)}}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A rednet26 with non-trivial weights and BN statistics, its input and output."""
+    torch.manual_seed(0)
+    model = rednet.create_model("rednet26")
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.dim() == 1:  # BN scales and shifts (the zero-initialised last ones too), biases
+                t.uniform_(0.5, 1.0) if name.endswith("weight") and "fc" not in name else t.normal_(0, 0.05)
+        # Involution is quadratic in its input, so random statistics blow up within a few
+        # blocks; calibrate real ones instead (momentum None: a plain average).
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert torch.isfinite(y).all() and y.std() > 0
+    return model.state_dict(), x, y
+
+
+def _write(kind: str, sd: dict, path: Path) -> Path:
+    if kind == "rednet":
+        save_rednet(sd, path)
+    elif kind == "mmcls":
+        torch.save(to_mmcls(sd), path)
+    elif kind == "mmcls_legacy":
+        torch.save(to_mmcls(sd), path, _use_new_zipfile_serialization=False)
+    elif kind.startswith("paddle"):
+        with open(path, "wb") as f:
+            pickle.dump(to_paddle(sd), f, protocol=int(kind[-1]))
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+# File names deliberately lie: the layout must come from the content.
+LAYOUTS = [("rednet", "w.bin"), ("mmcls", "w.pdparams"), ("mmcls_legacy", "w.pth"),
+           ("paddle2", "w.pth"), ("paddle4", "w.safetensors")]
+
+
+@pytest.mark.parametrize("kind,fname", LAYOUTS, ids=[k for k, _ in LAYOUTS])
+def test_roundtrip_identical_outputs(trained, tmp_path, kind, fname):
+    sd, x, y = trained
+    path = _write(kind, sd, tmp_path / fname)
+    model = rednet.create_model("rednet26", pretrained=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    expect_nbt = 0 if kind.startswith("paddle") else 2  # Paddle has no counter: filled with 0
+    assert int(model.state_dict()["stem.0.bn.num_batches_tracked"]) == expect_nbt
+
+
+def test_paddle_pickle_uses_only_numpy_globals(trained):
+    # What the restricted unpickler has to allow: numpy 2 under protocol 2 and 4.
+    import pickletools
+
+    sd, _, _ = trained
+    small = {k: v for k, v in list(to_paddle(sd).items())[:3]}
+    for proto in (2, 4):
+        data = pickle.dumps(small, protocol=proto)
+        strings = [str(a) for op, a, _ in pickletools.genops(data) if op.name in ("GLOBAL", "SHORT_BINUNICODE")]
+        assert any("numpy" in s for s in strings), proto
+
+
+@pytest.mark.parametrize("name", list(DEPTHS))
+def test_key_mapping_covers_every_key(name):
+    """Paddle and mmcls names of every depth map onto the model exactly (meta device, no forward)."""
+    with torch.device("meta"):
+        model = rednet.create_model(name)
+    target = model.state_dict()
+    paddle = {}
+    for k, v in target.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k == "fc.weight":
+            v = v.t()
+        paddle[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = v
+    for foreign, layout in ((paddle, "paddle"), ({k: v for k, v in to_mmcls(target)["state_dict"].items()}, "mmcls")):
+        ck = convert_state_dict(foreign)
+        assert ck.layout == layout
+        assert {k: tuple(v.shape) for k, v in ck.state_dict.items()} == {k: tuple(v.shape) for k, v in target.items()}
+        fit_state_dict(model, ck)  # raises on any mismatch
+        assert ck.arch == name and arch_from_state_dict(ck.state_dict) == name
+    assert ck.transposed == [] and len(convert_state_dict(paddle).transposed) == 1
+
+
+def test_default_weights_metadata():
+    for name in DEPTHS:
+        w = WEIGHTS[f"{name}.paddle_in1k"]
+        d = name[len("rednet"):]
+        assert w.url == f"https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/RedNet{d}_pretrained.pdparams"
+        assert w.layout == "paddle" and 75 < w.top1 < 80
+        with torch.device("meta"):
+            cfg = rednet.create_model(name).pretrained_cfg
+        assert cfg["url"] == w.url and cfg["tag"] == "paddle_in1k"
+
+
+# --- classifier and stem adaptation ----------------------------------------------------
+
+
+def test_other_num_classes_drops_classifier_and_says_so(trained, tmp_path, caplog):
+    sd, x, _ = trained
+    path = _write("paddle2", sd, tmp_path / "w.pdparams")
+    with caplog.at_level(logging.WARNING):
+        model = rednet.create_model("rednet26", pretrained=str(path), num_classes=10).eval()
+    assert "1000 classes, the model 10" in caplog.text and "fc" in caplog.text
+    assert model.fc.weight.shape == (10, 2048)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if not k.startswith("fc.") and "num_batches" not in k)
+
+
+def test_no_classifier_and_features_only(trained, tmp_path):
+    sd, x, _ = trained
+    path = _write("mmcls", sd, tmp_path / "w.pth")
+    ref = rednet.create_model("rednet26", pretrained=str(path)).eval()
+    headless = rednet.create_model("rednet26", pretrained=str(path), num_classes=0).eval()
+    feats = rednet.create_model("rednet26", pretrained=str(path), features_only=True).eval()
+    with torch.no_grad():
+        f = ref.forward_features(x)
+        assert torch.equal(headless(x), f.mean((2, 3)))
+        assert torch.equal(feats(x)[-1], f)
+
+
+def test_in_chans_adapts_stem(trained, tmp_path):
+    sd, _, _ = trained
+    path = _write("rednet", sd, tmp_path / "w.safetensors")
+    model = rednet.create_model("rednet26", pretrained=str(path), in_chans=1)
+    w = model.state_dict()["stem.0.conv.weight"]
+    assert w.shape == (32, 1, 3, 3)
+    torch.testing.assert_close(w, sd["stem.0.conv.weight"].sum(1, keepdim=True))
+
+
+# --- what does not fit is named ---------------------------------------------------------
+
+
+def test_wrong_depth_names_both_variants(trained, tmp_path):
+    sd, _, _ = trained
+    path = _write("paddle2", sd, tmp_path / "w.pdparams")
+    with pytest.raises(CheckpointError, match=r"missing: layer1\.1\.conv1\.weight") as e:
+        rednet.create_model("rednet38", pretrained=str(path))
+    assert "rednet26" in str(e.value) and "(2, 3, 5, 2)" in str(e.value)
+
+
+def test_missing_unexpected_misshaped_are_listed(trained, tmp_path):
+    sd, _, _ = trained
+    bad = dict(sd)
+    del bad["layer3.2.bn1.running_var"]
+    bad["layer9.0.extra"] = torch.zeros(1)
+    bad["layer2.0.conv1.weight"] = torch.zeros(128, 256, 3, 3)
+    save_rednet(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        rednet.create_model("rednet26", pretrained=str(tmp_path / "bad.safetensors"))
+    msg = str(e.value)
+    assert "1 missing: layer3.2.bn1.running_var" in msg
+    assert "1 unexpected: layer9.0.extra" in msg
+    assert "layer2.0.conv1.weight (128, 256, 3, 3) in the checkpoint vs (128, 256, 1, 1)" in msg
+
+
+def test_not_a_rednet_checkpoint(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="none of the RedNet layouts"):
+        read_checkpoint(tmp_path / "x.pth")
+
+
+# --- corrupt, truncated, malicious ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["rednet", "mmcls", "paddle2", "paddle4"])
+def test_truncated_file_is_a_clear_error(trained, tmp_path, kind):
+    sd, _, _ = trained
+    path = _write(kind, sd, tmp_path / "w.bin")
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 40):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as e:
+            read_checkpoint(path)
+        msg = str(e.value)
+        assert str(path) in msg and ("truncated" in msg or "corrupt" in msg) and "delete" in msg
+
+
+def test_garbage_and_empty_files(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(64).replace(b"\x80", b"\x00").replace(b"PK", b"pk").replace(b"{", b"("))
+    with pytest.raises(CheckpointError, match="unrecognised format"):
+        read_checkpoint(junk)
+    empty = tmp_path / "empty.pdparams"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="0 bytes"):
+        read_checkpoint(empty)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        rednet.create_model("rednet26", pretrained=str(tmp_path / "absent.pth"))
+
+
+class _Pwn:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("proto", [2, 4])
+def test_pickle_that_runs_code_is_refused(tmp_path, proto):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pdparams"
+    with open(path, "wb") as f:
+        pickle.dump({"stem.0.conv.weight": np.zeros((32, 3, 3, 3), np.float32), "x": _Pwn(marker)}, f, protocol=proto)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pdparams.*references (posix|os|nt)\.system"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_pickle_builtins_eval_is_refused(tmp_path):
+    # A hand-written protocol-2 pickle calling builtins.eval: GLOBAL, args tuple, REDUCE.
+    path = tmp_path / "eval.pdparams"
+    path.write_bytes(b"\x80\x02cbuiltins\neval\nX\x0a\x00\x00\x00print(123)\x85R.")
+    with pytest.raises(CheckpointError, match="references builtins.eval"):
+        read_checkpoint(path)
+
+
+class _RunInfo:
+    """Stands for whatever a training framework leaves in ``meta``: a class torch does not allowlist."""
+
+    def __init__(self):
+        self.epoch = 130
+
+
+def test_mmcls_meta_with_foreign_objects_still_loads_the_weights(trained, tmp_path):
+    sd, x, y = trained
+    path = tmp_path / "release.pth"
+    torch.save(to_mmcls(sd, meta={"run": _RunInfo(), "best": np.float64(0.76)}), path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # what a plain torch.load makes of it
+    ck = read_checkpoint(path)
+    assert ck.layout == "mmcls" and ck.dropped == ["meta"]
+    model = rednet.create_model("rednet26").eval()
+    model.load_state_dict(fit_state_dict(model, ck))
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+def test_torch_file_that_runs_code_is_refused(trained, tmp_path):
+    sd, _, _ = trained
+    marker = tmp_path / "pwned"
+    path = tmp_path / "release.pth"
+    torch.save(to_mmcls({"fc.bias": sd["fc.bias"]}, meta={"hook": _Pwn(marker)}), path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*release\.pth.*(posix|os|nt)\.system"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+# --- downloads through torch.hub's cache ------------------------------------------------
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    """A static file server on 127.0.0.1 and a TORCH_HOME of our own."""
+    root = tmp_path / "www"
+    root.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
+    sd, x, y = trained
+    root, base = server
+    src = _write("paddle2", sd, root / "RedNet26_pretrained.pdparams")
+    url = f"{base}/RedNet26_pretrained.pdparams"
+    # pretrained=True follows the pretrained_cfg URL; point it at the local server.
+    model = rednet.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=dict(url=url)).eval()
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "RedNet26_pretrained.pdparams"
+    assert cached.read_bytes() == src.read_bytes()
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    src.unlink()  # second load comes from the cache
+    rednet.create_model("rednet26", pretrained=url)
+
+
+def test_download_sha256_verified(trained, tmp_path, server):
+    from rednet.models._pretrained import load_pretrained
+
+    sd, x, y = trained
+    root, base = server
+    src = _write("mmcls", sd, root / "release.pth")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    model = rednet.create_model("rednet26")
+    wrong = "0" * 64
+    with pytest.raises(CheckpointError, match=f"sha256 mismatch.*{wrong}.*{digest[:16]}"):
+        load_pretrained(model, f"{base}/release.pth", sha256=wrong, progress=False)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert not (cache / "release.pth").exists() and not list(cache.glob("*.partial"))
+    load_pretrained(model, f"{base}/release.pth", sha256=digest, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), y)
+    with pytest.raises(CheckpointError, match="could not download .*absent.pth"):
+        load_pretrained(model, f"{base}/absent.pth", progress=False)
+
+
+def test_file_url(trained, tmp_path, monkeypatch):
+    sd, x, y = trained
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    src = _write("rednet", sd, tmp_path / "mine.safetensors")
+    model = rednet.create_model("rednet26", pretrained=src.as_uri()).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    assert (tmp_path / "th" / "hub" / "checkpoints" / "mine.safetensors").is_file()
+
+
+# --- tools/convert_weights.py -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["paddle2", "mmcls"])
+def test_convert_weights_cli(trained, tmp_path, capsys, kind):
+    from safetensors import safe_open
+
+    sd, x, y = trained
+    tool = _load_tool("convert_weights")
+    src = _write(kind, sd, tmp_path / "src.bin")
+    dst = tmp_path / "out.safetensors"
+    assert tool.main([str(src), str(dst), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["arch"] == "rednet26" and report["params"] == 9_233_166
+    assert report["layout"] == ("paddle" if kind == "paddle2" else "mmcls")
+    if kind == "paddle2":
+        assert report["transposed"] == ["fc.weight"] and report["filled"] == 40
+        assert report["dropped"] == ["StructuredToParameterName@@"]
+    with safe_open(str(dst), "pt") as f:
+        assert f.metadata() == {"format": "pt", "layout": "rednet", "arch": "rednet26"}
+    model = rednet.create_model("rednet26", pretrained=str(dst)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    assert tool.main([str(src), str(tmp_path / "x.safetensors"), "--arch", "rednet50"]) == 1
+    assert "does not fit" in capsys.readouterr().err
+    assert "--arch" in tool.build_parser().format_help()
