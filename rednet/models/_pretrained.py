@@ -611,6 +611,9 @@ def fit_state_dict(model: nn.Module, ck: Checkpoint) -> dict[str, torch.Tensor]:
         )
         for k in fc:
             sd[k] = target[k]
+    elif not fc and "fc.weight" in target and any(k.startswith("layer4.") for k in sd):
+        _logger.warning("%s: the checkpoint has no classifier: fc was left at its fresh initialisation", ck.source)
+        sd.update({k: v for k, v in target.items() if k.startswith("fc.")})
     key = "stem.0.conv.weight"
     if key in sd and key in target and sd[key].dim() == 4 and sd[key].shape[1] != target[key].shape[1]:
         from timm.models._manipulate import adapt_input_conv
