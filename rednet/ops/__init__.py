@@ -29,6 +29,7 @@ _logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "reference", "cupy")
 _ENV = "REDNET_INVOLUTION_BACKEND"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 is left alone, as autocast does
 
 
 def involution_output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -37,23 +38,34 @@ def involution_output_size(size: int, kernel_size: int, stride: int, padding: in
 
 def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
     """Whether the CuPy kernel can run on ``x``, and if not, why."""
-    if not x.is_cuda:
-        return False, f"input is on {x.device.type}, the CUDA kernel needs a CUDA tensor"
+    return _kernel_status(x.device.type, x.device.index, x.dtype)
+
+
+def _kernel_status(device_type: str, device_index: int | None, dtype: torch.dtype) -> tuple[bool, str]:
+    if device_type != "cuda":
+        return False, f"input is on {device_type}, the CUDA kernel needs a CUDA tensor"
     try:
         from . import _cupy
-    except ImportError as e:  # CuPy missing or broken: the reference still works.
+    except ImportError as e:  # a broken install: the reference still works.
         return False, f"the CuPy backend cannot be imported ({e})"
-    return _cupy.can_run(x)
+    return _cupy.can_run_on(device_type, device_index, dtype)
 
 
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """Resolve ``backend`` (or the environment variable) to ``'reference'`` or ``'cupy'``."""
+    return _select_backend(x.device.type, x.device.index, x.dtype, backend)
+
+
+# Depends only on static facts (device, dtype, the environment), so torch.compile runs it once
+# while tracing and keeps the answer as a constant instead of tracing CuPy and logging.
+@torch.compiler.assume_constant_result
+def _select_backend(device_type: str, device_index: int | None, dtype: torch.dtype, backend: str | None) -> str:
     backend = (backend or os.environ.get(_ENV) or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}")
     if backend == "reference":
         return backend
-    ok, why = can_use_cuda_kernel(x)
+    ok, why = _kernel_status(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'.")
     if not ok:
@@ -121,9 +133,17 @@ def involution(
         padding: zero padding p; defaults to the "same" padding ``dilation * (K - 1) // 2``.
         dilation: spacing d between taps.
         backend: ``'auto'``, ``'reference'`` or ``'cupy'``; defaults to ``$REDNET_INVOLUTION_BACKEND`` or auto.
+
+    Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
+    Under ``torch.compile`` the backend is chosen once, while tracing.
     """
     if padding is None and kernel.dim() == 6:
         padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES and kernel.dtype in _AUTOCAST_DTYPES:
+        # Custom ops are not on autocast's lists, so cast here as autocast does for conv: the
+        # memory-bound aggregation runs in the low-precision dtype (fp32 accumulation inside).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
     if select_backend(x, backend) == "cupy":
         from ._cupy import involution_cupy
