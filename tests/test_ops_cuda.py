@@ -286,6 +286,11 @@ def test_front_door_autocast_casts_to_autocast_dtype():
     torch.testing.assert_close(y.float(), involution_reference(x.bfloat16(), k, 1, 1, 1).float())
 
 
+def test_front_door_on_meta_tensors():
+    y = involution(torch.empty(1, 16, 8, 8, device="meta"), torch.empty(1, 1, 3, 3, 4, 4, device="meta"), stride=2)
+    assert y.shape == (1, 16, 4, 4) and y.device.type == "meta"
+
+
 def test_importing_the_cuda_backend_needs_no_cupy():
     import importlib
     import sys

@@ -30,6 +30,7 @@ BACKENDS = ("auto", "reference", "cupy")
 _ENV = "REDNET_INVOLUTION_BACKEND"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 is left alone, as autocast does
+_AUTOCAST_DEVICES = ("cuda", "cpu")  # is_autocast_enabled raises for others (e.g. meta)
 
 
 def involution_output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -139,7 +140,8 @@ def involution(
     """
     if padding is None and kernel.dim() == 6:
         padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES and kernel.dtype in _AUTOCAST_DTYPES:
+    if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type) \
+            and x.dtype in _AUTOCAST_DTYPES and kernel.dtype in _AUTOCAST_DTYPES:
         # Custom ops are not on autocast's lists, so cast here as autocast does for conv: the
         # memory-bound aggregation runs in the low-precision dtype (fp32 accumulation inside).
         dtype = torch.get_autocast_dtype(x.device.type)
