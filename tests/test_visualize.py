@@ -265,6 +265,7 @@ def test_cli_layer_list(capsys):
     ([], "--model is required"),
     (["--model", "rednet26", "--out", "maps.jpg"], "must be a .png"),
     (["--model", "rednet26", "--cmap", "nope"], "unknown --cmap"),
+    (["--model", "rednet26", "--device", "tpu9"], "bad --device"),
 ])
 def test_cli_errors_are_clear(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -78,7 +78,8 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f"cannot load pretrained weights {args.pretrained}: {e}")
     # The eval transform must produce what the first conv takes (1 channel for a
     # grayscale-trained model), which the pretrained_cfg's ImageNet size does not know.
-    in_chans = model.get_submodule(model.pretrained_cfg["first_conv"]).in_channels
+    first_conv = model.pretrained_cfg.get("first_conv")
+    in_chans = model.get_submodule(first_conv).in_channels if first_conv else 3
     size = args.input_size or overrides.get("input_size", model.pretrained_cfg["input_size"])[-1]
     overrides["input_size"] = (in_chans, size, size)
     return model, resolve_data_config(overrides, model=model)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     except RuntimeError as e:
         parser.error(f"bad --device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
 
     image = None
     if args.layer != "list":
