@@ -72,6 +72,8 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
     if not ok:
         _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
         return "reference"
+    from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)
+
     return "cupy"
 
 

@@ -1,0 +1,52 @@
+"""Smoke test of tools/benchmark.py on the CPU: one tiny shape, checks the results file."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("rednet_benchmark", ROOT / "tools" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rednet50_involution_shapes(benchmark):
+    shapes = benchmark.rednet_involution_shapes("rednet50")
+    names = [s["name"] for s in shapes]
+    assert names == ["stem", "layer1", "layer2.down", "layer2", "layer3.down", "layer3", "layer4.down", "layer4"]
+    assert sum(s["count"] for s in shapes) == 1 + 3 + 4 + 6 + 3
+    # Forward elements per image without the stem: 7.51M (REFERENCE.md, performance anchors).
+    fwd = 0
+    for s in shapes[1:]:
+        ho = (s["H"] - 1) // s["stride"] + 1
+        fwd += s["count"] * (s["C"] * s["H"] * s["W"] + (s["C"] + s["G"] * s["K"] ** 2) * ho * ho)
+    assert round(fwd / 1e6, 2) == 7.51
+
+
+def test_op_cpu_writes_results(benchmark, tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["op", "--device", "cpu", "--shapes", "layer4", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                    "--copy-mb", "8", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    for key in ("device", "torch", "cuda", "cupy", "date", "copy_gbps", "op", "model"):
+        assert key in res
+    assert res["copy_gbps"] > 0 and res["model"] == []
+    rows = {r["backend"]: r for r in res["op"]}
+    assert set(rows) == {"reference", "unfold"}
+    for r in rows.values():
+        assert r["shape"] == "512x7x7 K7 s1 G32" and r["dtype"] == "fp32" and r["layout"] == "nchw"
+        assert r["pass"] == "fwd+bwd" and r["ms"] > 0 and r["floor_ms"] > 0
+    # The floor depends on the shape only, not on the backend.
+    assert rows["unfold"]["floor_ms"] == rows["reference"]["floor_ms"]
+    # unfold materialises (B, C*K*K, Ho*Wo) columns: 49x the input, 4.9 MB here.
+    assert rows["unfold"]["peak_mem_mb"] > 4 * rows["reference"]["peak_mem_mb"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| 512x7x7 K7 s1 G32 | layer4 |" in md and "Speedup over unfold" in md
