@@ -482,10 +482,18 @@ def test_gpu_torch_compile_rednet_fullgraph(monkeypatch):
         out.square().mean().backward()
         return out
 
-    eager = step(model, img).detach()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)
-    out = step(compiled, img).detach()
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close([p.grad for p in model.parameters()], g_eager, rtol=1e-3, atol=1e-4)
+    torch.backends.cudnn.allow_tf32 = False  # compare like with like: inductor may pick other conv algorithms
+    try:
+        eager = step(model, img).detach()
+        g_eager = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        launches = []
+        real = _cupy.launch
+        monkeypatch.setattr(_cupy, "launch", lambda plan, dev: launches.append(plan.name) or real(plan, dev))
+        compiled = torch.compile(model, fullgraph=True)
+        out = step(compiled, img).detach()
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert any("fwd" in n for n in launches) and any("bwd_input" in n for n in launches)  # the kernel ran inside
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close([p.grad for p in model.parameters()], g_eager, rtol=1e-2, atol=1e-3)

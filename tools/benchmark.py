@@ -246,7 +246,10 @@ def _make_model(name: str, device: torch.device) -> torch.nn.Module:
 
 
 def _model_throughput(name: str, backend: str, mode: str, batch: int, device: torch.device, args) -> dict:
+    # Read by the front door on every eager call, and once per trace under torch.compile.
     os.environ["REDNET_INVOLUTION_BACKEND"] = backend if backend != "-" else "reference"
+    if args.compile:
+        torch._dynamo.reset()  # the backend is baked into a trace; never reuse one across backends
     model = _make_model(name, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp)
     imgs = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
@@ -277,6 +280,17 @@ def _model_throughput(name: str, backend: str, mode: str, batch: int, device: to
 
 
 def run_model(args, device: torch.device) -> list[dict]:
+    env = os.environ.get("REDNET_INVOLUTION_BACKEND")
+    try:
+        return _run_models(args, device)
+    finally:
+        if env is None:
+            os.environ.pop("REDNET_INVOLUTION_BACKEND", None)
+        else:
+            os.environ["REDNET_INVOLUTION_BACKEND"] = env
+
+
+def _run_models(args, device: torch.device) -> list[dict]:
     rows = []
     jobs = [(m, be) for m in args.models if m.startswith("rednet") for be in args.backends if be in ("reference", "cupy")]
     jobs += [(m, "-") for m in args.models if not m.startswith("rednet")]

@@ -259,7 +259,11 @@ def _stream(cupy, device: int):
     key = (device, ts.cuda_stream)
     cs = _streams.get(key)
     if cs is None:
-        cs = _streams[key] = cupy.cuda.Stream.from_external(ts)
+        try:
+            cs = cupy.cuda.Stream.from_external(ts)  # the CUDA stream protocol, CuPy >= 14
+        except (AttributeError, TypeError):
+            cs = cupy.cuda.ExternalStream(ts.cuda_stream, device)
+        _streams[key] = cs
     return cs
 
 
