@@ -32,14 +32,14 @@ DEPTHS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4,
           "rednet101": (3, 4, 23, 3), "rednet152": (3, 8, 36, 3)}
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_tool", ROOT / "tools" / "visualize.py")
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-visualize = _load_tool()
+visualize = _load_tool("visualize")
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +353,26 @@ def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         visualize.main(["--checkpoint", str(bad), "--layer", "list"])
     assert f"cannot load checkpoint {bad}" in capsys.readouterr().err
+
+
+def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
+    """The real trainer, one step of the digits demo's config on tiny synthetic data."""
+    run = tmp_path / "run"
+    sets = ["data.dataset=synthetic", "data.synthetic_train_size=4", "data.synthetic_val_size=4",
+            "data.batch_size=4", "data.eval_batch_size=4", "train.epochs=1", "train.log_every=1"]
+    argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output", str(run)]
+    assert _load_tool("train").main(argv + [a for kv in sets for a in ("--set", kv)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "k.png"
+    rc, io = _run_main(["--checkpoint", str(run / "last.pt"), "--out", str(out), "--dpi", "10", "--json"], capsys)
+    assert rc == 0
+    result = json.loads(io.out)
+    from rednet.engine import read_checkpoint
+
+    size = read_checkpoint(run / "last.pt")["config"]["data"]["img_size"]  # the demo's own crop, not 224
+    side = math.ceil(size / 16)  # stage 3 sees the input at stride 16
+    assert result["model"] == "rednet26" and result["layer"] == "layer3.3.conv2"
+    assert result["image_size"] == [size, size] and result["map_size"] == [side, side]
+    assert out.is_file()
+    if side < 4:
+        assert "maps are only" in io.err  # the user is pointed to an earlier layer

@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                                note=note, cmap=args.cmap, dpi=args.dpi)
     result.update(model=args.model, device=str(device), image=args.image or "skimage:astronaut",
                   data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
+    ho, wo = result["map_size"]
+    if min(ho, wo) < 4:
+        # Small-image models (the digits demo) leave stage 3 with a pixel or two per side.
+        print(f"warning: {layer} maps are only {ho}x{wo} at a {result['image_size'][1]} px crop; "
+              "an earlier layer shows more (--layer list)", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
