@@ -116,7 +116,8 @@ def capture_kernel_sums(model: nn.Module, x: torch.Tensor, layer: str | None = N
     Returns:
         (B, G, Ho, Wo) float32 tensor on the CPU.
     """
-    target = resolve_layer(model, layer if layer is not None else default_layer(model))
+    layer = layer if layer is not None else default_layer(model)
+    target = resolve_layer(model, layer)
     was_training = model.training
     model.eval()
     stop = target.register_forward_hook(_stop)
