@@ -146,6 +146,8 @@ class TrainConfig:
         seed: base seed (each process adds its rank).
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN benchmark.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        cpu_threads: intra-op CPU threads per process (``torch.set_num_threads``); ``None`` keeps
+            torch's default. On a busy shared CPU one thread avoids OpenMP oversubscription.
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
         channels_last: NHWC memory format.
         compile: wrap the model in ``torch.compile``.
@@ -167,6 +169,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpu_threads: Optional[int] = None
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     compile: bool = False
@@ -339,6 +342,7 @@ def _validate(cfg: Config) -> None:
         ("optim.min_lr_factor", 0.0 <= cfg.optim.min_lr_factor <= 1.0, "a number in [0, 1]"),
         ("optim.clip_grad", cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "null or a number > 0"),
         ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
+        ("train.cpu_threads", cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, "null or an integer >= 1"),
         ("train.accum_steps", cfg.train.accum_steps >= 1, "an integer >= 1"),
         ("train.label_smoothing", 0.0 <= cfg.train.label_smoothing < 1.0, "a number in [0, 1)"),
         ("train.mixup", cfg.train.mixup >= 0, "a number >= 0 (0 disables)"),

@@ -1,0 +1,84 @@
+"""Data: datasets (ImageNet folders, digits, synthetic), timm transforms, resumable loaders."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch.utils.data import Dataset
+
+from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
+from .loader import ResumableSampler, ShardSampler, build_eval_loader, build_train_loader, collate_skip
+from .transforms import build_eval_transform, build_train_transform
+
+__all__ = [
+    "DataError",
+    "DigitsDataset",
+    "ResumableSampler",
+    "SafeImageFolder",
+    "ShardSampler",
+    "SyntheticDataset",
+    "build_datasets",
+    "build_eval_dataset",
+    "build_eval_loader",
+    "build_eval_transform",
+    "build_train_loader",
+    "build_train_transform",
+    "collate_skip",
+]
+
+
+def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Optional[Callable] = None) -> Dataset:
+    """The validation split of ``data`` (a ``DataConfig``), with ``transform`` or the config's eval transform.
+
+    Args:
+        data: the data section of the config.
+        num_classes: classes of the model (used by ``synthetic``).
+        in_chans: channels (used by ``synthetic``).
+        transform: overrides the eval transform derived from the config (e.g. a pretrained config's).
+    """
+    if transform is None:
+        transform = build_eval_transform(data.img_size, data.eval_crop_pct, data.interpolation, data.mean, data.std)
+    if data.dataset == "digits":
+        ds = DigitsDataset(False, data.img_size, data.val_fraction, data.split_seed, transform)
+    elif data.dataset == "synthetic":
+        ds = SyntheticDataset(data.synthetic_val_size, num_classes, data.img_size, in_chans, seed=1)
+    else:
+        ds = SafeImageFolder(Path(data.root) / data.val_split, transform)
+    if len(ds) == 0:
+        raise DataError(f"the {data.dataset} validation split is empty")
+    return ds
+
+
+def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:
+    """Training and validation sets, checked at start-up: both present, non-empty, same classes.
+
+    Args:
+        data: the data section of the config.
+        num_classes: the model's classifier size; it must equal the number of classes found.
+        in_chans: channels (used by ``synthetic``).
+    """
+    if data.dataset == "synthetic":
+        train: Dataset = SyntheticDataset(data.synthetic_train_size, num_classes, data.img_size, in_chans, seed=0)
+    elif data.dataset == "digits":
+        train = DigitsDataset(True, data.img_size, data.val_fraction, data.split_seed, build_train_transform(data))
+    else:
+        root = Path(data.root)
+        if not root.is_dir():
+            raise DataError(f"data.root {root} does not exist")
+        train = SafeImageFolder(root / data.train_split, build_train_transform(data))
+    val = build_eval_dataset(data, num_classes, in_chans)
+    if len(train) == 0:
+        raise DataError(f"the {data.dataset} training split is empty")
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))[:5]
+        only_val = sorted(set(val.classes) - set(train.classes))[:5]
+        raise DataError(
+            f"validation classes differ from training classes ({len(train.classes)} vs {len(val.classes)}; "
+            f"only in train: {only_train}, only in val: {only_val})"
+        )
+    if len(train.classes) != num_classes:
+        raise DataError(
+            f"the dataset has {len(train.classes)} classes but model.num_classes is {num_classes}; "
+            f"set --set model.num_classes={len(train.classes)}"
+        )
+    return train, val

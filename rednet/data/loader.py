@@ -1,0 +1,120 @@
+"""Samplers, collate and loaders: resumable training order, exact evaluation shards."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip"]
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way, for mid-epoch resume.
+
+    The epoch's order depends only on (seed, epoch), so after ``set_epoch(e, start=n)``
+    the sampler yields exactly the indices an uninterrupted epoch would have yielded
+    after its first ``n``.
+
+    Args:
+        dataset: the training set.
+        num_replicas / rank: the process group's size and this process's rank.
+        seed: shuffling seed, identical on every rank.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``start`` samples (of this rank)."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` gets indices ``r, r + w, ...``: no padding, so no sample counts twice.
+
+    Args:
+        length: dataset length.
+        num_replicas / rank: the process group's size and this process's rank.
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, length, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collate, dropping samples the dataset returned as ``None`` (unreadable images).
+
+    Returns:
+        ``(images, targets, skipped)``; images is empty when the whole batch was unreadable.
+    """
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(kept)
+    return images, targets, skipped
+
+
+def _loader_kwargs(workers: int, pin_memory: bool, persistent: bool, seed: int) -> dict:
+    kwargs = dict(
+        num_workers=workers,
+        collate_fn=collate_skip,
+        # Pinned memory helps only host->GPU copies; persistent workers only when there are workers.
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=persistent and workers > 0,
+        # A private generator: drawing the workers' base seed must not advance the global
+        # torch RNG, or a mid-epoch resume would see a shifted augmentation stream.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+    return kwargs
+
+
+def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                       workers: int = 0, pin_memory: bool = True, persistent_workers: bool = True) -> DataLoader:
+    """Shuffled, sharded training loader with whole batches (``drop_last``); ``loader.sampler`` is resumable.
+
+    Args:
+        dataset: the training set.
+        batch_size: per-process batch.
+        world_size / rank: the process group.
+        seed: shuffling seed (same on all ranks).
+        workers / pin_memory / persistent_workers: ``DataLoader`` options.
+    """
+    sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      **_loader_kwargs(workers, pin_memory, persistent_workers, seed + rank))
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0, workers: int = 0,
+                      pin_memory: bool = True, persistent_workers: bool = False) -> DataLoader:
+    """Sequential loader over this rank's shard (no padding, no dropped tail).
+
+    Args:
+        dataset: the evaluation set.
+        batch_size: per-process batch.
+        world_size / rank: the process group.
+        workers / pin_memory / persistent_workers: ``DataLoader`` options.
+    """
+    sampler = ShardSampler(len(dataset), world_size, rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
+                      **_loader_kwargs(workers, pin_memory, persistent_workers, rank))

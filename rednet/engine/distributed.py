@@ -1,0 +1,86 @@
+"""torch.distributed set-up for torchrun (one process, one node, several nodes)."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_reduce", "barrier", "cleanup_distributed", "init_distributed", "is_restarted_worker"]
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the job.
+
+    Args:
+        rank / world_size: global rank and number of processes.
+        local_rank: rank on this node (selects the GPU).
+        device: where the model runs.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInfo:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU).
+
+    Without torchrun (no ``WORLD_SIZE``) or with one process, no group is created.
+
+    Args:
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        timeout_min: collective timeout; long enough for rank 0 to write a large checkpoint.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=dev if use_cuda else None,
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_restarted_worker() -> bool:
+    """True in a worker that ``torchrun --max-restarts`` restarted after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce when a group exists (a no-op otherwise); returns ``t``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,344 @@
+"""``fit``: wires config, data, model, optimizer, checkpoints and signals around the epoch loop."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from ..data import build_datasets, build_eval_loader, build_train_loader
+from .builder import build_model, build_optimizer, build_scheduler, global_batch_size, peak_lr
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    find_resume_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import Config, config_from_dict, config_to_dict
+from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker
+from .logger import RunLogger
+from .loop import StepContext, TrainState, evaluate, train_one_epoch
+
+__all__ = ["TrainingInterrupted", "fit", "seed_everything"]
+
+_logger = logging.getLogger("rednet")
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint was written. ``signum`` says which."""
+
+    def __init__(self, signum: int, path: Optional[Path]):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {path}")
+        self.signum, self.path = signum, path
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; ``deterministic`` also forbids nondeterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop; a second one: default behaviour."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        _logger.warning("received %s: writing a checkpoint at the end of this step, then stopping "
+                        "(send it again to stop at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; loader workers must not die before the
+    # main process has written its checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {vb!r} -> {va!r}")
+    return out
+
+
+class _Run:
+    """State of one training process; ``fit`` is its only user."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo):
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist_info
+        self.cfg_dict = config_to_dict(cfg)
+        self.state = TrainState()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg_dict,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.state.epoch,
+            "iteration": self.state.iteration,
+            "global_step": self.state.global_step,
+            "best_top1": self.state.best_top1,
+            "rng": capture_rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path:
+        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk)."""
+        path = self.run_dir / f"checkpoint-{self.state.global_step:09d}.pt"
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_state(), path)
+            last = self.run_dir / "last.pt"
+            tmp = self.run_dir / ".last.pt.link"
+            tmp.unlink(missing_ok=True)
+            try:  # a hard link: "last" costs no second write and survives pruning
+                os.link(path, tmp)
+                os.replace(tmp, last)
+                (self.run_dir / "last.pt.sha256").write_text((path.parent / (path.name + ".sha256")).read_text())
+            except OSError:
+                save_checkpoint(self.checkpoint_state(), last)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        barrier()
+        return path
+
+    def restore(self, state: dict) -> None:
+        if state.get("world_size", 1) != self.dist.world_size:
+            _logger.warning("resuming a run of %s processes with %s: the data order differs from an "
+                            "uninterrupted run", state.get("world_size"), self.dist.world_size)
+        diff = _config_diff(self.cfg_dict, state["config"])
+        if diff:
+            _logger.warning("config differs from the checkpoint's: %s", "; ".join(diff))
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(state["epoch"], state["iteration"], state["global_step"], state.get("best_top1", -1.0))
+        self.rng_state = state["rng"]
+
+
+def _resolve_resume(resume: Optional[str], run_dir: Path, device: torch.device) -> tuple[Optional[Path], Optional[dict]]:
+    if resume is None and is_restarted_worker():
+        _logger.info("restarted by torchrun: resuming from the newest checkpoint in %s", run_dir)
+        resume = "auto"
+    if resume is None:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                                  "or choose another --output")
+        return None, None
+    if resume == "auto":
+        found = find_resume_checkpoint(run_dir, map_location="cpu")
+        if found is None:
+            _logger.info("no checkpoint in %s: starting from scratch", run_dir)
+            return None, None
+        return found
+    return Path(resume), read_checkpoint(resume, map_location="cpu")
+
+
+def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
+    """Train ``cfg`` under torchrun or in a single process; returns the final validation metrics.
+
+    Args:
+        cfg: the resolved config; ``train.output`` is the run directory.
+        resume: None (fresh run; an existing run directory with checkpoints is an error),
+            ``"auto"`` (the newest valid checkpoint of the run directory, if any) or a path.
+
+    Raises:
+        NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
+    """
+    dist_info = init_distributed(cfg.train.device)
+    device = dist_info.device
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    run_dir = Path(cfg.train.output)
+    seed_everything(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
+    ckpt_path, ckpt = _resolve_resume(resume, run_dir, device)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    run = _Run(cfg, run_dir, dist_info)
+
+    train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.model.in_chans)
+    train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
+                                      cfg.train.seed, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
+    if cfg.data.workers > 0:
+        train_loader.worker_init_fn = _ignore_sigint
+    val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
+                                   dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
+    steps = train_loader.sampler.num_samples // cfg.data.batch_size // cfg.train.accum_steps
+    if cfg.train.max_iters_per_epoch is not None:
+        steps = min(steps, cfg.train.max_iters_per_epoch)
+    if steps == 0:
+        raise ValueError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is smaller "
+                         f"than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
+
+    model = build_model(cfg, pretrained=ckpt is None).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist_info.distributed and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr = peak_lr(cfg, dist_info.world_size)
+    run.model = model
+    run.optimizer = build_optimizer(cfg, model, lr)
+    run.scheduler = build_scheduler(cfg, run.optimizer, steps)
+    run.scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    run.ema = None
+    if cfg.train.ema:
+        from timm.utils import ModelEmaV3
+
+        run.ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    run.rng_state = None
+    if ckpt is not None:
+        run.restore(ckpt)
+        _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", ckpt_path, run.state.epoch,
+                     run.state.iteration, run.state.global_step)
+        del ckpt
+
+    train_model: nn.Module = model
+    no_sync = None
+    if dist_info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = train_model.no_sync
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    mixup = None
+    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
+        from timm.data import Mixup
+
+        if cfg.data.batch_size % 2:
+            raise ValueError("mixup/cutmix need an even data.batch_size")
+        mixup = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, prob=cfg.train.mixup_prob,
+                      switch_prob=cfg.train.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
+                      num_classes=cfg.model.num_classes)
+        from timm.loss import SoftTargetCrossEntropy
+
+        loss_fn: Any = SoftTargetCrossEntropy()
+    elif cfg.train.label_smoothing > 0:
+        from timm.loss import LabelSmoothingCrossEntropy
+
+        loss_fn = LabelSmoothingCrossEntropy(cfg.train.label_smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+
+    logger = RunLogger(run_dir, dist_info.is_main)
+    amp_dtype = _AMP[cfg.train.amp]
+    gbs = global_batch_size(cfg, dist_info.world_size)
+    _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d epochs",
+                 cfg.model.name, len(train_set), len(val_set), dist_info.world_size, device, gbs, lr, steps,
+                 cfg.train.epochs)
+
+    def on_step(state: TrainState) -> None:
+        every = cfg.train.ckpt_every_iters
+        if every and state.global_step % every == 0 and state.iteration < steps:
+            run.save()
+
+    signals = _Signals()
+    ctx = StepContext(
+        model=train_model, optimizer=run.optimizer, scheduler=run.scheduler, loss_fn=loss_fn, device=device,
+        accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
+        channels_last=cfg.train.channels_last, ema=run.ema, ema_source=model, mixup=mixup, no_sync=no_sync,
+        stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
+        world_size=dist_info.world_size,
+    )
+    eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else model
+    final: dict[str, Any] = {}
+    # RNG states last: everything above (model init, loaders) consumed the same draws as in
+    # the run that wrote the checkpoint, and the epoch loop continues its stream exactly.
+    if run.rng_state is not None:
+        restore_rng_state(run.rng_state)
+    with signals:
+        try:
+            while run.state.epoch < cfg.train.epochs:
+                epoch = run.state.epoch
+                per_step = cfg.data.batch_size * cfg.train.accum_steps
+                train_loader.sampler.set_epoch(epoch, start=run.state.iteration * per_step)
+                stats = train_one_epoch(ctx, train_loader, run.state, steps, logger,
+                                        desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
+                if stats["stopped"] or signals.signum is not None:
+                    path = run.save()
+                    raise TrainingInterrupted(signals.signum or signal.SIGTERM, path)
+                record: dict[str, Any] = {"epoch": epoch + 1, "global_step": run.state.global_step,
+                                          "train_loss": stats["loss"], "lr": stats["lr"],
+                                          "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
+                                          "epoch_time_s": stats["time_s"], "skipped_images": stats["skipped"]}
+                if stats["skipped"]:
+                    _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, stats["skipped"])
+                last_epoch = epoch + 1 == cfg.train.epochs
+                if (epoch + 1) % cfg.train.val_every == 0 or last_epoch:
+                    val = evaluate(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
+                                   dist_info.is_main, desc=f"val {epoch + 1}")
+                    record.update({f"val_{k}": v for k, v in val.items()})
+                    logger.scalars("val", {"top1": val["top1"], "top5": val["top5"], "loss": val["loss"],
+                                           "images_per_s": val["images_per_s"]}, run.state.global_step)
+                    improved = val["top1"] > run.state.best_top1
+                    run.state.best_top1 = max(run.state.best_top1, val["top1"])
+                    final = val
+                else:
+                    improved = False
+                record["best_top1"] = run.state.best_top1
+                _logger.info("epoch %d/%d: train loss %.4f, lr %.4g, %.0f img/s%s", epoch + 1, cfg.train.epochs,
+                             stats["loss"], stats["lr"], stats["images_per_s"],
+                             f", val top-1 {final['top1']:.2f} top-5 {final['top5']:.2f} loss {final['loss']:.4f}"
+                             if "val_top1" in record else "")
+                run.state.epoch, run.state.iteration = epoch + 1, 0
+                record["time"] = time.time()
+                logger.epoch(record)
+                path = run.save()
+                if improved and dist_info.is_main:
+                    best = {k: v for k, v in run.checkpoint_state().items() if k not in ("optimizer", "rng")}
+                    save_checkpoint({**best, "metrics": record}, run_dir / "best.pt")
+                barrier()
+                if signals.signum is not None:
+                    raise TrainingInterrupted(signals.signum, path)
+        finally:
+            logger.close()
+    if not final:  # resumed after the last epoch: report the stored model
+        final = evaluate(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last, dist_info.is_main)
+    final = {**final, "best_top1": run.state.best_top1, "epochs": cfg.train.epochs}
+    return final

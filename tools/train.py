@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train any timm-registered model (RedNet by default) from a YAML config.
+
+Single process:  python tools/train.py --config configs/digits.yaml
+One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config configs/rednet50.yaml --data /data/imagenet
+Exit status: 0 done; 2 bad config/data; 3 non-finite loss; 128+N stopped by signal N after checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key, e.g. --set optim.lr=0.1 (repeatable)")
+    p.add_argument("--output", help="run directory (overrides train.output)")
+    p.add_argument("--data", help="dataset root with train/ and val/ (overrides data.root)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="'auto': newest valid checkpoint in the run directory (if any); or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rednet.data import DataError
+    from rednet.engine import ConfigError, config_to_dict, load_config
+    from rednet.engine.checkpoint import CheckpointError
+    from rednet.engine.logger import setup_logging
+    from rednet.engine.loop import NonFiniteLossError
+    from rednet.engine.trainer import TrainingInterrupted, fit
+
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"train.output={args.output}")
+    if args.data:
+        overrides += [f"data.root={args.data}", "data.dataset=imagenet"]
+    setup_logging(int(os.environ.get("RANK", "0")))
+    log = logging.getLogger("rednet")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    try:
+        result = fit(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError) as e:
+        log.error("error: %s", e)
+        return 2
+    except NonFiniteLossError as e:
+        log.error("error: %s", e)
+        return 3
+    except TrainingInterrupted as e:
+        log.warning("%s", e)
+        return 128 + int(e.signum)
+    log.info("final: %s", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
