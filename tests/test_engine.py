@@ -1,6 +1,10 @@
 """rednet.engine: config schema, schedule, checkpoint I/O and the train/eval loop."""
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
 import torch
 
@@ -69,3 +73,180 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model_from_checkpoint(tmp_path / "nope.pt")
+
+
+# --- config schema --------------------------------------------------------------------
+
+
+def test_config_unknown_keys_name_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim\.lrr'.*did you mean 'optim\.lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'train\.lr'.*did you mean 'optim\.lr'"):
+        load_config(None, ["train.lr=0.1"])
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  batch_sise: 8\n")
+    with pytest.raises(ConfigError, match=r"'data\.batch_sise'.*'data\.batch_size'"):
+        load_config(f)
+    f.write_text("trian:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"'trian'.*'train'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=abc", r"'data\.batch_size' expects an integer, got 'abc'"),
+    ("data.batch_size=0", r"'data\.batch_size' expects an integer >= 1, got 0"),
+    ("train.amp=fp8", r"'train\.amp' expects one of 'none', 'bf16', 'fp16'"),
+    ("data.scale=[0.5]", r"'data\.scale' expects a list of 2 values"),
+    ("train.deterministic=1", r"'train\.deterministic' expects true or false"),
+    ("train.eval_ema=true", r"'train\.eval_ema' expects false unless train\.ema is true"),
+    ("optim.lr=-1", r"'optim\.lr' expects null or a number > 0"),
+    ("model.kwargs=3", r"'model\.kwargs' expects a mapping"),
+])
+def test_config_wrong_values_name_key_and_expectation(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_overrides_types_and_roundtrip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  name: resnet18\noptim:\n  lr: 0.5\n")
+    cfg = load_config(f, ["optim.lr=0.1", "data.scale=[0.5, 1]", "optim.clip_grad=null", "train.ema=true",
+                          "model.kwargs={drop_path_rate: 0.1}", "data.root=/x=y"])
+    assert cfg.model.name == "resnet18" and cfg.optim.lr == 0.1 and cfg.data.scale == (0.5, 1.0)
+    assert cfg.train.ema is True and cfg.model.kwargs == {"drop_path_rate": 0.1} and cfg.data.root == "/x=y"
+    assert isinstance(cfg.optim.weight_decay, float)
+    from rednet.engine.config import config_from_dict
+
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_paper_configs_resolve_to_the_recipe():
+    from rednet.engine.builder import peak_lr
+
+    for depth in (26, 38, 50, 101, 152):
+        cfg = load_config(f"configs/rednet{depth}.yaml")
+        assert cfg.model.name == f"rednet{depth}"
+        assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.9, 1e-4)
+        assert (cfg.train.epochs, cfg.train.label_smoothing, cfg.optim.warmup_factor) == (130, 0.1, 0.25)
+        assert (cfg.data.img_size, round(cfg.data.img_size / cfg.data.eval_crop_pct)) == (224, 256)
+        assert peak_lr(cfg, world_size=64) == pytest.approx(0.8)  # 32 x 64 = 2048
+        assert peak_lr(cfg, world_size=8) == pytest.approx(0.1)
+
+
+def test_lr_scaling_counts_accumulation():
+    from rednet.engine.builder import global_batch_size, peak_lr
+
+    cfg = load_config(None, ["data.batch_size=32", "train.accum_steps=2"])
+    assert global_batch_size(cfg, 8) == 512 and peak_lr(cfg, 8) == pytest.approx(0.2)
+
+
+def test_warmup_cosine_schedule():
+    from rednet.engine.builder import build_scheduler
+
+    cfg = load_config(None, ["train.epochs=10", "optim.warmup_epochs=2", "optim.lr=1.0"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=50)
+    lrs = []
+    for _ in range(500):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.25)  # warmup from 0.25 x lr
+    assert all(a < b for a, b in zip(lrs[:100], lrs[1:100]))  # rising during warmup
+    assert max(lrs) < 1.0 and lrs[100] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # then half-cosine down
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- training loop: resume exactness, non-finite loss, corrupt images ------------------
+
+
+def _fit_cfg(out, *extra):
+    # Digits: timm's random-resized-crop draws from python's RNG, mixup from numpy's, and the
+    # model from torch's, so every RNG the checkpoint restores is exercised.
+    return load_config(None, [
+        "model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=16",
+        "data.batch_size=8", "data.eval_batch_size=128", "data.workers=0", "data.scale=[0.5, 1]",
+        "optim.lr=0.05", "optim.warmup_epochs=0.5", "optim.clip_grad=5.0", "train.epochs=2",
+        "train.max_iters_per_epoch=4", "train.deterministic=true", "train.mixup=0.2", "train.ema=true",
+        "train.ema_decay=0.9", "train.ckpt_every_iters=1", "train.keep_last=20", "train.log_every=1",
+        f"train.output={out}", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs without interruption; every step checkpointed."""
+    from rednet.engine.trainer import fit
+
+    out = tmp_path_factory.mktemp("straight")
+    result = fit(_fit_cfg(out))
+    return out, result
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for (ka, va), (kb, vb) in zip(sorted(a["optimizer"]["state"].items()), sorted(b["optimizer"]["state"].items())):
+        assert torch.equal(va["momentum_buffer"], vb["momentum_buffer"])
+    assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, 4, 7], ids=["mid-epoch-1", "epoch-end", "mid-epoch-2"])
+def test_resume_is_bitwise_exact(straight_run, tmp_path, step):
+    """Kill after checkpoint `step` (copy it to a fresh run dir), resume: same weights as straight."""
+    import shutil
+
+    from rednet.engine.checkpoint import read_checkpoint
+    from rednet.engine.trainer import fit
+
+    out, result = straight_run
+    name = f"checkpoint-{step:09d}.pt"
+    for suffix in ("", ".sha256"):
+        shutil.copy(out / (name + suffix), tmp_path / (name + suffix))
+    resumed = fit(_fit_cfg(tmp_path), resume="auto")
+    final = f"checkpoint-{8:09d}.pt"
+    _assert_same_state(read_checkpoint(out / final), read_checkpoint(tmp_path / final))
+    assert resumed["top1"] == result["top1"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["epoch"] == 2
+
+
+def test_fresh_run_refuses_a_used_run_dir(straight_run):
+    from rednet.engine.trainer import fit
+
+    out, _ = straight_run
+    with pytest.raises(CheckpointError, match="--resume auto"):
+        fit(_fit_cfg(out))
+
+
+def test_straight_run_outputs(straight_run):
+    out, result = straight_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["val_count"] == 360 and result["count"] == 360
+    assert {"train_loss", "lr", "images_per_s", "data_wait_s", "val_top1", "val_top5"} <= records[0].keys()
+    assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    model, cfg = load_model_from_checkpoint(out / "last.pt")
+    assert cfg["train"]["output"] == str(out) and model.fc.out_features == 10
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
+    from rednet.engine.loop import NonFiniteLossError
+    from rednet.engine.trainer import fit
+
+    cfg = _fit_cfg(tmp_path, "optim.lr=1e30", "optim.clip_grad=null", "train.mixup=0", "train.ema=false",
+                   "train.max_iters_per_epoch=20", "train.epochs=1")
+    with pytest.raises(NonFiniteLossError, match=r"iteration (\d+)") as info:
+        fit(cfg)
+    it = int(re.search(r"iteration (\d+)", str(info.value)).group(1))
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts and read_checkpoint(ckpts[0])["global_step"] == it  # written after the last good step
+    state = read_checkpoint(ckpts[0])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -43,6 +43,8 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     elif data.dataset == "synthetic":
         ds = SyntheticDataset(data.synthetic_val_size, num_classes, data.img_size, in_chans, seed=1)
     else:
+        if not data.root:
+            raise DataError("data.root is not set: pass --data DIR (a folder with val/) or set data.root")
         ds = SafeImageFolder(Path(data.root) / data.val_split, transform)
     if len(ds) == 0:
         raise DataError(f"the {data.dataset} validation split is empty")
@@ -62,6 +64,8 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
     elif data.dataset == "digits":
         train = DigitsDataset(True, data.img_size, data.val_fraction, data.split_seed, build_train_transform(data))
     else:
+        if not data.root:
+            raise DataError("data.root is not set: pass --data DIR (a folder with train/ and val/) or set data.root")
         root = Path(data.root)
         if not root.is_dir():
             raise DataError(f"data.root {root} does not exist")

@@ -257,6 +257,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads '1e-4' (no dot) as a string; accept it as the number it clearly is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -331,7 +337,6 @@ def _validate(cfg: Config) -> None:
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "a number in (0, 1)"),
         ("data.synthetic_train_size", cfg.data.synthetic_train_size >= 1, "an integer >= 1"),
         ("data.synthetic_val_size", cfg.data.synthetic_val_size >= 1, "an integer >= 1"),
-        ("data.root", cfg.data.dataset != "imagenet" or bool(cfg.data.root), "a directory with train/ and val/ when data.dataset is 'imagenet' (or pass --data DIR)"),
         ("optim.lr", cfg.optim.lr is None or cfg.optim.lr > 0, "null or a number > 0"),
         ("optim.base_lr", cfg.optim.base_lr > 0, "a number > 0"),
         ("optim.base_batch_size", cfg.optim.base_batch_size >= 1, "an integer >= 1"),
