@@ -1,0 +1,98 @@
+"""rednet.data: datasets, start-up checks, corrupt images, samplers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rednet.data import (
+    DataError,
+    DigitsDataset,
+    ResumableSampler,
+    ShardSampler,
+    build_datasets,
+    build_eval_loader,
+    build_train_loader,
+)
+from rednet.engine import load_config
+
+
+def _tree(root, classes=("a", "b"), per_class=3, size=20):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(None, ["data.dataset=imagenet", f"data.root={root}", "data.img_size=16", "model.num_classes=2",
+                              *extra]).data
+
+
+def test_digits_split_is_stratified_and_fixed():
+    train, val = DigitsDataset(True, 16), DigitsDataset(False, 16)
+    assert (len(train), len(val)) == (1437, 360)
+    assert np.bincount(val.targets).min() >= 35  # every digit held out ~36 times
+    img, target = DigitsDataset(False, 16)[0]
+    assert img.size == (16, 16) and img.mode == "RGB" and target == val.targets[0]
+    assert DigitsDataset(False, 16).targets == val.targets
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = _tree(tmp_path)
+    (root / "train" / "a" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    good = (root / "train" / "b" / "0.png").read_bytes()
+    (root / "train" / "b" / "truncated.png").write_bytes(good[: len(good) // 3])
+    train, _ = build_datasets(_cfg(root), num_classes=2)
+    loader = build_train_loader(train, batch_size=len(train))
+    images, targets, skipped = next(iter(loader))
+    assert skipped == 2 and images.shape == (len(train) - 2, 3, 16, 16)
+
+
+def test_startup_errors_are_clear(tmp_path):
+    root = _tree(tmp_path / "ok")
+    with pytest.raises(DataError, match="model.num_classes is 5"):
+        build_datasets(_cfg(root, "model.num_classes=5"), num_classes=5)
+    with pytest.raises(DataError, match="val.*does not exist"):
+        build_datasets(_cfg(root, "data.val_split=validation"), num_classes=2)
+    mismatch = _tree(tmp_path / "mismatch")
+    (mismatch / "val" / "b").rename(mismatch / "val" / "c")
+    with pytest.raises(DataError, match="validation classes differ.*only in train: \\['b'\\], only in val: \\['c'\\]"):
+        build_datasets(_cfg(mismatch), num_classes=2)
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        build_datasets(_cfg(empty), num_classes=2)
+    with pytest.raises(DataError, match="data.root is not set"):
+        build_datasets(load_config(None).data, num_classes=1000)
+
+
+def test_resumable_sampler_continues_the_same_order():
+    data = list(range(50))
+    full = ResumableSampler(data, num_replicas=2, rank=1, seed=3)
+    full.set_epoch(4)
+    order = list(full)
+    part = ResumableSampler(data, num_replicas=2, rank=1, seed=3)
+    part.set_epoch(4, start=10)
+    assert list(part) == order[10:] and len(part) == len(order) - 10
+    full.set_epoch(5)
+    assert list(full) != order  # a new permutation every epoch
+
+
+@pytest.mark.parametrize("length, world", [(13, 2), (13, 3), (2, 4)])
+def test_shard_sampler_scores_each_sample_once(length, world):
+    seen = [i for r in range(world) for i in ShardSampler(length, world, r)]
+    assert sorted(seen) == list(range(length))
+
+
+def test_train_loader_batches_are_whole():
+    data = [(torch.zeros(1), i) for i in range(10)]
+    loader = build_train_loader(data, batch_size=4)
+    assert [len(b[1]) for b in loader] == [4, 4]
+    assert sum(len(b[1]) for b in build_eval_loader(data, batch_size=4, world_size=3, rank=0)) == 4

@@ -1,0 +1,173 @@
+"""tools/train.py and tools/eval.py end to end: CLI, torchrun (2 gloo processes), SIGTERM, JSON output."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# A timm model: the harness is model-agnostic, and resnet10t is the cheapest to step on a CPU.
+TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+        "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=64", "data.synthetic_val_size=13",
+        "optim.lr=0.01", "train.log_every=1", "train.label_smoothing=0.0"]
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _env():
+    # One thread per process: two processes on a shared 2-core box otherwise oversubscribe.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args, timeout=240):
+    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(nproc, script, *args):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                 str(ROOT / "tools" / script), *args])
+
+
+@pytest.mark.parametrize("name, option", [("train", "--resume"), ("eval", "--json")])
+def test_help(name, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        _tool(name).main(["--help"])
+    assert e.value.code == 0 and option in capsys.readouterr().out
+
+
+def test_print_config_and_config_errors(capsys):
+    train = _tool("train")
+    assert train.main(["--config", "configs/digits.yaml", "--set", "optim.lr=0.2", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name: rednet26" in out and "lr: 0.2" in out
+    assert train.main(["--config", "configs/digits.yaml", "--set", "optim.lrr=0.2"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    """Two gloo processes train one epoch, then a second torchrun resumes and trains another."""
+    out = tmp_path_factory.mktemp("ddp")
+    common = ["--config", "configs/digits.yaml", "--output", str(out),
+              *_sets(TINY + ["train.max_iters_per_epoch=3", "train.ckpt_every_iters=2"])]
+    first = _torchrun(2, "train.py", *common, "--set", "train.epochs=1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = _torchrun(2, "train.py", *common, "--set", "train.epochs=2", "--resume", "auto")
+    assert second.returncode == 0, second.stdout + second.stderr
+    return out, first, second
+
+
+@pytest.mark.slow
+def test_torchrun_train_and_resume(torchrun_run):
+    out, first, second = torchrun_run
+    assert "2 processes" in first.stdout and "global batch 8" in first.stdout
+    assert "resumed from" in second.stdout and "epoch 1 iteration 0 (global step 3)" in second.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and [r["global_step"] for r in records] == [3, 6]
+    # Validation under 2 processes with 13 images: each scored once.
+    assert all(r["val_count"] == 13 for r in records)
+    state = read_checkpoint(list_checkpoints(out)[0])
+    assert state["world_size"] == 2 and state["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_eval_tool_counts_exactly_under_torchrun(torchrun_run, tmp_path):
+    out, _, _ = torchrun_run
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    r1 = _run([sys.executable, str(ROOT / "tools" / "eval.py"), "--checkpoint", str(out / "last.pt"),
+               "--batch-size", "4", "--json", str(one)])
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = _torchrun(2, "eval.py", "--checkpoint", str(out / "last.pt"), "--batch-size", "4", "--json", str(two))
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["count"] == b["count"] == 13 and b["world_size"] == 2
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    assert {"top1", "top5", "loss", "images_per_s", "model"} <= b.keys()
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint(tmp_path):
+    args = [sys.executable, str(ROOT / "tools" / "train.py"), "--config", "configs/digits.yaml",
+            "--output", str(tmp_path), *_sets(TINY + ["data.synthetic_train_size=100000", "train.epochs=1"])]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:  # the output is a pipe: plain progress lines, one per step
+            lines.append(line)
+            if " step " in line or time.time() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    assert "received SIGTERM" in log and "stopped by SIGTERM" in log
+    state = read_checkpoint(list_checkpoints(tmp_path)[0])
+    assert state["epoch"] == 0 and state["iteration"] >= 1 and state["iteration"] == state["global_step"]
+
+
+def _worker_pid(parent: int, rank: str) -> int | None:
+    """The torchrun worker of ``rank`` among the descendants of ``parent`` (read from /proc)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env and b"TORCHELASTIC_RESTART_COUNT=0" in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the worker")
+def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+            str(ROOT / "tools" / "train.py"), "--config", "configs/digits.yaml", "--output", str(tmp_path),
+            *_sets(TINY + ["data.synthetic_train_size=100000", "train.max_iters_per_epoch=120",
+                           "train.ckpt_every_iters=20", "train.keep_last=2", "train.epochs=1", "train.log_every=20"])]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        # Own session: the cleanup below can kill the agent and its workers together.
+        proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list_checkpoints(tmp_path) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        # The agent's child is the worker (torchrun starts workers directly under it).
+        victim = _worker_pid(proc.pid, "1")
+        assert victim is not None, "no rank-1 worker found\n" + log.read_text()
+        os.kill(victim, signal.SIGKILL)  # a crashed node process, not a polite preemption
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert proc.returncode == 0, out
+    assert "restarted by torchrun: resuming" in out and "resumed from" in out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["epoch"] == 1 and records[-1]["global_step"] == 120
