@@ -171,3 +171,27 @@ def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
     assert "restarted by torchrun: resuming" in out and "resumed from" in out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 1 and records[-1]["global_step"] == 120
+
+
+def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
+    """--model NAME --pretrained FILE --data DIR: transform from the model's pretrained config, JSON out."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import rednet
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "data" / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "data" / "val" / c / f"{i}.png")
+    model = rednet.create_model("resnet10t", num_classes=1000)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "r.json"
+    rc = _tool("eval").main(["--model", "resnet10t", "--pretrained", str(tmp_path / "w.pth"), "--data",
+                             str(tmp_path / "data"), "--batch-size", "4", "--workers", "0", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["count"] == 6 and result["model"] == "resnet10t" and 0 <= result["top1"] <= 100
+    assert "eval transform from the pretrained config" in capsys.readouterr().out

@@ -78,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.append(f"model.pretrained={args.pretrained}")
             if args.model and not args.data:
                 raise ConfigError("--model needs --data DIR (an ImageNet-layout folder with val/)")
-            if args.model:
-                # Classes come from the weights, not from a config default.
-                overrides.append("model.num_classes=1000") if not any(o.startswith("model.num_classes") for o in overrides) else None
             cfg = load_config(args.config, overrides)
             if args.checkpoint:
                 model, _ = load_model_from_checkpoint(args.checkpoint)

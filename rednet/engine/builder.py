@@ -21,13 +21,19 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
         pretrained: set False to skip the pretrained weights (when a checkpoint follows).
     """
     source = cfg.model.pretrained if pretrained else None
+    kwargs = dict(cfg.model.kwargs)
+    if source and source != "default":
+        # A file or URL goes through the pretrained-config overlay, which both timm's loader
+        # and RedNet's (foreign layouts) honour, so any registered model accepts one.
+        key = "url" if "://" in source else "file"
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), key: source}
     return create_model(
         cfg.model.name,
-        pretrained=True if source == "default" else source,
+        pretrained=bool(source),
         num_classes=cfg.model.num_classes,
         in_chans=cfg.model.in_chans,
         drop_rate=cfg.model.drop_rate,
-        **cfg.model.kwargs,
+        **kwargs,
     )
 
 
