@@ -250,3 +250,21 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert ckpts and read_checkpoint(ckpts[0])["global_step"] == it  # written after the last good step
     state = read_checkpoint(ckpts[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.amp=bf16"],
+    ["train.amp=fp16", "optim.clip_grad=1.0"],  # GradScaler + unscale before clipping
+    ["train.channels_last=true", "train.accum_steps=2", "data.batch_size=2"],
+], ids=["bf16", "fp16-scaler-clip", "channels-last-accum"])
+def test_precision_and_layout_options_train(tmp_path, extra):
+    from rednet.engine.trainer import fit
+
+    cfg = load_config(None, ["model.name=rednet26", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+                             "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=32",
+                             "data.synthetic_val_size=7", "train.epochs=1", "train.max_iters_per_epoch=2",
+                             f"train.output={tmp_path}", *extra])
+    result = fit(cfg)
+    assert result["count"] == 7 and math.isfinite(result["loss"])
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["global_step"] == 2 and (state["scaler"] is not None) == ("train.amp=fp16" in extra)
