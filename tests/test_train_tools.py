@@ -144,11 +144,11 @@ def _worker_pid(parent: int, rank: str) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the worker")
-@pytest.mark.skipif(os.environ.get("REDNET_TEST_RESTART") != "1",
-                    reason="opt-in (REDNET_TEST_RESTART=1): on a shared 2-core CPU, gloo intermittently fails to "
-                           "re-form its mesh after torchrun restarts the workers (connectFullMesh: Connection refused)")
 def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+    # One worker: the restart-and-resume path is the same for any world size, and on a
+    # 2-core machine gloo intermittently failed to re-form a 2-process mesh after the
+    # restart (connectFullMesh: Connection refused), which is not what this test is about.
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
             str(ROOT / "tools" / "train.py"), "--config", "configs/digits.yaml", "--output", str(tmp_path),
             *_sets(TINY + ["data.synthetic_train_size=100000", "train.max_iters_per_epoch=120",
                            "train.ckpt_every_iters=20", "train.keep_last=2", "train.epochs=1", "train.log_every=20"])]
@@ -161,8 +161,8 @@ def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
         while not list_checkpoints(tmp_path) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         # The agent's child is the worker (torchrun starts workers directly under it).
-        victim = _worker_pid(proc.pid, "1")
-        assert victim is not None, "no rank-1 worker found\n" + log.read_text()
+        victim = _worker_pid(proc.pid, "0")
+        assert victim is not None, "no worker found\n" + log.read_text()
         os.kill(victim, signal.SIGKILL)  # a crashed node process, not a polite preemption
         proc.wait(timeout=90)
     finally:
