@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import torch.nn as nn
 
 from rednet.analysis.complexity import count_complexity, count_model
@@ -22,14 +21,6 @@ REFERENCE = {
     "rednet101": (25_652_950, 4.74),
     "rednet152": (33_984_582, 6.79),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning threads on a loaded 2-core machine are 40x slower
-    yield
-    torch.set_num_threads(n)
 
 
 def _tool():

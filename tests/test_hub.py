@@ -5,7 +5,6 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-import pytest
 import torch
 
 import rednet
@@ -13,14 +12,6 @@ from rednet.models._pretrained import save_rednet
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["rednet26", "rednet38", "rednet50", "rednet101", "rednet152"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning threads on a loaded 2-core machine are 40x slower
-    yield
-    torch.set_num_threads(n)
 
 
 def test_import_builds_nothing(monkeypatch):

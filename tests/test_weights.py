@@ -32,16 +32,6 @@ DEPTHS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4,
           "rednet101": (3, 4, 23, 3), "rednet152": (3, 8, 36, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a loaded 2-core machine two intra-op threads spin against each other: a tiny
-    # forward takes 1.7 s instead of 0.04 s.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _load_tool(name: str):
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform
     from rednet.engine import CheckpointError, ConfigError, load_config, load_model_from_checkpoint
     from rednet.engine.builder import build_model
-    from rednet.engine.config import config_from_dict, config_to_dict, apply_overrides
+    from rednet.engine.config import apply_overrides, config_from_dict
     from rednet.engine.distributed import cleanup_distributed, init_distributed
     from rednet.engine.logger import setup_logging
     from rednet.engine.loop import evaluate

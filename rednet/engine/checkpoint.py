@@ -20,7 +20,6 @@ sidecar is written the same way; reading verifies the sidecar when it exists, be
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..models._pretrained import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -85,14 +86,6 @@ def _atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -102,7 +95,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     state = {"format": FORMAT, **state}
     _atomic_write(path, lambda f: torch.save(state, f))
-    digest = _sha256(path)
+    digest = file_sha256(path)
     _atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     return path
 
@@ -115,7 +108,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     side = _sidecar(path)
     if side.is_file():
         expected = side.read_text().split()[0] if side.read_text().strip() else ""
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if expected != actual:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or truncated: its sha256 {actual[:12]}... does not match "

@@ -26,7 +26,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_to_dict
 from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch

@@ -43,6 +43,7 @@ __all__ = [
     "arch_from_state_dict",
     "convert_state_dict",
     "detect_layout",
+    "file_sha256",
     "fit_state_dict",
     "load_checkpoint",
     "load_pretrained",
@@ -444,7 +445,8 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], layout: str | None =
 # ---------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -501,7 +503,7 @@ def resolve_source(source: str | os.PathLike, sha256: str | None = None, progres
 
 
 def _verify(path: Path, sha256: str, delete: bool) -> None:
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if not actual.startswith(sha256.lower()):
         if delete:
             path.unlink()
