@@ -23,6 +23,7 @@ from rednet.models._pretrained import (
     arch_from_state_dict,
     convert_state_dict,
     fit_state_dict,
+    load_checkpoint,
     read_checkpoint,
     save_rednet,
 )
@@ -420,4 +421,22 @@ def test_convert_weights_cli(trained, tmp_path, capsys, kind):
         assert torch.equal(model(x), y)
     assert tool.main([str(src), str(tmp_path / "x.safetensors"), "--arch", "rednet50"]) == 1
     assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".*tmp*"))
     assert "--arch" in tool.build_parser().format_help()
+
+
+def test_convert_weights_never_clobbers_dst(tmp_path, capsys):
+    tool = _load_tool("convert_weights")
+    sd = rednet.create_model("rednet26").state_dict()
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_rednet(sd, src)
+    dst.write_bytes(b"precious")
+    assert tool.main([str(src), str(dst)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err and dst.read_bytes() == b"precious"
+    assert tool.main([str(src), str(dst), "--force"]) == 0
+    assert torch.equal(load_checkpoint(dst).state_dict["fc.weight"], sd["fc.weight"])
+    # A failing write (here: the destination is a directory) leaves no partial file behind.
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(OSError):
+        save_rednet(sd, tmp_path / "dir.safetensors")
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -32,11 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="model name (default: inferred from the number of blocks per stage)")
     p.add_argument("--sha256", default=None, help="expected sha256 of the source file")
     p.add_argument("--json", action="store_true", help="print the mapping summary as one JSON object")
+    p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.dst).exists() and not args.force:
+        print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
     try:
         ck = load_checkpoint(args.src, sha256=args.sha256, progress=not args.json)
         arch = args.arch or ck.arch

@@ -576,8 +576,16 @@ def save_rednet(
     if arch:
         meta["arch"] = arch
     meta.update(metadata or {})
-    # safetensors refuses shared or strided storage; clone keeps every tensor standalone.
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(path), metadata=meta)
+    # Write beside the destination, then rename: an interrupted write never leaves a
+    # truncated file where good weights were. safetensors refuses shared or strided
+    # storage; clone keeps every tensor standalone.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
