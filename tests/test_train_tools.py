@@ -198,3 +198,13 @@ def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["count"] == 6 and result["model"] == "resnet10t" and 0 <= result["top1"] <= 100
     assert "eval transform from the pretrained config" in capsys.readouterr().out
+
+
+def test_eval_tool_bad_weights_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(b"not weights at all")
+    rc = _tool("eval").main(["--model", "rednet26", "--pretrained", str(bad), "--data", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unrecognised format" in err and "Traceback" not in err
+    assert "weights_only" not in err

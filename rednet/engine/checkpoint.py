@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models._pretrained import file_sha256
+# One error type for every checkpoint problem, weights files and training checkpoints alike.
+from ..models._pretrained import CheckpointError, file_sha256
 
 __all__ = [
     "FORMAT",
@@ -51,10 +53,6 @@ _logger = logging.getLogger(__name__)
 
 FORMAT = "rednet-train/1"
 _ROLLING = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupt or not a RedNet training checkpoint."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,7 +115,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle errors come in many types; all mean the same here
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {e}") from e
+        # Not torch's own text: it advises weights_only=False, which is never the fix here.
+        why = "not a torch checkpoint" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"[:200]
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read ({why})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state or "config" not in state:
         raise CheckpointError(
             f"{path} is not a RedNet training checkpoint (expected a dict with format {FORMAT!r}, 'model' and 'config')"
