@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from . import _cupy  # cheap: CuPy itself is imported only when a kernel is checked or runs
 from ._reference import involution_reference, involution_unfold
 
 __all__ = [
@@ -39,17 +40,7 @@ def involution_output_size(size: int, kernel_size: int, stride: int, padding: in
 
 def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
     """Whether the CuPy kernel can run on ``x``, and if not, why."""
-    return _kernel_status(x.device.type, x.device.index, x.dtype)
-
-
-def _kernel_status(device_type: str, device_index: int | None, dtype: torch.dtype) -> tuple[bool, str]:
-    if device_type != "cuda":
-        return False, f"input is on {device_type}, the CUDA kernel needs a CUDA tensor"
-    try:
-        from . import _cupy
-    except ImportError as e:  # a broken install: the reference still works.
-        return False, f"the CuPy backend cannot be imported ({e})"
-    return _cupy.can_run_on(device_type, device_index, dtype)
+    return _cupy.can_run_on(x.device.type, x.device.index, x.dtype)
 
 
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
@@ -66,7 +57,7 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
         raise ValueError(f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}")
     if backend == "reference":
         return backend
-    ok, why = _kernel_status(device_type, device_index, dtype)
+    ok, why = _cupy.can_run_on(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'.")
     if not ok:

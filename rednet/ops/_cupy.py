@@ -1,6 +1,6 @@
 """CUDA involution kernels (``involution.cu``) compiled at run time by NVRTC through CuPy.
 
-CuPy is imported lazily: importing this module works without it, and ``can_run`` says
+CuPy is imported lazily: importing this module works without it, and ``can_run_on`` says
 why the kernels cannot run. One ``cupy.RawModule`` is compiled per (dtype, K, stride,
 dilation) and device and cached (CuPy also keeps the binary on disk). Kernels launch on
 PyTorch's current stream of the tensor's device, outputs are allocated by PyTorch, and
@@ -26,7 +26,6 @@ __all__ = [
     "Launch",
     "alloc_grad_kernel",
     "alloc_output",
-    "can_run",
     "can_run_on",
     "involution_cupy",
     "kernel_name",
@@ -228,11 +227,6 @@ def can_run_on(device_type: str, device_index: int | None, dtype: torch.dtype) -
         return False, f"dtype {dtype} has no kernel; supported: {tuple(TYPE_NAMES)}"
     index = torch.cuda.current_device() if device_index is None else device_index
     return _device_status(index)
-
-
-def can_run(x: torch.Tensor) -> tuple[bool, str]:
-    """Whether the kernels can run on ``x``, and if not, why."""
-    return can_run_on(x.device.type, x.device.index, x.dtype)
 
 
 _lock = threading.Lock()
