@@ -54,6 +54,16 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert skipped == 2 and images.shape == (len(train) - 2, 3, 16, 16)
 
 
+def test_a_failing_transform_is_raised_not_skipped(tmp_path):
+    from rednet.data.datasets import SafeImageFolder
+
+    def broken(img):
+        raise TypeError("bug in the transform")
+
+    with pytest.raises(TypeError, match="bug in the transform"):
+        SafeImageFolder(_tree(tmp_path) / "train", transform=broken)[0]
+
+
 def test_startup_errors_are_clear(tmp_path):
     root = _tree(tmp_path / "ok")
     with pytest.raises(DataError, match="model.num_classes is 5"):

@@ -43,13 +43,12 @@ class SafeImageFolder(ImageFolder):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            img = self.loader(path)
-            if self.transform is not None:
-                img = self.transform(img)
+            img = self.loader(path)  # decodes fully (convert("RGB")), so bad files fail here
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
             _logger.warning("skipping unreadable image %s: %s", path, e)
             return None
-        return img, target
+        # Outside the try: a failing transform is a bug to report, not an image to skip.
+        return (self.transform(img) if self.transform is not None else img), target
 
 
 class DigitsDataset(Dataset):
