@@ -20,6 +20,7 @@ $(STAMP):
 	touch $@
 
 test: env
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -1,21 +1,16 @@
 """Smoke test of tools/benchmark.py on the CPU: one tiny shape, checks the results file."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import load_tool
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("rednet_benchmark", ROOT / "tools" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("benchmark")
 
 
 def test_rednet50_involution_shapes(benchmark):
@@ -23,7 +18,7 @@ def test_rednet50_involution_shapes(benchmark):
     names = [s["name"] for s in shapes]
     assert names == ["stem", "layer1", "layer2.down", "layer2", "layer3.down", "layer3", "layer4.down", "layer4"]
     assert sum(s["count"] for s in shapes) == 1 + 3 + 4 + 6 + 3
-    # Forward elements per image without the stem: 7.51M (REFERENCE.md, performance anchors).
+    # Forward elements per image without the stem: 7.51M (docs/reference.md, performance anchors).
     fwd = 0
     for s in shapes[1:]:
         ho = (s["H"] - 1) // s["stride"] + 1

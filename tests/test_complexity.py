@@ -1,9 +1,7 @@
-"""Parameter and MAC counting, and tools/complexity.py, against REFERENCE.md."""
+"""Parameter and MAC counting, and tools/complexity.py, against docs/reference.md."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch.nn as nn
@@ -11,23 +9,14 @@ import torch.nn as nn
 from rednet.analysis.complexity import count_complexity, count_model
 from rednet.layers import Involution
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import PAPER_GMACS, PARAMS, load_tool
 
-# REFERENCE.md: exact parameter counts and the GFLOPs (MACs) column at 224x224.
-REFERENCE = {
-    "rednet26": (9_233_166, 1.73),
-    "rednet38": (12_386_986, 2.22),
-    "rednet50": (15_540_806, 2.71),
-    "rednet101": (25_652_950, 4.74),
-    "rednet152": (33_984_582, 6.79),
-}
+# docs/reference.md: exact parameter counts and the GFLOPs (MACs) column at 224x224.
+REFERENCE = {name: (PARAMS[name], PAPER_GMACS[name]) for name in PARAMS}
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("_tool_complexity", ROOT / "tools" / "complexity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("complexity")
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))

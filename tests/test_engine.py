@@ -8,7 +8,14 @@ import re
 import pytest
 import torch
 
-from rednet.engine import CheckpointError, ConfigError, config_to_dict, load_config, load_model_from_checkpoint, save_checkpoint
+from rednet.engine import (
+    CheckpointError,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    load_model_from_checkpoint,
+    save_checkpoint,
+)
 from rednet.engine.builder import build_model
 from rednet.engine.checkpoint import find_resume_checkpoint, list_checkpoints
 

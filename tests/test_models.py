@@ -8,8 +8,9 @@ import rednet
 from rednet.layers import Involution
 from rednet.models import Bottleneck, RedNet
 
-MODELS = ["rednet26", "rednet38", "rednet50", "rednet101", "rednet152"]
-PARAMS = dict(rednet26=9_233_166, rednet38=12_386_986, rednet50=15_540_806, rednet101=25_652_950, rednet152=33_984_582)
+from .helpers import PARAMS
+
+MODELS = list(PARAMS)
 
 
 def test_registry():
@@ -44,7 +45,8 @@ def test_features_only(name):
     assert model.feature_info.reduction() == [4, 8, 16, 32]
     feats = model(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape) for f in feats] == [(1, 256, 16, 16), (1, 512, 8, 8), (1, 1024, 4, 4), (1, 2048, 2, 2)]
-    assert [f.shape[1] for f in timm.create_model(name, features_only=True, out_indices=(1, 3))(torch.randn(1, 3, 64, 64))] == [512, 2048]
+    picked = timm.create_model(name, features_only=True, out_indices=(1, 3))
+    assert [f.shape[1] for f in picked(torch.randn(1, 3, 64, 64))] == [512, 2048]
 
 
 def test_architecture_as_released():
@@ -60,7 +62,8 @@ def test_architecture_as_released():
     stem_inv = model.stem[1]
     assert isinstance(stem_inv, Involution) and (stem_inv.kernel_size, stem_inv.groups, stem_inv.stride) == (3, 2, 1)
     blk = model.layer3[0]
-    assert isinstance(blk.conv2, Involution) and (blk.conv2.kernel_size, blk.conv2.stride, blk.conv2.groups) == (7, 2, 16)
+    inv = blk.conv2
+    assert isinstance(inv, Involution) and (inv.kernel_size, inv.stride, inv.groups) == (7, 2, 16)
     assert blk.conv1.stride == (1, 1) and blk.downsample[0].stride == (2, 2)  # stride on the involution
     assert blk.conv2.conv1.conv.out_channels == 256 // 4 and blk.conv2.conv2.conv.out_channels == 49 * 16
     assert model.fc.in_features == 2048 and model.fc.out_features == 1000

@@ -1,7 +1,6 @@
 """tools/train.py and tools/eval.py end to end: CLI, torchrun (2 gloo processes), SIGTERM, JSON output."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,8 @@ import pytest
 
 from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import ROOT, load_tool
+
 # A timm model: the harness is model-agnostic, and resnet10t is the cheapest to step on a CPU.
 TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
         "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=64", "data.synthetic_val_size=13",
@@ -30,13 +30,6 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _run(args, timeout=240):
     return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
@@ -49,12 +42,12 @@ def _torchrun(nproc, script, *args):
 @pytest.mark.parametrize("name, option", [("train", "--resume"), ("eval", "--json")])
 def test_help(name, option, capsys):
     with pytest.raises(SystemExit) as e:
-        _tool(name).main(["--help"])
+        load_tool(name).main(["--help"])
     assert e.value.code == 0 and option in capsys.readouterr().out
 
 
 def test_print_config_and_config_errors(capsys):
-    train = _tool("train")
+    train = load_tool("train")
     assert train.main(["--config", "configs/digits.yaml", "--set", "optim.lr=0.2", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "name: rednet26" in out and "lr: 0.2" in out
@@ -192,7 +185,7 @@ def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
     model = rednet.create_model("resnet10t", num_classes=1000)
     torch.save(model.state_dict(), tmp_path / "w.pth")
     out = tmp_path / "r.json"
-    rc = _tool("eval").main(["--model", "resnet10t", "--pretrained", str(tmp_path / "w.pth"), "--data",
+    rc = load_tool("eval").main(["--model", "resnet10t", "--pretrained", str(tmp_path / "w.pth"), "--data",
                              str(tmp_path / "data"), "--batch-size", "4", "--workers", "0", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -204,7 +197,7 @@ def test_eval_tool_bad_weights_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     bad = tmp_path / "w.pth"
     bad.write_bytes(b"not weights at all")
-    rc = _tool("eval").main(["--model", "rednet26", "--pretrained", str(bad), "--data", str(tmp_path / "data")])
+    rc = load_tool("eval").main(["--model", "rednet26", "--pretrained", str(bad), "--data", str(tmp_path / "data")])
     err = capsys.readouterr().err
     assert rc == 2 and "unrecognised format" in err and "Traceback" not in err
     assert "weights_only" not in err

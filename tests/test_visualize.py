@@ -1,7 +1,6 @@
 """Involution kernel capture (rednet.analysis) and tools/visualize.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,19 +26,9 @@ from rednet.analysis.kernels import (
 from rednet.analysis.plot import denormalize, load_image, plot_kernel_maps
 from rednet.layers import Involution
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPTHS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4, 6, 3),
-          "rednet101": (3, 4, 23, 3), "rednet152": (3, 8, 36, 3)}
+from .helpers import DEPTHS, ROOT, load_tool
 
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-visualize = _load_tool("visualize")
+visualize = load_tool("visualize")
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +350,7 @@ def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
     sets = ["data.dataset=synthetic", "data.synthetic_train_size=4", "data.synthetic_val_size=4",
             "data.batch_size=4", "data.eval_batch_size=4", "train.epochs=1", "train.log_every=1"]
     argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output", str(run)]
-    assert _load_tool("train").main(argv + [a for kv in sets for a in ("--set", kv)]) == 0
+    assert load_tool("train").main(argv + [a for kv in sets for a in ("--set", kv)]) == 0
     capsys.readouterr()
     out = tmp_path / "k.png"
     rc, io = _run_main(["--checkpoint", str(run / "last.pt"), "--out", str(out), "--dpi", "10", "--json"], capsys)

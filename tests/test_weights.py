@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import importlib.util
 import json
 import logging
 import os
@@ -28,17 +27,7 @@ from rednet.models._pretrained import (
     save_rednet,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPTHS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4, 6, 3),
-          "rednet101": (3, 4, 23, 3), "rednet152": (3, 8, 36, 3)}
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from .helpers import DEPTHS, PARAMS, load_tool
 
 # --- foreign layouts, built from a model's own weights ---------------------------------
 
@@ -404,12 +393,12 @@ def test_convert_weights_cli(trained, tmp_path, capsys, kind):
     from safetensors import safe_open
 
     sd, x, y = trained
-    tool = _load_tool("convert_weights")
+    tool = load_tool("convert_weights")
     src = _write(kind, sd, tmp_path / "src.bin")
     dst = tmp_path / "out.safetensors"
     assert tool.main([str(src), str(dst), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["arch"] == "rednet26" and report["params"] == 9_233_166
+    assert report["arch"] == "rednet26" and report["params"] == PARAMS["rednet26"]
     assert report["layout"] == ("paddle" if kind == "paddle2" else "mmcls")
     if kind == "paddle2":
         assert report["transposed"] == ["fc.weight"] and report["filled"] == 40
@@ -426,7 +415,7 @@ def test_convert_weights_cli(trained, tmp_path, capsys, kind):
 
 
 def test_convert_weights_never_clobbers_dst(tmp_path, capsys):
-    tool = _load_tool("convert_weights")
+    tool = load_tool("convert_weights")
     sd = rednet.create_model("rednet26").state_dict()
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_rednet(sd, src)

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The model and the data config its eval transform comes from."""
-    import rednet
     from timm.data import resolve_data_config
+
+    import rednet
 
     overrides = {}
     if args.checkpoint:

@@ -5,8 +5,8 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
 from torch.utils.data._utils.collate import default_collate
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip"]
 

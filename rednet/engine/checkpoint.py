@@ -21,11 +21,9 @@ sidecar is written the same way; reading verifies the sidecar when it exists, be
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-# One error type for every checkpoint problem, weights files and training checkpoints alike.
-from ..models._pretrained import CheckpointError, file_sha256
+from ..fileio import CheckpointError, atomic_write, file_sha256
 
 __all__ = [
     "FORMAT",
@@ -55,35 +52,6 @@ FORMAT = "rednet-train/1"
 _ROLLING = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -92,9 +60,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` atomically (temporary file, fsync, rename) plus its sha256 sidecar."""
     path = Path(path)
     state = {"format": FORMAT, **state}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     digest = file_sha256(path)
-    _atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
     return path
 
 

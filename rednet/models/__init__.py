@@ -1,4 +1,4 @@
-from .rednet import Bottleneck, RedNet
 from ._factory import create_model, list_models
+from .rednet import Bottleneck, RedNet
 
 __all__ = ["Bottleneck", "RedNet", "create_model", "list_models"]

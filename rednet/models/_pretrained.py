@@ -17,7 +17,6 @@ rebuilds numpy arrays and plain containers.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -34,6 +33,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..fileio import CheckpointError, atomic_write, file_sha256
 
 __all__ = [
     "WEIGHTS",
@@ -84,10 +85,6 @@ LAYOUTS = ("rednet", "mmcls", "paddle")
 _PADDLE_NAMES_KEY = "StructuredToParameterName@@"
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _SHOW = 8  # keys named in an error before "... and N more"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, is unsafe, or does not fit the model."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,15 +442,6 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], layout: str | None =
 # ---------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_source(source: str | os.PathLike, sha256: str | None = None, progress: bool = True) -> Path:
     """A local file for ``source``, downloading a URL into torch.hub's cache first.
 
@@ -569,23 +557,16 @@ def save_rednet(
         arch: model name stored in the metadata; inferred from the keys when None.
         metadata: extra string metadata.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"format": "pt", "layout": "rednet"}
     arch = arch or arch_from_state_dict(state_dict)
     if arch:
         meta["arch"] = arch
     meta.update(metadata or {})
-    # Write beside the destination, then rename: an interrupted write never leaves a
-    # truncated file where good weights were. safetensors refuses shared or strided
-    # storage; clone keeps every tensor standalone.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # safetensors refuses shared or strided storage; clone keeps every tensor standalone.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def plan_backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.
 
 
 def _import_cupy():
-    import cupy  # noqa: PLC0415  (lazy: CuPy is optional)
+    import cupy  # lazy: CuPy is optional
 
     return cupy
 
@@ -274,6 +274,6 @@ def launch(plan: Launch | None, device: torch.device) -> None:
 
 def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """The CUDA kernels through the ``rednet::involution`` custom op (autograd included)."""
-    from . import _custom_op  # noqa: F401, PLC0415  (registers the op on first use)
+    from . import _custom_op  # noqa: F401  (registers the op on first use)
 
     return torch.ops.rednet.involution(x, kernel, stride, padding, dilation)
