@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import rednet
-from rednet.models._pretrained import save_rednet
+from rednet.models import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["rednet26", "rednet38", "rednet50", "rednet101", "rednet152"]
@@ -38,7 +38,7 @@ def test_hub_load_local_with_kwargs_and_weights(tmp_path):
     ref = rednet.create_model("rednet26")
     with torch.no_grad():
         ref.layer3[1].bn2.weight.fill_(0.5)
-    save_rednet(ref.state_dict(), tmp_path / "w.safetensors")
+    save_weights(ref.state_dict(), tmp_path / "w.safetensors")
     loaded = torch.hub.load(str(ROOT), "rednet26", source="local", pretrained=str(tmp_path / "w.safetensors"))
     for k, v in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

@@ -16,7 +16,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers import Involution
-from ._pretrained import WEIGHTS, load_pretrained
+from ._loading import load_pretrained
+from ._pretrained import WEIGHTS
 
 __all__ = ["Bottleneck", "RedNet"]
 
