@@ -5,6 +5,7 @@ import importlib.util
 import inspect
 from pathlib import Path
 
+import timm
 import torch
 
 import rednet
@@ -29,6 +30,14 @@ def test_import_builds_nothing(monkeypatch):
         assert "Args:" in fn.__doc__
     entry_points = [n for n in dir(hub) if callable(getattr(hub, n)) and not n.startswith("_")]
     assert sorted(entry_points) == sorted(NAMES)
+
+
+def test_entry_points_are_the_registered_models():
+    spec = importlib.util.spec_from_file_location("_hubconf_entry_points", ROOT / "hubconf.py")
+    hub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hub)
+    for name in NAMES:  # imported, not re-wrapped: one docstring and one set of depths per model
+        assert getattr(hub, name) is getattr(rednet.models, name) is timm.models.model_entrypoint(name)
 
 
 def test_hub_load_local_with_kwargs_and_weights(tmp_path):

@@ -11,7 +11,7 @@ from ._layouts import KEY_LAYOUTS, WeightsFile, arch_from_state_dict, convert_st
 from ._loading import fit_state_dict, load_pretrained, load_weights, read_weights
 from ._pretrained import WEIGHTS, Weights
 from ._saving import save_weights
-from .rednet import Bottleneck, RedNet
+from .rednet import Bottleneck, RedNet, rednet26, rednet38, rednet50, rednet101, rednet152
 
 __all__ = [
     "KEY_LAYOUTS",
@@ -30,5 +30,10 @@ __all__ = [
     "load_pretrained",
     "load_weights",
     "read_weights",
+    "rednet26",
+    "rednet38",
+    "rednet50",
+    "rednet101",
+    "rednet152",
     "save_weights",
 ]
