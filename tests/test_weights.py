@@ -17,10 +17,13 @@ import torch
 
 import rednet
 from rednet.models import (
+    KEY_LAYOUTS,
     WEIGHTS,
     CheckpointError,
+    WeightsFile,
     arch_from_state_dict,
     convert_state_dict,
+    detect_key_layout,
     fit_state_dict,
     load_pretrained,
     load_weights,
@@ -147,6 +150,16 @@ def test_key_mapping_covers_every_key(name):
         fit_state_dict(model, ck)  # raises on any mismatch
         assert ck.arch == name and arch_from_state_dict(ck.state_dict) == name
     assert ck.transposed == [] and len(convert_state_dict(paddle).transposed) == 1
+
+
+def test_key_layout_is_detected_from_names(trained):
+    sd, _, _ = trained
+    assert KEY_LAYOUTS == ("rednet", "mmcls", "paddle")
+    for layout, foreign in (("rednet", sd), ("mmcls", to_mmcls(sd)["state_dict"]), ("paddle", to_paddle(sd))):
+        assert detect_key_layout(foreign) == layout
+    assert isinstance(convert_state_dict(sd), WeightsFile)
+    with pytest.raises(ValueError, match="unknown layout"):
+        convert_state_dict(sd, layout="timm")
 
 
 def test_default_weights_metadata():
