@@ -16,15 +16,19 @@ import pytest
 import torch
 
 import rednet
-from rednet.models._pretrained import (
+from rednet.models import (
+    KEY_LAYOUTS,
     WEIGHTS,
     CheckpointError,
+    WeightsFile,
     arch_from_state_dict,
     convert_state_dict,
+    detect_key_layout,
     fit_state_dict,
-    load_checkpoint,
-    read_checkpoint,
-    save_rednet,
+    load_pretrained,
+    load_weights,
+    read_weights,
+    save_weights,
 )
 
 from .helpers import DEPTHS, PARAMS, load_tool
@@ -79,7 +83,7 @@ def trained():
 
 def _write(kind: str, sd: dict, path: Path) -> Path:
     if kind == "rednet":
-        save_rednet(sd, path)
+        save_weights(sd, path)
     elif kind == "mmcls":
         torch.save(to_mmcls(sd), path)
     elif kind == "mmcls_legacy":
@@ -93,11 +97,11 @@ def _write(kind: str, sd: dict, path: Path) -> Path:
 
 
 # File names deliberately lie: the layout must come from the content.
-LAYOUTS = [("rednet", "w.bin"), ("mmcls", "w.pdparams"), ("mmcls_legacy", "w.pth"),
-           ("paddle2", "w.pth"), ("paddle4", "w.safetensors")]
+FILE_KINDS = [("rednet", "w.bin"), ("mmcls", "w.pdparams"), ("mmcls_legacy", "w.pth"),
+              ("paddle2", "w.pth"), ("paddle4", "w.safetensors")]
 
 
-@pytest.mark.parametrize("kind,fname", LAYOUTS, ids=[k for k, _ in LAYOUTS])
+@pytest.mark.parametrize("kind,fname", FILE_KINDS, ids=[k for k, _ in FILE_KINDS])
 def test_roundtrip_identical_outputs(trained, tmp_path, kind, fname):
     sd, x, y = trained
     path = _write(kind, sd, tmp_path / fname)
@@ -121,7 +125,7 @@ def test_paddle_pickles_from_numpy_1_and_2(trained, tmp_path, proto):
             continue  # protocol >= 4 frames its strings with lengths; renaming would corrupt them
         path = tmp_path / f"w{i}.pdparams"
         path.write_bytes(blob)
-        ck = read_checkpoint(path)
+        ck = read_weights(path)
         assert (ck.container, ck.layout) == ("pickle", "paddle")
         assert all(torch.equal(ck.state_dict[k], v) for k, v in sd.items() if "num_batches" not in k)
 
@@ -146,6 +150,16 @@ def test_key_mapping_covers_every_key(name):
         fit_state_dict(model, ck)  # raises on any mismatch
         assert ck.arch == name and arch_from_state_dict(ck.state_dict) == name
     assert ck.transposed == [] and len(convert_state_dict(paddle).transposed) == 1
+
+
+def test_key_layout_is_detected_from_names(trained):
+    sd, _, _ = trained
+    assert KEY_LAYOUTS == ("rednet", "mmcls", "paddle")
+    for layout, foreign in (("rednet", sd), ("mmcls", to_mmcls(sd)["state_dict"]), ("paddle", to_paddle(sd))):
+        assert detect_key_layout(foreign) == layout
+    assert isinstance(convert_state_dict(sd), WeightsFile)
+    with pytest.raises(ValueError, match="unknown layout"):
+        convert_state_dict(sd, layout="timm")
 
 
 def test_default_weights_metadata():
@@ -175,7 +189,7 @@ def test_other_num_classes_drops_classifier_and_says_so(trained, tmp_path, caplo
 
 def test_headless_checkpoint_into_a_classifier(trained, tmp_path, caplog):
     sd, _, _ = trained
-    save_rednet({k: v for k, v in sd.items() if not k.startswith("fc.")}, tmp_path / "headless.safetensors")
+    save_weights({k: v for k, v in sd.items() if not k.startswith("fc.")}, tmp_path / "headless.safetensors")
     with caplog.at_level(logging.WARNING):
         model = rednet.create_model("rednet26", pretrained=str(tmp_path / "headless.safetensors"))
     assert "no classifier" in caplog.text
@@ -220,7 +234,7 @@ def test_missing_unexpected_misshaped_are_listed(trained, tmp_path):
     del bad["layer3.2.bn1.running_var"]
     bad["layer9.0.extra"] = torch.zeros(1)
     bad["layer2.0.conv1.weight"] = torch.zeros(128, 256, 3, 3)
-    save_rednet(bad, tmp_path / "bad.safetensors")
+    save_weights(bad, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError) as e:
         rednet.create_model("rednet26", pretrained=str(tmp_path / "bad.safetensors"))
     msg = str(e.value)
@@ -232,7 +246,7 @@ def test_missing_unexpected_misshaped_are_listed(trained, tmp_path):
 def test_not_a_rednet_checkpoint(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="none of the RedNet layouts"):
-        read_checkpoint(tmp_path / "x.pth")
+        read_weights(tmp_path / "x.pth")
 
 
 # --- corrupt, truncated, malicious ------------------------------------------------------
@@ -246,7 +260,7 @@ def test_truncated_file_is_a_clear_error(trained, tmp_path, kind):
     for cut in (len(data) // 2, 40):
         path.write_bytes(data[:cut])
         with pytest.raises(CheckpointError) as e:
-            read_checkpoint(path)
+            read_weights(path)
         msg = str(e.value)
         assert str(path) in msg and ("truncated" in msg or "corrupt" in msg) and "delete" in msg
 
@@ -255,11 +269,11 @@ def test_garbage_and_empty_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(os.urandom(64).replace(b"\x80", b"\x00").replace(b"PK", b"pk").replace(b"{", b"("))
     with pytest.raises(CheckpointError, match="unrecognised format"):
-        read_checkpoint(junk)
+        read_weights(junk)
     empty = tmp_path / "empty.pdparams"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="0 bytes"):
-        read_checkpoint(empty)
+        read_weights(empty)
     with pytest.raises(FileNotFoundError, match="not found"):
         rednet.create_model("rednet26", pretrained=str(tmp_path / "absent.pth"))
 
@@ -279,7 +293,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, proto):
     with open(path, "wb") as f:
         pickle.dump({"stem.0.conv.weight": np.zeros((32, 3, 3, 3), np.float32), "x": _Pwn(marker)}, f, protocol=proto)
     with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pdparams.*references (posix|os|nt)\.system"):
-        read_checkpoint(path)
+        read_weights(path)
     assert not marker.exists()
 
 
@@ -288,7 +302,7 @@ def test_pickle_builtins_eval_is_refused(tmp_path):
     path = tmp_path / "eval.pdparams"
     path.write_bytes(b"\x80\x02cbuiltins\neval\nX\x0a\x00\x00\x00print(123)\x85R.")
     with pytest.raises(CheckpointError, match="references builtins.eval"):
-        read_checkpoint(path)
+        read_weights(path)
 
 
 class _RunInfo:
@@ -304,7 +318,7 @@ def test_mmcls_meta_with_foreign_objects_still_loads_the_weights(trained, tmp_pa
     torch.save(to_mmcls(sd, meta={"run": _RunInfo(), "best": np.float64(0.76)}), path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # what a plain torch.load makes of it
-    ck = read_checkpoint(path)
+    ck = read_weights(path)
     assert ck.layout == "mmcls" and ck.dropped == ["meta"]
     model = rednet.create_model("rednet26").eval()
     model.load_state_dict(fit_state_dict(model, ck))
@@ -318,7 +332,7 @@ def test_torch_file_that_runs_code_is_refused(trained, tmp_path):
     path = tmp_path / "release.pth"
     torch.save(to_mmcls({"fc.bias": sd["fc.bias"]}, meta={"hook": _Pwn(marker)}), path)
     with pytest.raises(CheckpointError, match=r"refusing to load .*release\.pth.*(posix|os|nt)\.system"):
-        read_checkpoint(path)
+        read_weights(path)
     assert not marker.exists()
 
 
@@ -356,8 +370,6 @@ def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
 
 
 def test_download_sha256_verified(trained, tmp_path, server):
-    from rednet.models._pretrained import load_pretrained
-
     sd, x, y = trained
     root, base = server
     src = _write("mmcls", sd, root / "release.pth")
@@ -418,14 +430,14 @@ def test_convert_weights_never_clobbers_dst(tmp_path, capsys):
     tool = load_tool("convert_weights")
     sd = rednet.create_model("rednet26").state_dict()
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_rednet(sd, src)
+    save_weights(sd, src)
     dst.write_bytes(b"precious")
     assert tool.main([str(src), str(dst)]) == 1
     assert "exists; pass --force" in capsys.readouterr().err and dst.read_bytes() == b"precious"
     assert tool.main([str(src), str(dst), "--force"]) == 0
-    assert torch.equal(load_checkpoint(dst).state_dict["fc.weight"], sd["fc.weight"])
+    assert torch.equal(load_weights(dst).state_dict["fc.weight"], sd["fc.weight"])
     # A failing write (here: the destination is a directory) leaves no partial file behind.
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(OSError):
-        save_rednet(sd, tmp_path / "dir.safetensors")
+        save_weights(sd, tmp_path / "dir.safetensors")
     assert not list(tmp_path.glob(".*tmp*"))

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs["num_classes"] = args.num_classes
     if not timm.is_model(args.model):
         near = difflib.get_close_matches(args.model, timm.list_models(), n=3)
-        print(f"error: unknown model {args.model!r}" + (f"; did you mean {', '.join(near)}?" if near else ""), file=sys.stderr)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        print(f"error: unknown model {args.model!r}{hint}", file=sys.stderr)
         return 2
     c = count_model(args.model, (args.in_chans, args.input_size, args.input_size), device=args.device, **kwargs)
     if args.json:

@@ -19,8 +19,7 @@ from pathlib import Path
 import timm
 import torch
 
-from rednet.models import create_model
-from rednet.models._pretrained import CheckpointError, fit_state_dict, load_checkpoint, save_rednet
+from rednet.models import CheckpointError, create_model, fit_state_dict, load_weights, save_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,24 +42,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     try:
-        ck = load_checkpoint(args.src, sha256=args.sha256, progress=not args.json)
-        arch = args.arch or ck.arch
+        wf = load_weights(args.src, sha256=args.sha256, progress=not args.json)
+        arch = args.arch or wf.arch
         if arch is None or not timm.is_model(arch):
-            raise CheckpointError(f"{args.src}: cannot tell which model these weights are for (got {arch!r}); pass --arch")
+            raise CheckpointError(
+                f"{args.src}: cannot tell which model these weights are for (got {arch!r}); pass --arch"
+            )
         # Check on the meta device: every key and shape against the real model, no memory.
         with torch.device("meta"):
-            model = create_model(arch, num_classes=ck.num_classes or 0)
-        fit_state_dict(model, ck)
-        save_rednet(ck.state_dict, args.dst, arch=arch)
+            model = create_model(arch, num_classes=wf.num_classes or 0)
+        fit_state_dict(model, wf)
+        save_weights(wf.state_dict, args.dst, arch=arch)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    s = ck.summary()
+    s = wf.summary()
     s.update(arch=arch, dst=args.dst)
     if args.json:
         print(json.dumps(s))
         return 0
-    print(f"read   {s['source']} ({s['container']}, {s['layout']} layout): {s['tensors']} tensors, {s['params']:,} parameters")
+    print(
+        f"read   {s['source']} ({s['container']}, {s['layout']} layout): "
+        f"{s['tensors']} tensors, {s['params']:,} parameters"
+    )
     print(f"model  {arch}, {s['num_classes']} classes")
     if s["renamed"]:
         examples = "; ".join(f"{a} -> {b}" for a, b in s["rename_examples"])

@@ -16,7 +16,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers import Involution
-from ._pretrained import WEIGHTS, load_pretrained
+from ._loading import load_pretrained
+from ._pretrained import WEIGHTS
 
 __all__ = ["Bottleneck", "RedNet"]
 
@@ -211,30 +212,55 @@ default_cfgs = generate_default_cfgs({name: _cfg(name) for name in WEIGHTS})
 
 
 @register_model
-def rednet26(pretrained=False, **kwargs) -> RedNet:
-    """RedNet-26: stages of (1, 2, 4, 1) blocks."""
+def rednet26(pretrained: bool | str = False, **kwargs) -> RedNet:
+    """RedNet-26: stages of (1, 2, 4, 1) blocks.
+
+    Args:
+        pretrained: ``True`` for the PaddleClas ImageNet weights, or a weights file path / URL.
+        **kwargs: model arguments (``num_classes``, ``in_chans``, ``features_only``, ...).
+    """
     return _create_rednet("rednet26", (1, 2, 4, 1), pretrained, **kwargs)
 
 
 @register_model
-def rednet38(pretrained=False, **kwargs) -> RedNet:
-    """RedNet-38: stages of (2, 3, 5, 2) blocks."""
+def rednet38(pretrained: bool | str = False, **kwargs) -> RedNet:
+    """RedNet-38: stages of (2, 3, 5, 2) blocks.
+
+    Args:
+        pretrained: ``True`` for the PaddleClas ImageNet weights, or a weights file path / URL.
+        **kwargs: model arguments (``num_classes``, ``in_chans``, ``features_only``, ...).
+    """
     return _create_rednet("rednet38", (2, 3, 5, 2), pretrained, **kwargs)
 
 
 @register_model
-def rednet50(pretrained=False, **kwargs) -> RedNet:
-    """RedNet-50: stages of (3, 4, 6, 3) blocks."""
+def rednet50(pretrained: bool | str = False, **kwargs) -> RedNet:
+    """RedNet-50: stages of (3, 4, 6, 3) blocks.
+
+    Args:
+        pretrained: ``True`` for the PaddleClas ImageNet weights, or a weights file path / URL.
+        **kwargs: model arguments (``num_classes``, ``in_chans``, ``features_only``, ...).
+    """
     return _create_rednet("rednet50", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
-def rednet101(pretrained=False, **kwargs) -> RedNet:
-    """RedNet-101: stages of (3, 4, 23, 3) blocks."""
+def rednet101(pretrained: bool | str = False, **kwargs) -> RedNet:
+    """RedNet-101: stages of (3, 4, 23, 3) blocks.
+
+    Args:
+        pretrained: ``True`` for the PaddleClas ImageNet weights, or a weights file path / URL.
+        **kwargs: model arguments (``num_classes``, ``in_chans``, ``features_only``, ...).
+    """
     return _create_rednet("rednet101", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
-def rednet152(pretrained=False, **kwargs) -> RedNet:
-    """RedNet-152: stages of (3, 8, 36, 3) blocks."""
+def rednet152(pretrained: bool | str = False, **kwargs) -> RedNet:
+    """RedNet-152: stages of (3, 8, 36, 3) blocks.
+
+    Args:
+        pretrained: ``True`` for the PaddleClas ImageNet weights, or a weights file path / URL.
+        **kwargs: model arguments (``num_classes``, ``in_chans``, ``features_only``, ...).
+    """
     return _create_rednet("rednet152", (3, 8, 36, 3), pretrained, **kwargs)
