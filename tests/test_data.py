@@ -35,12 +35,12 @@ def _cfg(root, *extra):
 
 
 def test_digits_split_is_stratified_and_fixed():
-    train, val = DigitsDataset(True, 16), DigitsDataset(False, 16)
+    train, val = DigitsDataset(train=True, img_size=16), DigitsDataset(train=False, img_size=16)
     assert (len(train), len(val)) == (1437, 360)
     assert np.bincount(val.targets).min() >= 35  # every digit held out ~36 times
-    img, target = DigitsDataset(False, 16)[0]
+    img, target = DigitsDataset(train=False, img_size=16)[0]
     assert img.size == (16, 16) and img.mode == "RGB" and target == val.targets[0]
-    assert DigitsDataset(False, 16).targets == val.targets
+    assert DigitsDataset(train=False, img_size=16).targets == val.targets
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
