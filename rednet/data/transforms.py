@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 __all__ = ["build_eval_transform", "build_train_transform"]
 
@@ -31,7 +31,7 @@ def build_train_transform(data) -> Callable:
 
 
 def build_eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear",
-                         mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225),
+                         mean: tuple = IMAGENET_DEFAULT_MEAN, std: tuple = IMAGENET_DEFAULT_STD,
                          crop_mode: Optional[str] = None) -> Callable:
     """Single crop: resize the shorter side to ``img_size / crop_pct``, center-crop ``img_size``.
 

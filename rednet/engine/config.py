@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "Config",
@@ -73,7 +74,7 @@ class DataConfig:
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
-        mean / std: normalisation on a 0-1 scale.
+        mean / std: normalisation on a 0-1 scale (default: ImageNet's, timm's ``IMAGENET_DEFAULT_MEAN/STD``).
         eval_crop_pct: evaluation resizes the shorter side to ``img_size / eval_crop_pct`` and
             center-crops ``img_size`` (0.875: resize 256, crop 224); 1.0 only resizes.
         val_fraction / split_seed: the held-out split of ``digits``.
@@ -97,8 +98,8 @@ class DataConfig:
     auto_augment: Optional[str] = None
     reprob: float = 0.0
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     eval_crop_pct: float = 0.875
     val_fraction: float = 0.2
     split_seed: int = 0
