@@ -78,6 +78,19 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
     assert path == good and state["global_step"] == 5
 
 
+def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path):
+    from rednet.engine.checkpoint import prune_checkpoints, read_checkpoint
+
+    first = save_checkpoint({"config": {}, "model": {}, "global_step": 1}, tmp_path / "checkpoint-000000001.pt",
+                            link_last=True)
+    second = save_checkpoint({"config": {}, "model": {}, "global_step": 2}, tmp_path / "checkpoint-000000002.pt",
+                             link_last=True)
+    assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
+    prune_checkpoints(tmp_path, keep=0)
+    assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # sidecar verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model_from_checkpoint(tmp_path / "nope.pt")
@@ -223,6 +236,22 @@ def test_config_base_file_errors_name_the_file(tmp_path):
     f.write_text("base: run.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(f)
+
+
+def test_loss_and_mixup_follow_the_config():
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from rednet.engine.builder import build_loss_and_mixup
+
+    loss_fn, mixup = build_loss_and_mixup(load_config(None, ["train.cutmix=1.0"]))
+    assert isinstance(loss_fn, SoftTargetCrossEntropy) and isinstance(mixup, Mixup)
+    loss_fn, mixup = build_loss_and_mixup(load_config(None))  # the paper: label smoothing 0.1
+    assert isinstance(loss_fn, LabelSmoothingCrossEntropy) and mixup is None
+    loss_fn, mixup = build_loss_and_mixup(load_config(None, ["train.label_smoothing=0"]))
+    assert isinstance(loss_fn, torch.nn.CrossEntropyLoss) and mixup is None
+    with pytest.raises(ValueError, match="even data.batch_size"):
+        build_loss_and_mixup(load_config(None, ["train.mixup=0.2", "data.batch_size=5"]))
 
 
 def test_lr_scaling_counts_accumulation():
