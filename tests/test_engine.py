@@ -238,6 +238,15 @@ def test_config_base_file_errors_name_the_file(tmp_path):
         load_config(f)
 
 
+def test_engine_exports_what_the_tools_import():
+    import rednet.engine
+
+    for name in rednet.engine.__all__:
+        assert getattr(rednet.engine, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'fitt'"):
+        rednet.engine.fitt
+
+
 def test_loss_and_mixup_follow_the_config():
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
