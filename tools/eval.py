@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.checkpoint or args.pretrained or args.config):
         build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
-    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform
+    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform, eval_data_config
     from rednet.engine import (
         AMP_DTYPES,
         CheckpointError,
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dist_info.device)
     transform = None
     if args.pretrained:
-        from timm.data import resolve_data_config
-
-        dc = resolve_data_config({}, model=model)
+        dc = eval_data_config(model)
         transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"],
                                          dc["std"], dc.get("crop_mode"))
         log.info("eval transform from the pretrained config: %s", dc)

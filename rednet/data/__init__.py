@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
 from .loader import ResumableSampler, ShardSampler, build_eval_loader, build_train_loader, collate_skip
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import build_eval_transform, build_train_transform, eval_data_config
 
 __all__ = [
     "DataError",
@@ -24,6 +24,7 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "collate_skip",
+    "eval_data_config",
 ]
 
 
