@@ -35,12 +35,12 @@ def _cfg(root, *extra):
 
 
 def test_digits_split_is_stratified_and_fixed():
-    train, val = DigitsDataset(True, 16), DigitsDataset(False, 16)
+    train, val = DigitsDataset(train=True, img_size=16), DigitsDataset(train=False, img_size=16)
     assert (len(train), len(val)) == (1437, 360)
     assert np.bincount(val.targets).min() >= 35  # every digit held out ~36 times
-    img, target = DigitsDataset(False, 16)[0]
+    img, target = DigitsDataset(train=False, img_size=16)[0]
     assert img.size == (16, 16) and img.mode == "RGB" and target == val.targets[0]
-    assert DigitsDataset(False, 16).targets == val.targets
+    assert DigitsDataset(train=False, img_size=16).targets == val.targets
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
@@ -106,3 +106,21 @@ def test_train_loader_batches_are_whole():
     loader = build_train_loader(data, batch_size=4)
     assert [len(b[1]) for b in loader] == [4, 4]
     assert sum(len(b[1]) for b in build_eval_loader(data, batch_size=4, world_size=3, rank=0)) == 4
+
+
+def test_eval_data_config_of_a_model_and_of_a_training_run():
+    from timm.data import resolve_data_config
+
+    import rednet
+    from rednet.data import eval_data_config
+
+    with torch.device("meta"):
+        model, gray = rednet.create_model("rednet26"), rednet.create_model("rednet26", in_chans=1)
+    assert eval_data_config(model) == resolve_data_config({}, model=model)  # the pretrained config
+    assert eval_data_config(model, img_size=48)["input_size"] == (3, 48, 48)
+    run = {"model": {"in_chans": 3}, "data": {"img_size": 32, "eval_crop_pct": 1.0, "interpolation": "bicubic",
+                                              "mean": [0.5] * 3, "std": [0.25] * 3}}
+    dc = eval_data_config(model, run)
+    assert (dc["input_size"], dc["crop_pct"], dc["interpolation"]) == ((3, 32, 32), 1.0, "bicubic")
+    assert dc["mean"] == (0.5,) * 3 and dc["std"] == (0.25,) * 3
+    assert eval_data_config(gray)["input_size"] == (1, 224, 224)  # what the first conv takes

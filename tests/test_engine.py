@@ -21,7 +21,8 @@ from rednet.engine.checkpoint import find_resume_checkpoint, list_checkpoints
 
 
 def _digits_cfg(*extra: str):
-    return load_config(None, ["model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=32", *extra])
+    return load_config(None, ["model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=32",
+                              *extra])
 
 
 # --- checkpoint contract (used by the visualization tool) -------------------------------
@@ -75,6 +76,19 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
     assert list_checkpoints(tmp_path) == [bad, good]
     path, state = find_resume_checkpoint(tmp_path)
     assert path == good and state["global_step"] == 5
+
+
+def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path):
+    from rednet.engine.checkpoint import prune_checkpoints, read_checkpoint
+
+    first = save_checkpoint({"config": {}, "model": {}, "global_step": 1}, tmp_path / "checkpoint-000000001.pt",
+                            link_last=True)
+    second = save_checkpoint({"config": {}, "model": {}, "global_step": 2}, tmp_path / "checkpoint-000000002.pt",
+                             link_last=True)
+    assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
+    prune_checkpoints(tmp_path, keep=0)
+    assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # sidecar verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -138,6 +152,115 @@ def test_paper_configs_resolve_to_the_recipe():
         assert (cfg.data.img_size, round(cfg.data.img_size / cfg.data.eval_crop_pct)) == (224, 256)
         assert peak_lr(cfg, world_size=64) == pytest.approx(0.8)  # 32 x 64 = 2048
         assert peak_lr(cfg, world_size=8) == pytest.approx(0.1)
+
+
+# configs/rednet50.yaml as it was before the recipe moved into configs/imagenet_recipe.yaml
+# (git show e2c67ba:configs/rednet50.yaml, comments dropped); the other depths differed only
+# in model.name and train.output.
+_PAPER_CONFIG_BEFORE_BASE_FILES = """
+model:
+  name: rednet{depth}
+  num_classes: 1000
+data:
+  dataset: imagenet
+  root: null
+  img_size: 224
+  batch_size: 32
+  workers: 8
+  scale: [0.08, 1.0]
+  ratio: [0.75, 1.3333333]
+  hflip: 0.5
+  color_jitter: null
+  auto_augment: null
+  reprob: 0.0
+  interpolation: bilinear
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+  eval_crop_pct: 0.875
+optim:
+  name: sgd
+  lr: null
+  base_lr: 0.8
+  base_batch_size: 2048
+  momentum: 0.9
+  weight_decay: 1.0e-4
+  decay_bn_and_bias: true
+  warmup_epochs: 5
+  warmup_factor: 0.25
+  min_lr_factor: 0.0
+train:
+  epochs: 130
+  amp: bf16
+  channels_last: false
+  sync_bn: false
+  label_smoothing: 0.1
+  ema: false
+  val_every: 1
+  log_every: 50
+  ckpt_every_iters: 2000
+  keep_last: 3
+  output: runs/rednet{depth}
+"""
+
+
+@pytest.mark.parametrize("depth", [26, 38, 50, 101, 152])
+def test_paper_configs_resolve_as_before_base_files(tmp_path, depth):
+    before = tmp_path / "before.yaml"
+    before.write_text(_PAPER_CONFIG_BEFORE_BASE_FILES.format(depth=depth))
+    assert config_to_dict(load_config(f"configs/rednet{depth}.yaml")) == config_to_dict(load_config(before))
+
+
+def test_config_base_file_is_merged_under_the_including_file(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "root.yaml").write_text("optim:\n  lr: 0.3\n  momentum: 0.5\ntrain:\n  epochs: 7\n")
+    (tmp_path / "recipes" / "mid.yaml").write_text("base: root.yaml\noptim:\n  momentum: 0.8\ndata:\n")
+    (tmp_path / "run.yaml").write_text("base: recipes/mid.yaml\nmodel:\n  name: resnet18\ntrain:\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=0.2"])  # overrides come last
+    assert cfg.model.name == "resnet18" and cfg.optim.lr == 0.2 and cfg.optim.momentum == 0.8
+    assert cfg.train.epochs == 7 and cfg.data == load_config(None).data  # an empty section keeps the base's
+
+
+def test_config_base_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"base file .*missing\.yaml does not exist"):
+        load_config(f)
+    f.write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"'base' expects a file name"):
+        load_config(f)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    f.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(f)
+    f.write_text("base: run.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(f)
+
+
+def test_engine_exports_what_the_tools_import():
+    import rednet.engine
+
+    for name in rednet.engine.__all__:
+        assert getattr(rednet.engine, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'fitt'"):
+        rednet.engine.fitt
+
+
+def test_loss_and_mixup_follow_the_config():
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from rednet.engine.builder import build_loss_and_mixup
+
+    loss_fn, mixup = build_loss_and_mixup(load_config(None, ["train.cutmix=1.0"]))
+    assert isinstance(loss_fn, SoftTargetCrossEntropy) and isinstance(mixup, Mixup)
+    loss_fn, mixup = build_loss_and_mixup(load_config(None))  # the paper: label smoothing 0.1
+    assert isinstance(loss_fn, LabelSmoothingCrossEntropy) and mixup is None
+    loss_fn, mixup = build_loss_and_mixup(load_config(None, ["train.label_smoothing=0"]))
+    assert isinstance(loss_fn, torch.nn.CrossEntropyLoss) and mixup is None
+    with pytest.raises(ValueError, match="even data.batch_size"):
+        build_loss_and_mixup(load_config(None, ["train.mixup=0.2", "data.batch_size=5"]))
 
 
 def test_lr_scaling_counts_accumulation():

@@ -55,6 +55,15 @@ def test_print_config_and_config_errors(capsys):
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
+def test_print_config_shows_the_base_file_merged(capsys):
+    import yaml
+
+    assert load_tool("train").main(["--config", "configs/rednet50.yaml", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "base" not in printed and printed["model"]["name"] == "rednet50"
+    assert printed["optim"]["base_lr"] == 0.8 and printed["train"]["amp"] == "bf16"  # from imagenet_recipe.yaml
+
+
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     """Two gloo processes train one epoch, then a second torchrun resumes and trains another."""
@@ -181,7 +190,8 @@ def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
     for c in ("a", "b"):
         (tmp_path / "data" / "val" / c).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "data" / "val" / c / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+            image.save(tmp_path / "data" / "val" / c / f"{i}.png")
     model = rednet.create_model("resnet10t", num_classes=1000)
     torch.save(model.state_dict(), tmp_path / "w.pth")
     out = tmp_path / "r.json"

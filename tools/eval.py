@@ -40,20 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not (args.checkpoint or args.pretrained or args.config):
-        build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
-    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform
-    from rednet.engine import CheckpointError, ConfigError, load_config, load_model_from_checkpoint
-    from rednet.engine.builder import build_model
-    from rednet.engine.config import apply_overrides, config_from_dict
-    from rednet.engine.distributed import cleanup_distributed, init_distributed
-    from rednet.engine.logger import setup_logging
-    from rednet.engine.loop import evaluate
-
-    setup_logging(int(os.environ.get("RANK", "0")))
-    log = logging.getLogger("rednet")
+def _config_overrides(args: argparse.Namespace) -> list[str]:
+    """The command-line options as dotted config overrides (after any --set)."""
     overrides = list(args.overrides)
     if args.data:
         overrides += ["data.dataset=imagenet", f"data.root={args.data}"]
@@ -67,22 +55,53 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.device={args.device}")
     if args.amp:
         overrides.append(f"train.amp={args.amp}")
+    return overrides
+
+
+def _model_and_config(args: argparse.Namespace, overrides: list[str]):
+    """The model to score and the config of the run: a checkpoint's own, unless --config gives one."""
+    from rednet.engine import (
+        ConfigError,
+        apply_overrides,
+        build_model,
+        config_from_dict,
+        load_config,
+        load_model_from_checkpoint,
+    )
+
+    if args.checkpoint and not args.config:
+        model, stored = load_model_from_checkpoint(args.checkpoint)
+        return model, config_from_dict(apply_overrides(stored, overrides))
+    if args.model:
+        overrides = [f"model.name={args.model}", *overrides]
+    if args.pretrained:
+        overrides.append(f"model.pretrained={args.pretrained}")
+    if args.model and not args.data:
+        raise ConfigError("--model needs --data DIR (an ImageNet-layout folder with val/)")
+    cfg = load_config(args.config, overrides)
+    model = load_model_from_checkpoint(args.checkpoint)[0] if args.checkpoint else build_model(cfg).eval()
+    return model, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.checkpoint or args.pretrained or args.config):
+        build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
+    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform, eval_data_config
+    from rednet.engine import (
+        AMP_DTYPES,
+        CheckpointError,
+        ConfigError,
+        cleanup_distributed,
+        evaluate,
+        init_distributed,
+        setup_logging,
+    )
+
+    setup_logging(int(os.environ.get("RANK", "0")))
+    log = logging.getLogger("rednet")
     try:
-        if args.checkpoint and not args.config:
-            model, stored = load_model_from_checkpoint(args.checkpoint)
-            cfg = config_from_dict(apply_overrides(stored, overrides))
-        else:
-            if args.model:
-                overrides = [f"model.name={args.model}", *overrides]
-            if args.pretrained:
-                overrides.append(f"model.pretrained={args.pretrained}")
-            if args.model and not args.data:
-                raise ConfigError("--model needs --data DIR (an ImageNet-layout folder with val/)")
-            cfg = load_config(args.config, overrides)
-            if args.checkpoint:
-                model, _ = load_model_from_checkpoint(args.checkpoint)
-            else:
-                model = build_model(cfg).eval()
+        model, cfg = _model_and_config(args, _config_overrides(args))
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -91,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dist_info.device)
     transform = None
     if args.pretrained:
-        from timm.data import resolve_data_config
-
-        dc = resolve_data_config({}, model=model)
-        transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"], dc["std"],
-                                         dc.get("crop_mode"))
+        dc = eval_data_config(model)
+        transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"],
+                                         dc["std"], dc.get("crop_mode"))
         log.info("eval transform from the pretrained config: %s", dc)
     try:
         dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
@@ -104,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
-    amp = {"none": None, "bf16": __import__("torch").bfloat16, "fp16": __import__("torch").float16}[cfg.train.amp]
-    result = evaluate(model, loader, dist_info.device, amp, cfg.train.channels_last, dist_info.is_main)
+    result = evaluate(model, loader, dist_info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last,
+                      dist_info.is_main)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
               "dataset": cfg.data.dataset, "world_size": dist_info.world_size, **result}
     if dist_info.is_main:

@@ -25,28 +25,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root with train/ and val/ (overrides data.root)")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="'auto': newest valid checkpoint in the run directory (if any); or a checkpoint path")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (base file merged, overrides applied) as YAML and exit")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rednet.data import DataError
-    from rednet.engine import ConfigError, config_to_dict, load_config
-    from rednet.engine.checkpoint import CheckpointError
-    from rednet.engine.logger import setup_logging
-    from rednet.engine.loop import NonFiniteLossError
-    from rednet.engine.trainer import TrainingInterrupted, fit
-
+def _config_overrides(args: argparse.Namespace) -> list[str]:
+    """The command-line options as dotted config overrides (after any --set)."""
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"train.output={args.output}")
     if args.data:
         overrides += [f"data.root={args.data}", "data.dataset=imagenet"]
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rednet.data import DataError
+    from rednet.engine import (
+        CheckpointError,
+        ConfigError,
+        NonFiniteLossError,
+        TrainingInterrupted,
+        config_to_dict,
+        fit,
+        load_config,
+        setup_logging,
+    )
+
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, _config_overrides(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

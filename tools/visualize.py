@@ -49,24 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The model and the data config its eval transform comes from."""
-    from timm.data import resolve_data_config
-
     import rednet
+    from rednet.data import eval_data_config
 
-    overrides = {}
+    run_config = None
     if args.checkpoint:
-        from rednet.engine.checkpoint import load_model_from_checkpoint
+        from rednet.engine import load_model_from_checkpoint
 
         try:
-            model, config = load_model_from_checkpoint(args.checkpoint, map_location=args.device)
+            model, run_config = load_model_from_checkpoint(args.checkpoint, map_location=args.device)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             parser.error(f"cannot load checkpoint {args.checkpoint}: {e}")
-        name = config["model"]["name"]
+        name = run_config["model"]["name"]
         if args.model and args.model != name:
             parser.error(f"checkpoint {args.checkpoint} holds a {name}, not a {args.model}; "
                          f"drop --model or pass --model {name}")
         args.model = name
-        overrides.update(_checkpoint_data_config(config))
     else:
         if not args.model:
             parser.error("--model is required unless --checkpoint is given")
@@ -77,30 +75,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
             model = rednet.create_model(args.model, pretrained=args.pretrained)
         except (OSError, ValueError, RuntimeError) as e:
             parser.error(f"cannot load pretrained weights {args.pretrained}: {e}")
-    # The eval transform must produce what the first conv takes (1 channel for a
-    # grayscale-trained model), which the pretrained_cfg's ImageNet size does not know.
-    first_conv = model.pretrained_cfg.get("first_conv")
-    in_chans = model.get_submodule(first_conv).in_channels if first_conv else 3
-    size = args.input_size or overrides.get("input_size", model.pretrained_cfg["input_size"])[-1]
-    overrides["input_size"] = (in_chans, size, size)
-    return model, resolve_data_config(overrides, model=model)
-
-
-def _checkpoint_data_config(config: dict) -> dict:
-    """The eval transform the run validated with, from its stored ``data`` section, in timm's keys.
-
-    A digits run evaluates at its own ``img_size``, crop and normalisation, not ImageNet's.
-    """
-    data = config.get("data", {})
-    out = {}
-    if data.get("img_size"):
-        out["input_size"] = (config["model"].get("in_chans", 3), data["img_size"], data["img_size"])
-    if data.get("eval_crop_pct"):
-        out["crop_pct"] = data["eval_crop_pct"]
-    for key in ("interpolation", "mean", "std"):
-        if data.get(key) is not None:
-            out[key] = tuple(data[key]) if isinstance(data[key], list) else data[key]
-    return out
+    return model, eval_data_config(model, run_config, args.input_size)
 
 
 def main(argv: list[str] | None = None) -> int:

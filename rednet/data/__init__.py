@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
 from .loader import ResumableSampler, ShardSampler, build_eval_loader, build_train_loader, collate_skip
-from .transforms import build_eval_transform, build_train_transform
+from .transforms import build_eval_transform, build_train_transform, eval_data_config
 
 __all__ = [
     "DataError",
@@ -24,6 +24,7 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "collate_skip",
+    "eval_data_config",
 ]
 
 
@@ -39,7 +40,8 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     if transform is None:
         transform = build_eval_transform(data.img_size, data.eval_crop_pct, data.interpolation, data.mean, data.std)
     if data.dataset == "digits":
-        ds = DigitsDataset(False, data.img_size, data.val_fraction, data.split_seed, transform)
+        ds = DigitsDataset(train=False, img_size=data.img_size, val_fraction=data.val_fraction,
+                           split_seed=data.split_seed, transform=transform)
     elif data.dataset == "synthetic":
         ds = SyntheticDataset(data.synthetic_val_size, num_classes, data.img_size, in_chans, seed=1)
     else:
@@ -62,7 +64,8 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
     if data.dataset == "synthetic":
         train: Dataset = SyntheticDataset(data.synthetic_train_size, num_classes, data.img_size, in_chans, seed=0)
     elif data.dataset == "digits":
-        train = DigitsDataset(True, data.img_size, data.val_fraction, data.split_seed, build_train_transform(data))
+        train = DigitsDataset(train=True, img_size=data.img_size, val_fraction=data.val_fraction,
+                              split_seed=data.split_seed, transform=build_train_transform(data))
     else:
         if not data.root:
             raise DataError("data.root is not set: pass --data DIR (a folder with train/ and val/) or set data.root")

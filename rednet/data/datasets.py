@@ -44,7 +44,7 @@ class SafeImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             img = self.loader(path)  # decodes fully (convert("RGB")), so bad files fail here
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError... for bad files
             _logger.warning("skipping unreadable image %s: %s", path, e)
             return None
         # Outside the try: a failing transform is a bug to report, not an image to skip.
@@ -66,7 +66,7 @@ class DigitsDataset(Dataset):
         transform: applied to the PIL image.
     """
 
-    def __init__(self, train: bool, img_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0,
+    def __init__(self, *, train: bool, img_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0,
                  transform: Optional[Callable] = None):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split

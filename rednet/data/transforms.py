@@ -1,11 +1,12 @@
-"""Train and eval transforms from timm's factory, parameterised by ``DataConfig``."""
+"""Train and eval transforms from timm's factory, parameterised by ``DataConfig`` or a model's data config."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from timm.data import create_transform
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
-__all__ = ["build_eval_transform", "build_train_transform"]
+__all__ = ["build_eval_transform", "build_train_transform", "eval_data_config"]
 
 
 def build_train_transform(data) -> Callable:
@@ -31,7 +32,7 @@ def build_train_transform(data) -> Callable:
 
 
 def build_eval_transform(img_size: int, crop_pct: float, interpolation: str = "bilinear",
-                         mean: tuple = (0.485, 0.456, 0.406), std: tuple = (0.229, 0.224, 0.225),
+                         mean: tuple = IMAGENET_DEFAULT_MEAN, std: tuple = IMAGENET_DEFAULT_STD,
                          crop_mode: Optional[str] = None) -> Callable:
     """Single crop: resize the shorter side to ``img_size / crop_pct``, center-crop ``img_size``.
 
@@ -44,3 +45,41 @@ def build_eval_transform(img_size: int, crop_pct: float, interpolation: str = "b
     """
     return create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
                             mean=tuple(mean), std=tuple(std), crop_mode=crop_mode)
+
+
+def eval_data_config(model: nn.Module, run_config: Optional[dict] = None,
+                     img_size: Optional[int] = None) -> dict[str, Any]:
+    """``model``'s eval data config, as ``timm.data.resolve_data_config`` gives it.
+
+    The keys are timm's: ``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``,
+    ``crop_mode``. It starts from the model's pretrained config. A training run evaluates at its own size, crop
+    and normalisation (a digits run is not ImageNet's 224 / 0.875), so ``run_config``, the
+    resolved config stored in a training checkpoint, overrides those.
+
+    Args:
+        model: a timm-style model with a ``pretrained_cfg``.
+        run_config: a training checkpoint's ``config``, or None.
+        img_size: a square crop size overriding both.
+    """
+    overrides = _run_data_config(run_config) if run_config else {}
+    # The crop must have the channels the first conv takes (1 for a grayscale-trained model),
+    # which the pretrained config's ImageNet size does not know.
+    first_conv = model.pretrained_cfg.get("first_conv")
+    in_chans = model.get_submodule(first_conv).in_channels if first_conv else 3
+    size = img_size or overrides.get("input_size", model.pretrained_cfg["input_size"])[-1]
+    overrides["input_size"] = (in_chans, size, size)
+    return resolve_data_config(overrides, model=model)
+
+
+def _run_data_config(config: dict) -> dict[str, Any]:
+    """What a run validated with, from its stored config's ``data`` section, in timm's keys."""
+    data = config.get("data", {})
+    out: dict[str, Any] = {}
+    if data.get("img_size"):
+        out["input_size"] = (config["model"].get("in_chans", 3), data["img_size"], data["img_size"])
+    if data.get("eval_crop_pct"):
+        out["crop_pct"] = data["eval_crop_pct"]
+    for key in ("interpolation", "mean", "std"):
+        if data.get(key) is not None:
+            out[key] = tuple(data[key]) if isinstance(data[key], list) else data[key]
+    return out

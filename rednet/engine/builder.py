@@ -1,16 +1,31 @@
-"""Model, optimizer and learning-rate schedule from a ``Config``."""
+"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``."""
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 from ..models import create_model
 from .config import Config
 
-__all__ = ["build_model", "build_optimizer", "build_scheduler", "global_batch_size", "peak_lr", "WarmupCosine"]
+__all__ = [
+    "AMP_DTYPES",
+    "WarmupCosine",
+    "build_loss_and_mixup",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "global_batch_size",
+    "peak_lr",
+]
+
+# The autocast dtype of each ``train.amp`` name (None: fp32, no autocast).
+AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
@@ -90,9 +105,31 @@ class WarmupCosine:
         return factor
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-iteration ``LambdaLR`` (stepped after every optimizer step) with the paper's warmup + cosine."""
     total = cfg.train.epochs * steps_per_epoch
     warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
     fn = WarmupCosine(total, warmup, cfg.optim.warmup_factor, cfg.optim.min_lr_factor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def build_loss_and_mixup(cfg: Config) -> tuple[Callable, Optional[Callable]]:
+    """The training loss and, when ``train.mixup`` or ``train.cutmix`` is on, timm's ``Mixup``.
+
+    Mixup/cutmix produce soft targets (label smoothing folded in), hence the soft-target
+    cross-entropy with them; otherwise label-smoothed or plain cross-entropy.
+
+    Raises:
+        ValueError: mixup/cutmix with an odd ``data.batch_size`` (timm mixes pairs).
+    """
+    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
+        if cfg.data.batch_size % 2:
+            raise ValueError("mixup/cutmix need an even data.batch_size")
+        mixup = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, prob=cfg.train.mixup_prob,
+                      switch_prob=cfg.train.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
+                      num_classes=cfg.model.num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if cfg.train.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.train.label_smoothing), None
+    return nn.CrossEntropyLoss(), None

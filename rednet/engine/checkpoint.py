@@ -16,11 +16,13 @@ weights_only=True)`` reads it without executing pickled code:
 
 Each file is written to a temporary name, fsynced and renamed, then a ``.sha256``
 sidecar is written the same way; reading verifies the sidecar when it exists, because
-``torch.load`` does not notice flipped bytes inside tensor data.
+``torch.load`` does not notice flipped bytes inside tensor data. ``last.pt`` (with its
+sidecar) names the newest rolling checkpoint of a run directory.
 """
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import random
 import re
@@ -35,6 +37,7 @@ from ..fileio import CheckpointError, atomic_write, file_sha256
 
 __all__ = [
     "FORMAT",
+    "LAST",
     "CheckpointError",
     "capture_rng_state",
     "find_resume_checkpoint",
@@ -49,6 +52,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 FORMAT = "rednet-train/1"
+LAST = "last.pt"
 _ROLLING = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
@@ -56,14 +60,36 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` atomically (temporary file, fsync, rename) plus its sha256 sidecar."""
+def save_checkpoint(state: dict[str, Any], path: str | Path, *, link_last: bool = False) -> Path:
+    """Write ``state`` atomically (temporary file, fsync, rename) plus its sha256 sidecar.
+
+    Args:
+        state: the checkpoint's contents (``format`` is added).
+        path: where to write it.
+        link_last: also make ``last.pt`` (and its sidecar) in the same folder this checkpoint: a
+            hard link, so it costs no second write and survives pruning; a copy where the file
+            system has no hard links.
+    """
     path = Path(path)
-    state = {"format": FORMAT, **state}
-    atomic_write(path, lambda f: torch.save(state, f))
+    stored = {"format": FORMAT, **state}
+    atomic_write(path, lambda f: torch.save(stored, f))
     digest = file_sha256(path)
     atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    if link_last:
+        _link_last(path, state)
     return path
+
+
+def _link_last(path: Path, state: dict[str, Any]) -> None:
+    last = path.with_name(LAST)
+    tmp = path.with_name(f".{LAST}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, last)
+        _sidecar(last).write_text(_sidecar(path).read_text())
+    except OSError:  # no hard links on this file system
+        save_checkpoint(state, last)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The training configuration: YAML file -> typed, validated dataclasses -> overrides.
+"""The training configuration: YAML file (over its base file) -> typed, validated dataclasses -> overrides.
 
 The schema is the set of dataclasses below; every key a YAML file or ``--set`` names
 must exist in it (an unknown key is an error naming the nearest valid one) and every
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "Config",
@@ -73,7 +74,7 @@ class DataConfig:
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
-        mean / std: normalisation on a 0-1 scale.
+        mean / std: normalisation on a 0-1 scale (default: ImageNet's, timm's ``IMAGENET_DEFAULT_MEAN/STD``).
         eval_crop_pct: evaluation resizes the shorter side to ``img_size / eval_crop_pct`` and
             center-crops ``img_size`` (0.875: resize 256, crop 224); 1.0 only resizes.
         val_fraction / split_seed: the held-out split of ``digits``.
@@ -97,8 +98,8 @@ class DataConfig:
     auto_augment: Optional[str] = None
     reprob: float = 0.0
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     eval_crop_pct: float = 0.875
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -326,7 +327,8 @@ def _validate(cfg: Config) -> None:
         ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "a number in [0, 1)"),
         ("data.img_size", cfg.data.img_size >= 8, "an integer >= 8"),
         ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
-        ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "null or an integer >= 1"),
+        ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1,
+         "null or an integer >= 1"),
         ("data.workers", cfg.data.workers >= 0, "an integer >= 0"),
         ("data.scale", 0.0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1.0, "[min, max] with 0 < min <= max <= 1"),
         ("data.ratio", 0.0 < cfg.data.ratio[0] <= cfg.data.ratio[1], "[min, max] with 0 < min <= max"),
@@ -358,7 +360,8 @@ def _validate(cfg: Config) -> None:
         ("train.log_every", cfg.train.log_every >= 1, "an integer >= 1"),
         ("train.ckpt_every_iters", cfg.train.ckpt_every_iters >= 0, "an integer >= 0 (0: epoch ends only)"),
         ("train.keep_last", cfg.train.keep_last >= 1, "an integer >= 1"),
-        ("train.max_iters_per_epoch", cfg.train.max_iters_per_epoch is None or cfg.train.max_iters_per_epoch >= 1, "null or an integer >= 1"),
+        ("train.max_iters_per_epoch", cfg.train.max_iters_per_epoch is None or cfg.train.max_iters_per_epoch >= 1,
+         "null or an integer >= 1"),
     ]
     for key, ok, expects in checks:
         if not ok:
@@ -418,11 +421,50 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# A config file may name another as its base: its sections are merged over the base's,
+# key by key, so a variant states only what differs from the recipe it builds on.
+_BASE_KEY = "base"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, any other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(out.get(k), dict) and (isinstance(v, dict) or v is None):
+            out[k] = _merge(out[k], v or {})  # an empty section (``train:``) changes nothing
+        else:
+            out[k] = v
+    return out
+
+
+def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
+    """The sections of a YAML file merged over those of its ``base`` file (relative to it), recursively."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop(_BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: '{_BASE_KEY}' expects a file name, got {base!r}")
+    base_path = path.parent / base
+    chain = (*including, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"config file {path}: the base files form a cycle: {cycle}")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base file {base_path} does not exist")
+    return _merge(_read_config_file(base_path, chain), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults when ``path`` is None), apply ``overrides``, validate.
 
     Args:
-        path: a YAML file with ``model``/``data``/``optim``/``train`` sections.
+        path: a YAML file with ``model``/``data``/``optim``/``train`` sections and optionally
+            ``base: FILE``, a config (path relative to this file) whose sections this one's
+            are merged over.
         overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
     """
     data: dict = {}
@@ -430,8 +472,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        data = _read_config_file(path)
     return config_from_dict(apply_overrides(data, overrides or []))

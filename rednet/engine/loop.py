@@ -84,6 +84,11 @@ class StepContext:
     world_size: int = 1
 
 
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """Autocast to ``dtype``; disabled (fp32) when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def _to_device(images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     images = images.to(ctx.device, non_blocking=True).contiguous(memory_format=fmt)
@@ -156,7 +161,7 @@ def train_one_epoch(
             last = micro == ctx.accum_steps - 1
             sync = contextlib.nullcontext() if last or ctx.no_sync is None else ctx.no_sync()
             with sync:
-                with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32, enabled=ctx.amp_dtype is not None):
+                with _autocast(ctx.device, ctx.amp_dtype):
                     logits = ctx.model(images)
                     loss = ctx.loss_fn(logits, targets) / ctx.accum_steps
                 if ctx.scaler is not None:
@@ -168,14 +173,16 @@ def train_one_epoch(
 
         # One small collective per step: every rank learns whether any rank saw a non-finite
         # loss or received a stop signal, so all ranks stop at the same step.
-        flags = torch.stack([(~torch.isfinite(loss_sum)).float(), torch.tensor(float(ctx.stop_requested()), device=ctx.device)])
+        nonfinite_flag = (~torch.isfinite(loss_sum)).float()
+        flags = torch.stack([nonfinite_flag, torch.tensor(float(ctx.stop_requested()), device=ctx.device)])
         all_reduce(flags, "max")
         nonfinite, stop = flags.tolist()
         if nonfinite:
             ctx.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"non-finite loss ({loss_sum.item()}) at epoch {state.epoch} iteration {state.iteration} "
-                f"(global step {state.global_step}); stopped before the optimizer step, the last checkpoint is untouched"
+                f"(global step {state.global_step}); stopped before the optimizer step, "
+                "the last checkpoint is untouched"
             )
         if ctx.clip_grad is not None:
             if ctx.scaler is not None:
@@ -277,7 +284,7 @@ def evaluate(
             continue
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
         targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         k = min(5, logits.shape[1])

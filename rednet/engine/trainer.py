@@ -1,21 +1,33 @@
-"""``fit``: wires config, data, model, optimizer, checkpoints and signals around the epoch loop."""
+"""``fit``: builds a run from its config (or restores it from a checkpoint), then runs the epoch loop
+with validation, logging, checkpoints and signal handling around ``train_one_epoch``."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 
 from ..data import build_datasets, build_eval_loader, build_train_loader
-from .builder import build_model, build_optimizer, build_scheduler, global_batch_size, peak_lr
+from .builder import (
+    AMP_DTYPES,
+    build_loss_and_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    global_batch_size,
+    peak_lr,
+)
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -34,7 +46,6 @@ from .loop import StepContext, TrainState, evaluate, train_one_epoch
 __all__ = ["TrainingInterrupted", "fit", "seed_everything"]
 
 _logger = logging.getLogger("rednet")
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -102,12 +113,38 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 class _Run:
-    """State of one training process; ``fit`` is its only user."""
+    """State of one training process: what a checkpoint stores and restores; ``fit`` is its only user.
 
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo):
+    Args:
+        cfg: the resolved config.
+        run_dir: where checkpoints go.
+        dist_info: this process's place in the process group.
+        model: the unwrapped network (no DDP, not compiled).
+        optimizer / scheduler / scaler / ema: their training state (scaler and ema may be None).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                 scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3]):
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist_info
         self.cfg_dict = config_to_dict(cfg)
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.state = TrainState()
+        self.rng_state: Optional[dict] = None  # set by restore; applied just before the first step
+
+    @classmethod
+    def build(cls, cfg: Config, run_dir: Path, dist_info: DistInfo, steps: int, pretrained: bool) -> _Run:
+        """A fresh run: the model (pretrained weights unless a checkpoint follows), optimizer, schedule, EMA."""
+        model = build_model(cfg, pretrained=pretrained).to(dist_info.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if dist_info.distributed and cfg.train.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = build_optimizer(cfg, model, peak_lr(cfg, dist_info.world_size))
+        scheduler = build_scheduler(cfg, optimizer, steps)
+        scaler = torch.amp.GradScaler(dist_info.device.type) if cfg.train.amp == "fp16" else None
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+        return cls(cfg, run_dir, dist_info, model, optimizer, scheduler, scaler, ema)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -129,21 +166,19 @@ class _Run:
         """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk)."""
         path = self.run_dir / f"checkpoint-{self.state.global_step:09d}.pt"
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_state(), path)
-            last = self.run_dir / "last.pt"
-            tmp = self.run_dir / ".last.pt.link"
-            tmp.unlink(missing_ok=True)
-            try:  # a hard link: "last" costs no second write and survives pruning
-                os.link(path, tmp)
-                os.replace(tmp, last)
-                (self.run_dir / "last.pt.sha256").write_text((path.parent / (path.name + ".sha256")).read_text())
-            except OSError:
-                save_checkpoint(self.checkpoint_state(), last)
+            save_checkpoint(self.checkpoint_state(), path, link_last=True)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         barrier()
         return path
 
+    def save_best(self, metrics: dict[str, Any]) -> None:
+        """``best.pt``: the weights and bookkeeping of this epoch, without what only resuming needs."""
+        if self.dist.is_main:
+            best = {k: v for k, v in self.checkpoint_state().items() if k not in ("optimizer", "rng")}
+            save_checkpoint({**best, "metrics": metrics}, self.run_dir / "best.pt")
+
     def restore(self, state: dict) -> None:
+        """Continue from a checkpoint; its RNG states wait in ``rng_state`` until everything is built."""
         if state.get("world_size", 1) != self.dist.world_size:
             _logger.warning("resuming a run of %s processes with %s: the data order differs from an "
                             "uninterrupted run", state.get("world_size"), self.dist.world_size)
@@ -169,7 +204,7 @@ class _Run:
         self.rng_state = state["rng"]
 
 
-def _resolve_resume(resume: Optional[str], run_dir: Path, device: torch.device) -> tuple[Optional[Path], Optional[dict]]:
+def _resolve_resume(resume: Optional[str], run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
     if resume is None and is_restarted_worker():
         _logger.info("restarted by torchrun: resuming from the newest checkpoint in %s", run_dir)
         resume = "auto"
@@ -187,6 +222,25 @@ def _resolve_resume(resume: Optional[str], run_dir: Path, device: torch.device) 
     return Path(resume), read_checkpoint(resume, map_location="cpu")
 
 
+def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLoader, int]:
+    """Training and validation loaders, and the optimizer steps of one epoch."""
+    train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.model.in_chans)
+    train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
+                                      cfg.train.seed, cfg.data.workers, cfg.data.pin_memory,
+                                      cfg.data.persistent_workers)
+    if cfg.data.workers > 0:
+        train_loader.worker_init_fn = _ignore_sigint
+    val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
+                                   dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
+    steps = train_loader.sampler.num_samples // cfg.data.batch_size // cfg.train.accum_steps
+    if cfg.train.max_iters_per_epoch is not None:
+        steps = min(steps, cfg.train.max_iters_per_epoch)
+    if steps == 0:
+        raise ValueError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is "
+                         f"smaller than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
+    return train_loader, val_loader, steps
+
+
 def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
     """Train ``cfg`` under torchrun or in a single process; returns the final validation metrics.
 
@@ -200,85 +254,34 @@ def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
     dist_info = init_distributed(cfg.train.device)
-    device = dist_info.device
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     run_dir = Path(cfg.train.output)
     seed_everything(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
-    ckpt_path, ckpt = _resolve_resume(resume, run_dir, device)
+    ckpt_path, ckpt = _resolve_resume(resume, run_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    run = _Run(cfg, run_dir, dist_info)
-
-    train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.model.in_chans)
-    train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
-                                      cfg.train.seed, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
-    if cfg.data.workers > 0:
-        train_loader.worker_init_fn = _ignore_sigint
-    val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
-                                   dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
-    steps = train_loader.sampler.num_samples // cfg.data.batch_size // cfg.train.accum_steps
-    if cfg.train.max_iters_per_epoch is not None:
-        steps = min(steps, cfg.train.max_iters_per_epoch)
-    if steps == 0:
-        raise ValueError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is smaller "
-                         f"than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
-
-    model = build_model(cfg, pretrained=ckpt is None).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist_info.distributed and cfg.train.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    lr = peak_lr(cfg, dist_info.world_size)
-    run.model = model
-    run.optimizer = build_optimizer(cfg, model, lr)
-    run.scheduler = build_scheduler(cfg, run.optimizer, steps)
-    run.scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
-    run.ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-
-        run.ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-    run.rng_state = None
+    train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
+    run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
     if ckpt is not None:
         run.restore(ckpt)
         _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", ckpt_path, run.state.epoch,
                      run.state.iteration, run.state.global_step)
         del ckpt
+    return _train(run, train_loader, val_loader, steps)
 
-    train_model: nn.Module = model
-    no_sync = None
-    if dist_info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        no_sync = train_model.no_sync
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
 
-    mixup = None
-    if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
-        from timm.data import Mixup
-
-        if cfg.data.batch_size % 2:
-            raise ValueError("mixup/cutmix need an even data.batch_size")
-        mixup = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, prob=cfg.train.mixup_prob,
-                      switch_prob=cfg.train.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
-                      num_classes=cfg.model.num_classes)
-        from timm.loss import SoftTargetCrossEntropy
-
-        loss_fn: Any = SoftTargetCrossEntropy()
-    elif cfg.train.label_smoothing > 0:
-        from timm.loss import LabelSmoothingCrossEntropy
-
-        loss_fn = LabelSmoothingCrossEntropy(cfg.train.label_smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
-
-    logger = RunLogger(run_dir, dist_info.is_main)
-    amp_dtype = _AMP[cfg.train.amp]
-    gbs = global_batch_size(cfg, dist_info.world_size)
-    _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d epochs",
-                 cfg.model.name, len(train_set), len(val_set), dist_info.world_size, device, gbs, lr, steps,
+def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: int) -> dict[str, Any]:
+    """The epoch loop from ``run.state`` to ``train.epochs``: train, validate, log, checkpoint."""
+    cfg, dist_info, device = run.cfg, run.dist, run.dist.device
+    train_model, no_sync = _wrap_for_training(run.model, cfg, dist_info)
+    loss_fn, mixup = build_loss_and_mixup(cfg)
+    logger = RunLogger(run.run_dir, dist_info.is_main)
+    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d "
+                 "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
+                 device, global_batch_size(cfg, dist_info.world_size), peak_lr(cfg, dist_info.world_size), steps,
                  cfg.train.epochs)
 
     def on_step(state: TrainState) -> None:
@@ -290,13 +293,16 @@ def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
     ctx = StepContext(
         model=train_model, optimizer=run.optimizer, scheduler=run.scheduler, loss_fn=loss_fn, device=device,
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
-        channels_last=cfg.train.channels_last, ema=run.ema, ema_source=model, mixup=mixup, no_sync=no_sync,
+        channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
         stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
         world_size=dist_info.world_size,
     )
-    eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else model
+    eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
+    validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
+                                 dist_info.is_main)
+
     final: dict[str, Any] = {}
-    # RNG states last: everything above (model init, loaders) consumed the same draws as in
+    # RNG states last: building the run (loaders, model init) consumed the same draws as in
     # the run that wrote the checkpoint, and the epoch loop continues its stream exactly.
     if run.rng_state is not None:
         restore_rng_state(run.rng_state)
@@ -311,42 +317,57 @@ def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
                 if stats["stopped"] or signals.signum is not None:
                     path = run.save()
                     raise TrainingInterrupted(signals.signum or signal.SIGTERM, path)
-                record: dict[str, Any] = {"epoch": epoch + 1, "global_step": run.state.global_step,
-                                          "train_loss": stats["loss"], "lr": stats["lr"],
-                                          "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
-                                          "epoch_time_s": stats["time_s"], "skipped_images": stats["skipped"]}
                 if stats["skipped"]:
                     _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, stats["skipped"])
-                last_epoch = epoch + 1 == cfg.train.epochs
-                if (epoch + 1) % cfg.train.val_every == 0 or last_epoch:
-                    val = evaluate(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                   dist_info.is_main, desc=f"val {epoch + 1}")
-                    record.update({f"val_{k}": v for k, v in val.items()})
-                    logger.scalars("val", {"top1": val["top1"], "top5": val["top5"], "loss": val["loss"],
-                                           "images_per_s": val["images_per_s"]}, run.state.global_step)
-                    improved = val["top1"] > run.state.best_top1
-                    run.state.best_top1 = max(run.state.best_top1, val["top1"])
-                    final = val
-                else:
-                    improved = False
-                record["best_top1"] = run.state.best_top1
-                _logger.info("epoch %d/%d: train loss %.4f, lr %.4g, %.0f img/s%s", epoch + 1, cfg.train.epochs,
-                             stats["loss"], stats["lr"], stats["images_per_s"],
-                             f", val top-1 {final['top1']:.2f} top-5 {final['top5']:.2f} loss {final['loss']:.4f}"
-                             if "val_top1" in record else "")
-                run.state.epoch, run.state.iteration = epoch + 1, 0
-                record["time"] = time.time()
-                logger.epoch(record)
-                path = run.save()
-                if improved and dist_info.is_main:
-                    best = {k: v for k, v in run.checkpoint_state().items() if k not in ("optimizer", "rng")}
-                    save_checkpoint({**best, "metrics": record}, run_dir / "best.pt")
-                barrier()
+                val = None
+                if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
+                    val = final = validate(desc=f"val {epoch + 1}")
+                path = _end_epoch(run, stats, val, logger)
                 if signals.signum is not None:
                     raise TrainingInterrupted(signals.signum, path)
         finally:
             logger.close()
     if not final:  # resumed after the last epoch: report the stored model
-        final = evaluate(eval_model, val_loader, device, amp_dtype, cfg.train.channels_last, dist_info.is_main)
-    final = {**final, "best_top1": run.state.best_top1, "epochs": cfg.train.epochs}
-    return final
+        final = validate()
+    return {**final, "best_top1": run.state.best_top1, "epochs": cfg.train.epochs}
+
+
+def _wrap_for_training(model: nn.Module, cfg: Config, dist_info: DistInfo) -> tuple[nn.Module, Optional[Callable]]:
+    """The model the forward pass calls (DDP, compiled, as configured) and DDP's ``no_sync``, if any."""
+    wrapped, no_sync = model, None
+    if dist_info.distributed:
+        device = dist_info.device
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        no_sync = wrapped.no_sync
+    if cfg.train.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped, no_sync
+
+
+def _end_epoch(run: _Run, stats: dict[str, Any], val: Optional[dict[str, Any]], logger: RunLogger) -> Path:
+    """Record the finished epoch (metrics line, TensorBoard, log), checkpoint it, and keep it as best if it is."""
+    cfg, epoch, state = run.cfg, run.state.epoch, run.state
+    record: dict[str, Any] = {"epoch": epoch + 1, "global_step": state.global_step,
+                              "train_loss": stats["loss"], "lr": stats["lr"],
+                              "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
+                              "epoch_time_s": stats["time_s"], "skipped_images": stats["skipped"]}
+    improved = False
+    if val is not None:
+        record.update({f"val_{k}": v for k, v in val.items()})
+        logger.scalars("val", {"top1": val["top1"], "top5": val["top5"], "loss": val["loss"],
+                               "images_per_s": val["images_per_s"]}, state.global_step)
+        improved = val["top1"] > state.best_top1
+        state.best_top1 = max(state.best_top1, val["top1"])
+    record["best_top1"] = state.best_top1
+    _logger.info("epoch %d/%d: train loss %.4f, lr %.4g, %.0f img/s%s", epoch + 1, cfg.train.epochs,
+                 stats["loss"], stats["lr"], stats["images_per_s"],
+                 f", val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f} loss {val['loss']:.4f}" if val else "")
+    state.epoch, state.iteration = epoch + 1, 0
+    record["time"] = time.time()
+    logger.epoch(record)
+    path = run.save()
+    if improved:
+        run.save_best(record)
+    barrier()
+    return path
