@@ -5,7 +5,7 @@ Without a GPU (CI):
   generic window shapes, is compiled by nvcc and by NVRTC from the source CuPy compiles;
 - the kernels' index arithmetic runs on the host: ``involution.cu`` is compiled by g++ with
   a thin emulation of blocks, threads, shared memory and ``__syncthreads`` (one OS thread
-  per CUDA thread), launched with the plans ``_cupy`` computes, and compared to the reference;
+  per CUDA thread), launched with the plans ``_plan`` computes, and compared to the reference;
 - the custom op's schema, fake functions, autograd and torch.compile tracing are checked
   through its CPU implementation.
 
@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from rednet.ops import _cupy, can_use_cuda_kernel, involution, involution_reference, select_backend
+from rednet.ops import _cupy, _plan, can_use_cuda_kernel, involution, involution_reference, select_backend
 
 REDNET_WINDOWS = [(3, 1, 1), (7, 1, 1), (7, 2, 1)]  # (K, stride, dilation): stem and blocks
 GENERIC_WINDOWS = [(1, 2, 1), (5, 2, 2), (11, 2, 3), (15, 1, 3)]  # last two: windows too big for smem tiles
-ALL_DTYPES = list(_cupy.TYPE_NAMES)
+ALL_DTYPES = list(_plan.TYPE_NAMES)
 
 
 def _instantiation_names(dtypes, windows) -> list[str]:
-    return [n for dt in dtypes for w in windows for n in _cupy.name_expressions(dt, *w)]
+    return [n for dt in dtypes for w in windows for n in _plan.name_expressions(dt, *w)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,10 +127,10 @@ _EMU_CASES = [  # (dtype, K, S, D): every path of the kernels, tiled and not
 def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    names = [n for dt, k, s, d in _EMU_CASES for n in _cupy.name_expressions(dt, k, s, d)]
+    names = [n for dt, k, s, d in _EMU_CASES for n in _plan.name_expressions(dt, k, s, d)]
     lines = [_SHIM.replace("SOURCE", str(_cupy.SOURCE_PATH))]
     for i, n in enumerate(names):
-        t = _EMU_TYPES[next(dt for dt, name in _cupy.TYPE_NAMES.items() if name == n.split("<")[1].split(",")[0])]
+        t = _EMU_TYPES[next(dt for dt, name in _plan.TYPE_NAMES.items() if name == n.split("<")[1].split(",")[0])]
         tail = "int tw, int nt" if "_nchw<" in n else "long long n"
         call = "tw, nt" if "_nchw<" in n else "n"
         lines.append(
@@ -147,7 +147,7 @@ def emulator(tmp_path_factory):
     return {n: getattr(lib, f"emu_{i}") for i, n in enumerate(names)}
 
 
-def _emulate(emulator, plan: _cupy.Launch | None) -> None:
+def _emulate(emulator, plan: _plan.Launch | None) -> None:
     if plan is None:
         return
     grid = plan.grid if "_nchw<" in plan.name else min(plan.grid, 3)  # few blocks: exercise grid-stride loops
@@ -157,11 +157,11 @@ def _emulate(emulator, plan: _cupy.Launch | None) -> None:
 
 
 def _emulated_involution(emulator, x, kernel, stride, padding, dilation, grad_out):
-    y, plan = _cupy.plan_forward(x, kernel, stride, padding, dilation)
+    y, plan = _plan.plan_forward(x, kernel, stride, padding, dilation)
     _emulate(emulator, plan)
-    gx, plan = _cupy.plan_backward_input(grad_out, x, kernel, stride, padding, dilation)
+    gx, plan = _plan.plan_backward_input(grad_out, x, kernel, stride, padding, dilation)
     _emulate(emulator, plan)
-    gw, plan = _cupy.plan_backward_kernel(grad_out, x, kernel, stride, padding, dilation)
+    gw, plan = _plan.plan_backward_kernel(grad_out, x, kernel, stride, padding, dilation)
     _emulate(emulator, plan)
     return y, gx, gw
 
@@ -188,7 +188,7 @@ def test_kernels_host_emulation(emulator, layout, dtype, k, s, d):
     gen = torch.randn(b, g * k * k, ho, wo).to(dtype).contiguous(memory_format=fmt)  # as the span conv makes it
     kernel = gen.view(b, g, k, k, ho, wo)
     grad_out = torch.randn(b, c, ho, wo).to(dtype).contiguous(memory_format=fmt)
-    assert _cupy.layout_of(x) == layout
+    assert _plan.memory_format_of(x) == layout
 
     y, gx, gw = _emulated_involution(emulator, x, kernel, s, pad, d, grad_out)
     ry, rgx, rgw = _reference_with_grads(x, kernel, s, pad, d, grad_out)
@@ -457,8 +457,8 @@ def test_gpu_autocast_reaches_kernel_in_low_precision(monkeypatch):
     layer = Involution(64, 7, 2).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(2, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
     seen = []
-    real = _cupy.plan_forward
-    monkeypatch.setattr(_cupy, "plan_forward", lambda *a: seen.append((a[0].dtype, a[1].dtype)) or real(*a))
+    real = _plan.plan_forward
+    monkeypatch.setattr(_plan, "plan_forward", lambda *a: seen.append((a[0].dtype, a[1].dtype)) or real(*a))
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)

@@ -2,8 +2,15 @@
 
 ``involution(x, kernel)`` validates its inputs, then dispatches to the CUDA kernel
 (compiled through CuPy) when it can run and to the pure-PyTorch reference otherwise.
+Importing this package never imports CuPy.
+
 ``REDNET_INVOLUTION_BACKEND=reference|cupy`` forces a backend; ``auto`` (the
-default) chooses. Importing this package never imports CuPy.
+default) chooses.
+
+Modules, each importing only those below it: this front door; ``_custom_op`` (the
+``rednet::involution`` op, imported on first use of the kernels); ``_cupy`` (CuPy
+compilation and launch); ``_plan`` (launch plans and allocation, pure PyTorch);
+``_reference`` (the pure-PyTorch backend).
 """
 from __future__ import annotations
 
@@ -13,12 +20,15 @@ import os
 import torch
 
 from . import _cupy  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from ._plan import MEMORY_FORMATS
 from ._reference import involution_reference, involution_unfold
 
 __all__ = [
     "BACKENDS",
+    "MEMORY_FORMATS",
     "can_use_cuda_kernel",
     "involution",
+    "involution_cupy",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
@@ -43,6 +53,9 @@ def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
     return _cupy.can_run_on(x.device.type, x.device.index, x.dtype)
 
 
+# ----------------------------------------------------------------------------------------
+# Backend selection.
+
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """Resolve ``backend`` (or the environment variable) to ``'reference'`` or ``'cupy'``."""
     return _select_backend(x.device.type, x.device.index, x.dtype, backend)
@@ -59,13 +72,19 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
         return backend
     ok, why = _cupy.can_run_on(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
-        raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'.")
+        raise RuntimeError(
+            f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'."
+        )
     if not ok:
         _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
         return "reference"
     from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)
 
     return "cupy"
+
+
+# ----------------------------------------------------------------------------------------
+# The front door.
 
 
 def _check(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> None:
@@ -84,7 +103,9 @@ def _check(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dil
     if kb != b:
         raise ValueError(f"involution: batch sizes differ: x has {b}, kernel has {kb}")
     if k != k2 or k < 1:
-        raise ValueError(f"involution: kernel window must be square, got {k}x{k2} in kernel shape {tuple(kernel.shape)}")
+        raise ValueError(
+            f"involution: kernel window must be square, got {k}x{k2} in kernel shape {tuple(kernel.shape)}"
+        )
     if g < 1 or c % g:
         raise ValueError(f"involution: channels C={c} must be divisible by the number of groups G={g} (kernel dim 1)")
     eho = involution_output_size(h, k, stride, padding, dilation)
@@ -96,8 +117,8 @@ def _check(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dil
     if (ho, wo) != (eho, ewo):
         raise ValueError(
             f"involution: kernel spatial size {ho}x{wo} does not match the output size {eho}x{ewo} of a {h}x{w} "
-            f"input with K={k}, stride={stride}, padding={padding}, dilation={dilation}; generate the kernel at the output "
-            "resolution (average-pool the input by the stride first)"
+            f"input with K={k}, stride={stride}, padding={padding}, dilation={dilation}; generate the kernel at the "
+            "output resolution (average-pool the input by the stride first)"
         )
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"involution: dtype {x.dtype} is not supported; use one of {_FLOAT_DTYPES}")
@@ -141,7 +162,16 @@ def involution(
         x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
     if select_backend(x, backend) == "cupy":
-        from ._cupy import involution_cupy
-
         return involution_cupy(x, kernel, stride, padding, dilation)
     return involution_reference(x, kernel, stride, padding, dilation)
+
+
+def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """The CUDA kernels through the ``rednet::involution`` custom op (autograd included).
+
+    Inputs are assumed validated and on a device ``can_use_cuda_kernel`` accepts; the front
+    door ``involution`` checks both.
+    """
+    from . import _custom_op  # noqa: F401  (registers the op on first use)
+
+    return torch.ops.rednet.involution(x, kernel, stride, padding, dilation)
