@@ -2,6 +2,7 @@
 import ast
 import logging
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from rednet.ops import (
     involution_reference,
     involution_unfold,
     select_backend,
+    use_backend,
 )
 
 # (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2, K = 1..7, G = 1 and G = C.
@@ -172,7 +174,7 @@ def test_validation_of_stride_and_device():
 
 
 # ----------------------------------------------------------------------------------------
-# Backend selection: argument > $REDNET_INVOLUTION_BACKEND > auto.
+# Backend selection: argument > use_backend > $REDNET_INVOLUTION_BACKEND > auto.
 
 
 def test_backend_selection(monkeypatch, caplog):
@@ -208,6 +210,87 @@ def test_dispatch_reasons_and_forcing(monkeypatch, caplog):
         involution(x, k)
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "reference")
     assert select_backend(x) == "reference"
+
+def test_use_backend_forces_and_restores(monkeypatch):
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
+    with use_backend("reference"):  # over the environment variable
+        assert select_backend(x) == "reference"
+        torch.testing.assert_close(involution(x, k), involution_reference(x, k, 1, 1, 1))
+    with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu"):
+        involution(x, k)  # the environment variable applies again
+    with use_backend("auto"):
+        assert select_backend(x) == "reference"
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND")
+    with use_backend("cupy"):
+        assert select_backend(x, backend="reference") == "reference"  # the argument wins
+        with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu.*use_backend"):
+            involution(x, k)
+    assert select_backend(x) == "reference"
+
+
+def test_use_backend_nests_and_restores_after_an_exception():
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    with use_backend("cupy"):
+        with use_backend("reference"):
+            assert select_backend(x) == "reference"
+        with pytest.raises(RuntimeError, match="forced but cannot run"):
+            select_backend(x)
+        with pytest.raises(KeyError):
+            with use_backend("REFERENCE"):  # case-insensitive, like the environment variable
+                assert select_backend(x) == "reference"
+                raise KeyError("boom")
+        with pytest.raises(RuntimeError, match="forced but cannot run"):
+            select_backend(x)
+    assert select_backend(x) == "reference"
+
+
+@pytest.mark.parametrize("name", ["fast", "", None])
+def test_use_backend_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="unknown involution backend .* choose one of"):
+        with use_backend(name):
+            pass
+
+
+def test_use_backend_blocks_in_threads_leave_no_setting_behind():
+    x = torch.randn(1, 4, 5, 5)
+    errors = []
+
+    def work(name):
+        try:
+            for _ in range(200):
+                with use_backend(name):
+                    select_backend(x, backend="reference")
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("reference", "cupy", "auto", "reference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert select_backend(x) == "reference"  # no block open: auto on a CPU tensor
+    outer, inner = use_backend("cupy"), use_backend("reference")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # left out of order, as interleaved threads would
+    assert select_backend(x) == "reference"
+    inner.__exit__(None, None, None)
+    assert select_backend(x) == "reference"
+
+
+def test_use_backend_retraces_under_compile():
+    # The forced backend is an input of the constant-folded choice, so a block entered after
+    # tracing is not answered with the choice made while tracing.
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    fn = torch.compile(lambda a, b: involution(a, b), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, k), involution_reference(x, k, 1, 1, 1))
+    with use_backend("cupy"):
+        with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run"):  # Dynamo's error subclasses it
+            fn(x, k)
+    with use_backend("reference"):
+        torch.testing.assert_close(fn(x, k), involution_reference(x, k, 1, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------
