@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+
+from rednet.analysis.shapes import involution_shapes
 
 from .helpers import load_tool
 
@@ -13,8 +16,8 @@ def benchmark():
     return load_tool("benchmark")
 
 
-def test_rednet50_involution_shapes(benchmark):
-    shapes = benchmark.rednet_involution_shapes("rednet50")
+def test_rednet50_involution_shapes():
+    shapes = involution_shapes("rednet50")
     names = [s["name"] for s in shapes]
     assert names == ["stem", "layer1", "layer2.down", "layer2", "layer3.down", "layer3", "layer4.down", "layer4"]
     assert sum(s["count"] for s in shapes) == 1 + 3 + 4 + 6 + 3
@@ -26,10 +29,22 @@ def test_rednet50_involution_shapes(benchmark):
     assert round(fwd / 1e6, 2) == 7.51
 
 
+def test_involution_shapes_of_a_module_leaves_it_as_it_was():
+    import rednet
+
+    model = rednet.create_model("rednet26")
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    assert involution_shapes(model, 64) == involution_shapes("rednet26", 64)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, stats[k]), k
+
+
 def test_op_cpu_writes_results(benchmark, tmp_path):
     out = tmp_path / "bench.json"
-    benchmark.main(["op", "--device", "cpu", "--shapes", "layer4", "--batch", "1", "--repeats", "1", "--warmup", "0",
-                    "--copy-mb", "8", "--threads", "1", "--json", str(out)])
+    code = benchmark.main(["op", "--device", "cpu", "--shapes", "layer4", "--batch", "1", "--repeats", "1",
+                           "--warmup", "0", "--copy-mb", "8", "--threads", "1", "--json", str(out)])
+    assert code == 0
     res = json.loads(out.read_text())
     for key in ("device", "torch", "cuda", "cupy", "date", "copy_gbps", "op", "model"):
         assert key in res
@@ -45,3 +60,30 @@ def test_op_cpu_writes_results(benchmark, tmp_path):
     assert rows["unfold"]["peak_mem_mb"] > 4 * rows["reference"]["peak_mem_mb"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| 512x7x7 K7 s1 G32 | layer4 |" in md and "Speedup over unfold" in md
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["op", "--device", "cpu", "--shapes", "layer9"], "error: --shapes: unknown ['layer9']; choose from ['stem', "),
+    (["op", "--device", "cpu", "--memory-formats", "nchw,chwn"], "error: --memory-formats: unknown ['chwn']"),
+    (["op", "--device", "cpu", "--layouts", "chwn"], "error: --memory-formats: unknown ['chwn']"),
+    (["model", "--device", "cpu", "--modes", "serve"], "error: --modes: unknown ['serve']"),
+])
+def test_bad_arguments_exit_2_with_one_error_line(benchmark, tmp_path, capsys, argv, message):
+    out = tmp_path / "bench.json"
+    assert benchmark.main([*argv, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_exits_2(benchmark, capsys):
+    assert benchmark.main(["op", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda: no CUDA device is visible to torch; use --device cpu\n"
+
+
+def test_help_works(benchmark, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--help"])
+    assert exc.value.code == 0
+    assert "--memory-formats" in capsys.readouterr().out

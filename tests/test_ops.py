@@ -1,10 +1,23 @@
-"""The involution operator's front door and reference backend (CPU)."""
+"""The involution operator's front door (validation, autocast, backend selection) and reference backend (CPU)."""
+import ast
 import logging
+import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from rednet.ops import involution, involution_output_size, involution_reference, involution_unfold, select_backend
+from rednet.ops import (
+    _cupy,
+    can_use_cuda_kernel,
+    involution,
+    involution_output_size,
+    involution_reference,
+    involution_unfold,
+    select_backend,
+    use_backend,
+)
 
 # (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2, K = 1..7, G = 1 and G = C.
 SHAPES = [
@@ -65,7 +78,10 @@ def test_reference_matches_unfold_with_gradients(shape):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2, 5, 6, 3, 1, 1), (2, 2, 1, 6, 5, 3, 2, 2), (1, 2, 2, 5, 5, 5, 2, 1)], ids=str)
+GRADCHECK_SHAPES = [(1, 4, 2, 5, 6, 3, 1, 1), (2, 2, 1, 6, 5, 3, 2, 2), (1, 2, 2, 5, 5, 5, 2, 1)]
+
+
+@pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=str)
 def test_gradcheck(shape):
     x, k, p = _inputs(*shape)
     s, d = shape[6], shape[7]
@@ -106,17 +122,22 @@ def test_half_dtypes_within_tolerance(dtype, tol):
     assert gx.dtype == dtype and gk.dtype == dtype and torch.isfinite(gx).all() and torch.isfinite(gk).all()
 
 
+def _record_bytes(sizes: list):
+    """A saved-tensor pack hook that appends each saved tensor's size in bytes to ``sizes``."""
+    return lambda t: sizes.append(t.numel() * t.element_size()) or t
+
+
 def test_reference_saves_no_unfolded_tensor():
     # Memory: autograd keeps only x and the kernel, never a (B, C, K*K, Ho, Wo) tensor.
     x, k, _ = _inputs(2, 32, 2, 14, 14, 7, 1, 1, dtype=torch.float32)
     x.requires_grad_(True)
     k.requires_grad_(True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(_record_bytes(saved), lambda t: t):
         involution_reference(x, k, 1, 3, 1)
     assert sum(saved) <= x.numel() * 4 + k.numel() * 4
     unfold_saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: unfold_saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(_record_bytes(unfold_saved), lambda t: t):
         involution_unfold(x, k, 1, 3, 1)
     assert sum(unfold_saved) > 10 * sum(saved)  # the formulation we replace does blow up
 
@@ -152,6 +173,10 @@ def test_validation_of_stride_and_device():
         involution(x, k.to("meta"))
 
 
+# ----------------------------------------------------------------------------------------
+# Backend selection: argument > use_backend > $REDNET_INVOLUTION_BACKEND > auto.
+
+
 def test_backend_selection(monkeypatch, caplog):
     x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "reference")
@@ -166,3 +191,148 @@ def test_backend_selection(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="rednet.ops"):
         assert select_backend(x) == "reference"
     assert "CUDA kernel declined" in caplog.text and "input is on cpu" in caplog.text
+
+
+def test_dispatch_reasons_and_forcing(monkeypatch, caplog):
+    x, k = torch.randn(1, 16, 8, 8), torch.randn(1, 1, 3, 3, 8, 8)
+    ok, why = can_use_cuda_kernel(x)
+    assert not ok and "CUDA tensor" in why
+    ok, why = _cupy.can_run_on("cuda", 0, torch.int32)
+    assert not ok and "int32" in why
+    if not torch.cuda.is_available():
+        ok, why = _cupy.can_run_on("cuda", 0, torch.float32)
+        assert not ok and why
+    with caplog.at_level(logging.DEBUG, logger="rednet.ops"):
+        assert select_backend(x) == "reference"
+    assert "declined" in caplog.text and "CUDA tensor" in caplog.text
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
+    with pytest.raises(RuntimeError, match="forced but cannot run"):
+        involution(x, k)
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "reference")
+    assert select_backend(x) == "reference"
+
+def test_use_backend_forces_and_restores(monkeypatch):
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
+    with use_backend("reference"):  # over the environment variable
+        assert select_backend(x) == "reference"
+        torch.testing.assert_close(involution(x, k), involution_reference(x, k, 1, 1, 1))
+    with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu"):
+        involution(x, k)  # the environment variable applies again
+    with use_backend("auto"):
+        assert select_backend(x) == "reference"
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND")
+    with use_backend("cupy"):
+        assert select_backend(x, backend="reference") == "reference"  # the argument wins
+        with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu.*use_backend"):
+            involution(x, k)
+    assert select_backend(x) == "reference"
+
+
+def test_use_backend_nests_and_restores_after_an_exception():
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    with use_backend("cupy"):
+        with use_backend("reference"):
+            assert select_backend(x) == "reference"
+        with pytest.raises(RuntimeError, match="forced but cannot run"):
+            select_backend(x)
+        with pytest.raises(KeyError):
+            with use_backend("REFERENCE"):  # case-insensitive, like the environment variable
+                assert select_backend(x) == "reference"
+                raise KeyError("boom")
+        with pytest.raises(RuntimeError, match="forced but cannot run"):
+            select_backend(x)
+    assert select_backend(x) == "reference"
+
+
+@pytest.mark.parametrize("name", ["fast", "", None])
+def test_use_backend_rejects_unknown_names(name):
+    with pytest.raises(ValueError, match="unknown involution backend .* choose one of"):
+        with use_backend(name):
+            pass
+
+
+def test_use_backend_blocks_in_threads_leave_no_setting_behind():
+    x = torch.randn(1, 4, 5, 5)
+    errors = []
+
+    def work(name):
+        try:
+            for _ in range(200):
+                with use_backend(name):
+                    select_backend(x, backend="reference")
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("reference", "cupy", "auto", "reference")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert select_backend(x) == "reference"  # no block open: auto on a CPU tensor
+    outer, inner = use_backend("cupy"), use_backend("reference")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # left out of order, as interleaved threads would
+    assert select_backend(x) == "reference"
+    inner.__exit__(None, None, None)
+    assert select_backend(x) == "reference"
+
+
+def test_use_backend_retraces_under_compile():
+    # The forced backend is an input of the constant-folded choice, so a block entered after
+    # tracing is not answered with the choice made while tracing.
+    x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
+    fn = torch.compile(lambda a, b: involution(a, b), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, k), involution_reference(x, k, 1, 1, 1))
+    with use_backend("cupy"):
+        with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run"):  # Dynamo's error subclasses it
+            fn(x, k)
+    with use_backend("reference"):
+        torch.testing.assert_close(fn(x, k), involution_reference(x, k, 1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Autocast, meta tensors, imports.
+
+
+def test_front_door_autocast_casts_to_autocast_dtype():
+    x, k = torch.randn(1, 16, 8, 8), torch.randn(1, 1, 3, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = involution(x, k)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), involution_reference(x.bfloat16(), k, 1, 1, 1).float())
+
+
+def test_front_door_on_meta_tensors():
+    y = involution(torch.empty(1, 16, 8, 8, device="meta"), torch.empty(1, 1, 3, 3, 4, 4, device="meta"), stride=2)
+    assert y.shape == (1, 16, 4, 4) and y.device.type == "meta"
+
+
+def test_importing_the_cuda_backend_needs_no_cupy():
+    import importlib
+    import sys
+
+    code = "import sys, rednet, rednet.ops._cupy, rednet.ops._custom_op; assert 'cupy' not in sys.modules"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert importlib.util.find_spec("rednet.ops._cupy") is not None
+
+
+def test_ops_modules_import_in_one_direction():
+    """Each module of rednet/ops imports only modules after it here: no cycle, CuPy-free planning."""
+    order = ["__init__", "_custom_op", "_cupy", "_plan", "_reference"]
+    ops = Path(__file__).resolve().parents[1] / "rednet" / "ops"
+    assert sorted(p.stem for p in ops.glob("*.py")) == sorted(order)
+    for i, name in enumerate(order):
+        tree = ast.parse((ops / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):  # function-level (lazy) imports included
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and name == "_plan":
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m.split(".")[0] == "cupy" for m in mods), f"_plan imports {mods}"
+        assert imported <= set(order[i + 1:]), f"{name} imports {sorted(imported - set(order[i + 1:]))}"

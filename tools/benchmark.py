@@ -6,7 +6,7 @@
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
-stride-2 first blocks), forward and forward+backward, per backend, dtype and layout. Each
+stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
 row has the floor: the bytes the pass must move (x, kernel and y once forward; grad_y, x
 and kernel read and grad_x, grad_kernel written backward) divided by the copy bandwidth
 measured in the same run, and the peak memory the pass allocates beyond its inputs.
@@ -23,62 +23,40 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
 import platform
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+import rednet
+from rednet.analysis.shapes import InvolutionShape, involution_shapes
+from rednet.ops import (
+    MEMORY_FORMATS,
+    can_use_cuda_kernel,
+    involution_cupy,
+    involution_output_size,
+    involution_reference,
+    involution_unfold,
+    use_backend,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
-from rednet.ops import can_use_cuda_kernel, involution_reference, involution_unfold  # noqa: E402
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-LAYOUTS = ("nchw", "nhwc")
+OP_BACKENDS = {"reference": involution_reference, "unfold": involution_unfold, "cupy": involution_cupy}
+PASSES = ("fwd", "fwd+bwd")
+MODES = ("train", "infer")
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ----------------------------------------------------------------------------------------
-# Shapes
-
-
-def rednet_involution_shapes(model: str = "rednet50", size: int = 224) -> list[dict]:
-    """Distinct involution calls of ``model`` at ``size`` (traced on the meta device), with counts."""
-    import rednet
-    from rednet.layers import Involution
-
-    net = rednet.create_model(model).to("meta")
-    seen: dict[tuple, dict] = {}
-    hooks = []
-    for name, mod in net.named_modules():
-        if isinstance(mod, Involution):
-            def hook(mod, args, name=name):
-                _, c, h, w = args[0].shape
-                key = (c, h, w, mod.kernel_size, mod.stride, mod.groups)
-                if key not in seen:
-                    stage = name.split(".")[0]  # stem / layer1..4
-                    label = stage + (".down" if mod.stride > 1 else "")
-                    seen[key] = dict(name=label, C=c, H=h, W=w, K=mod.kernel_size, stride=mod.stride, G=mod.groups, count=0)
-                seen[key]["count"] += 1
-            hooks.append(mod.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        net(torch.empty(1, 3, size, size, device="meta"))
-    for h in hooks:
-        h.remove()
-    return list(seen.values())
-
-
-def shape_str(s: dict) -> str:
+def shape_str(s: InvolutionShape) -> str:
     return f"{s['C']}x{s['H']}x{s['W']} K{s['K']} s{s['stride']} G{s['G']}"
 
 
@@ -132,7 +110,8 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
     # Every allocation (+bytes) and free (-bytes) as a raw "[memory]" event; the aggregated
     # FunctionEvents fold them into their ops, which loses the order.
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
     live = peak = 0
     for e in events:
         live += e.nbytes()
@@ -153,24 +132,20 @@ def copy_gbps(device: torch.device, mbytes: int) -> float:
 # op mode
 
 
-def _backend_fn(backend: str):
-    if backend == "reference":
-        return involution_reference
-    if backend == "unfold":
-        return involution_unfold
-    if backend == "cupy":
-        from rednet.ops._cupy import involution_cupy
-
-        return involution_cupy
-    raise ValueError(f"unknown backend {backend!r}")
+class OpCase(NamedTuple):
+    shape: InvolutionShape
+    batch: int
+    dtype: str  # a key of DTYPES
+    memory_format: str  # one of MEMORY_FORMATS
+    backend: str  # a key of OP_BACKENDS
 
 
-def op_inputs(s: dict, batch: int, dtype: torch.dtype, layout: str, device: torch.device):
+def op_inputs(s: InvolutionShape, batch: int, dtype: torch.dtype, memory_format: str, device: torch.device):
     """x (B, C, H, W) and kernel (B, G, K, K, Ho, Wo), laid out as a channels_last network makes them."""
     k, st = s["K"], s["stride"]
     pad = (k - 1) // 2
-    ho, wo = ((n + 2 * pad - k) // st + 1 for n in (s["H"], s["W"]))
-    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    ho, wo = (involution_output_size(n, k, st, pad, 1) for n in (s["H"], s["W"]))
+    fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
     x = torch.randn(batch, s["C"], s["H"], s["W"], device=device, dtype=dtype).contiguous(memory_format=fmt)
     gen = torch.randn(batch, s["G"] * k * k, ho, wo, device=device, dtype=dtype).contiguous(memory_format=fmt)
     return x, gen.view(batch, s["G"], k, k, ho, wo), st, pad
@@ -182,54 +157,61 @@ def floor_bytes(x: torch.Tensor, kernel: torch.Tensor, y_numel: int, with_backwa
     return (fwd + (bwd if with_backward else 0)) * x.element_size()
 
 
-def run_op(args, device: torch.device, gbps: float) -> list[dict]:
-    shapes = rednet_involution_shapes()
-    if args.shapes:
-        wanted = args.shapes.split(",")
-        unknown = [w for w in wanted if w not in {s["name"] for s in shapes}]
-        if unknown:
-            raise SystemExit(f"unknown shape(s) {unknown}; choose from {[s['name'] for s in shapes]}")
-        shapes = [s for s in shapes if s["name"] in wanted]
+def _op_step(fn: Callable, with_backward: bool, x: torch.Tensor, kernel: torch.Tensor, stride: int,
+             pad: int) -> Callable[[], object]:
+    """One timed call of ``fn``: the forward alone, or the forward and both gradients."""
+    if not with_backward:
+        def forward():
+            with torch.no_grad():
+                return fn(x, kernel, stride, pad, 1)
+        return forward
+    xg, kg = x.detach().requires_grad_(), kernel.detach().requires_grad_()
+    grad_y = torch.randn(x.shape[0], x.shape[1], *kernel.shape[-2:], device=x.device, dtype=x.dtype)
+
+    def forward_backward():
+        y = fn(xg, kg, stride, pad, 1)
+        return torch.autograd.grad(y, (xg, kg), grad_y)
+    return forward_backward
+
+
+def _op_rows(case: OpCase, args, device: torch.device, gbps: float, progress: str) -> list[dict]:
+    """One row per pass of ``case``: median ms, the bandwidth floor and the peak memory."""
+    s, batch, dname, memory_format, backend = case
+    x, kernel, stride, pad = op_inputs(s, batch, DTYPES[dname], memory_format, device)
+    y_numel = batch * s["C"] * kernel.shape[-2] * kernel.shape[-1]
     rows = []
-    combos = [(b, s, dn, lay, be) for b in args.batch for s in shapes for dn in args.dtypes for lay in args.layouts
-              for be in args.backends]
-    for n, (batch, s, dname, layout, backend) in enumerate(combos, 1):
-        if backend == "cupy":
-            ok, why = can_use_cuda_kernel(torch.empty(0, device=device, dtype=DTYPES[dname]))
+    for pas in args.passes:
+        try:
+            step = _op_step(OP_BACKENDS[backend], pas == "fwd+bwd", x, kernel, stride, pad)
+            ms = time_ms(step, device, args.warmup, args.repeats)
+            mem = peak_bytes(step, device)
+        except torch.OutOfMemoryError:
+            log(f"  OOM: {backend} {s['name']} {dname} {memory_format} {pas} batch {batch}")
+            ms, mem = None, None
+            torch.cuda.empty_cache()
+        fb = floor_bytes(x, kernel, y_numel, pas == "fwd+bwd")
+        # "layout" is the results files' key for the memory format; kept so old files still merge.
+        row = dict(shape=shape_str(s), name=s["name"], count=s["count"], batch=batch, dtype=dname,
+                   layout=memory_format, backend=backend, **{"pass": pas}, ms=ms, floor_ms=fb / (gbps * 1e9) * 1e3,
+                   peak_mem_mb=None if mem is None else mem / 2**20)
+        rows.append(row)
+        log(f"{progress} {s['name']:<12} {shape_str(s):<24} b{batch} {dname} {memory_format} {backend:<9} "
+            f"{pas:<7} {'OOM' if ms is None else f'{ms:9.3f} ms'}  floor {row['floor_ms']:.3f} ms  "
+            f"peak {'-' if mem is None else f'{mem / 2**20:.1f} MiB'}")
+    return rows
+
+
+def run_op(args, device: torch.device, gbps: float, shapes: list[InvolutionShape]) -> list[dict]:
+    rows = []
+    cases = [OpCase(s, b, dn, fmt, be) for b in args.batch for s in shapes for dn in args.dtypes
+             for fmt in args.memory_formats for be in args.backends]
+    for n, case in enumerate(cases, 1):
+        if case.backend == "cupy":
+            ok, why = can_use_cuda_kernel(torch.empty(0, device=device, dtype=DTYPES[case.dtype]))
             if not ok:
                 log(f"skip cupy: {why}")
                 continue
-        fn = _backend_fn(backend)
-        x, kernel, stride, pad = op_inputs(s, batch, DTYPES[dname], layout, device)
-        y_numel = batch * s["C"] * kernel.shape[-2] * kernel.shape[-1]
-        for pas in args.passes:
-            try:
-                if pas == "fwd":
-                    def step():
-                        with torch.no_grad():
-                            return fn(x, kernel, stride, pad, 1)
-                else:
-                    xg, kg = x.detach().requires_grad_(), kernel.detach().requires_grad_()
-                    grad_y = torch.randn(batch, s["C"], *kernel.shape[-2:], device=device, dtype=x.dtype)
-
-                    def step():
-                        y = fn(xg, kg, stride, pad, 1)
-                        return torch.autograd.grad(y, (xg, kg), grad_y)
-                ms = time_ms(step, device, args.warmup, args.repeats)
-                mem = peak_bytes(step, device)
-            except torch.OutOfMemoryError:
-                log(f"  OOM: {backend} {s['name']} {dname} {layout} {pas} batch {batch}")
-                ms, mem = None, None
-                torch.cuda.empty_cache()
-            fb = floor_bytes(x, kernel, y_numel, pas == "fwd+bwd")
-            row = dict(shape=shape_str(s), name=s["name"], count=s["count"], batch=batch, dtype=dname, layout=layout,
-                       backend=backend, **{"pass": pas}, ms=ms, floor_ms=fb / (gbps * 1e9) * 1e3,
-                       peak_mem_mb=None if mem is None else mem / 2**20)
-            rows.append(row)
-            log(f"[{n}/{len(combos)}] {s['name']:<12} {shape_str(s):<24} b{batch} {dname} {layout} {backend:<9} "
-                f"{pas:<7} {'OOM' if ms is None else f'{ms:9.3f} ms'}  floor {row['floor_ms']:.3f} ms  "
-                f"peak {'-' if mem is None else f'{mem / 2**20:.1f} MiB'}")
-        del x, kernel
+        rows += _op_rows(case, args, device, gbps, f"[{n}/{len(cases)}]")
     return rows
 
 
@@ -238,82 +220,88 @@ def run_op(args, device: torch.device, gbps: float) -> list[dict]:
 
 
 def _make_model(name: str, device: torch.device) -> torch.nn.Module:
-    import timm
+    # rednet.create_model builds any timm model too; `import rednet` alone no longer registers RedNet with timm.
+    return rednet.create_model(name, num_classes=1000).to(device).to(memory_format=torch.channels_last)
 
-    import rednet  # noqa: F401  (registers the RedNet models with timm)
 
-    return timm.create_model(name, num_classes=1000).to(device).to(memory_format=torch.channels_last)
+def _train_step(run: Callable, model: torch.nn.Module, imgs: torch.Tensor, target: torch.Tensor,
+                amp) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def step():
+        with amp:
+            loss = torch.nn.functional.cross_entropy(run(imgs), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _infer_step(run: Callable, model: torch.nn.Module, imgs: torch.Tensor, amp) -> Callable[[], object]:
+    model.eval()
+
+    def step():
+        with torch.inference_mode(), amp:
+            return run(imgs)
+    return step
 
 
 def _model_throughput(name: str, backend: str, mode: str, batch: int, device: torch.device, args) -> dict:
-    # Read by the front door on every eager call, and once per trace under torch.compile.
-    os.environ["REDNET_INVOLUTION_BACKEND"] = backend if backend != "-" else "reference"
-    if args.compile:
-        torch._dynamo.reset()  # the backend is baked into a trace; never reuse one across backends
-    model = _make_model(name, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp)
-    imgs = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (batch,), device=device)
-    run = torch.compile(model) if args.compile else model
-    if mode == "train":
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-
-        def step():
-            with amp:
-                loss = torch.nn.functional.cross_entropy(run(imgs), target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    else:
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), amp:
-                return run(imgs)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    ms = time_ms(step, device, args.warmup, args.repeats)
+    # "-": a model without involutions; the reference is forced so nothing probes CuPy.
+    with use_backend(backend if backend != "-" else "reference"):
+        if args.compile:
+            torch._dynamo.reset()  # a fresh trace per model and backend; frees the previous ones
+        model = _make_model(name, device)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp)
+        imgs = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 1000, (batch,), device=device)
+        run = torch.compile(model) if args.compile else model
+        if mode == "train":
+            step = _train_step(run, model, imgs, target, amp)
+        else:
+            step = _infer_step(run, model, imgs, amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = time_ms(step, device, args.warmup, args.repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return dict(model=name, backend=backend, mode=mode, batch=batch, img_per_s=batch / (ms * 1e-3),
                 peak_mem_gb=peak, compile=args.compile, amp="bf16" if not args.no_amp else "off")
 
 
+def _largest_batch_throughput(name: str, backend: str, mode: str, device: torch.device, args) -> dict | None:
+    """Throughput at --model-batch, halved on out-of-memory until it fits; None if batch 1 does not."""
+    batch = args.model_batch
+    while batch >= 1:
+        try:
+            return _model_throughput(name, backend, mode, batch, device, args)
+        except torch.OutOfMemoryError:
+            log(f"  OOM: {name} {backend} {mode} batch {batch}; halving")
+            batch //= 2
+            gc.collect()
+            torch.cuda.empty_cache()
+    return None
+
+
 def run_model(args, device: torch.device) -> list[dict]:
-    env = os.environ.get("REDNET_INVOLUTION_BACKEND")
-    try:
-        return _run_models(args, device)
-    finally:
-        if env is None:
-            os.environ.pop("REDNET_INVOLUTION_BACKEND", None)
-        else:
-            os.environ["REDNET_INVOLUTION_BACKEND"] = env
-
-
-def _run_models(args, device: torch.device) -> list[dict]:
     rows = []
-    jobs = [(m, be) for m in args.models if m.startswith("rednet") for be in args.backends if be in ("reference", "cupy")]
+    jobs = [(m, be) for m in args.models if m.startswith("rednet") for be in args.backends
+            if be in ("reference", "cupy")]
     jobs += [(m, "-") for m in args.models if not m.startswith("rednet")]
     for name, backend in jobs:
-        if backend == "cupy" and not can_use_cuda_kernel(torch.empty(0, device=device))[0]:
-            log(f"skip {name} cupy: {can_use_cuda_kernel(torch.empty(0, device=device))[1]}")
-            continue
+        if backend == "cupy":
+            ok, why = can_use_cuda_kernel(torch.empty(0, device=device))
+            if not ok:
+                log(f"skip {name} cupy: {why}")
+                continue
         for mode in args.modes:
-            batch = args.model_batch
-            while batch >= 1:
-                try:
-                    row = _model_throughput(name, backend, mode, batch, device, args)
-                    break
-                except torch.OutOfMemoryError:  # the largest batch that fits
-                    log(f"  OOM: {name} {backend} {mode} batch {batch}; halving")
-                    batch //= 2
-                    gc.collect()
-                    torch.cuda.empty_cache()
-            else:
+            row = _largest_batch_throughput(name, backend, mode, device, args)
+            if row is None:
                 continue
             rows.append(row)
+            peak = row["peak_mem_gb"] if row["peak_mem_gb"] is None else round(row["peak_mem_gb"], 2)
             log(f"{name:<10} {backend:<9} {mode:<5} batch {row['batch']:<4} {row['img_per_s']:9.1f} img/s  "
-                f"peak {row['peak_mem_gb'] if row['peak_mem_gb'] is None else round(row['peak_mem_gb'], 2)} GB")
+                f"peak {peak} GB")
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -331,7 +319,10 @@ def device_name(device: torch.device) -> str:
 
 
 def default_out(device: torch.device, date: str) -> Path:
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    if device.type == "cpu":
+        slug = "cpu"
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return ROOT / "benchmarks" / "results" / f"{date}-{slug}.json"
 
 
@@ -341,7 +332,8 @@ def _fmt(v, nd=3) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"# Benchmark {res['date']}: {res['device']}", "",
-             f"torch {res['torch']}, CUDA {res['cuda']}, CuPy {res['cupy']}; copy bandwidth {res['copy_gbps']:.1f} GB/s.",
+             f"torch {res['torch']}, CUDA {res['cuda']}, CuPy {res['cupy']}; "
+             f"copy bandwidth {res['copy_gbps']:.1f} GB/s.",
              f"Command: `{res['command']}`", ""]
     if res.get("op"):
         lines += ["## Involution op (RedNet-50 shapes at 224x224)", "",
@@ -354,7 +346,8 @@ def markdown(res: dict) -> str:
                          f"{_fmt(r.get('peak_mem_mb'), 1)} |")
         lines += _speedups(res["op"])
     if res.get("model"):
-        lines += ["## Models (224x224)", "", "| model | backend | mode | batch | img/s | peak GB |", "|---|---|---|---|---|---|"]
+        lines += ["## Models (224x224)", "", "| model | backend | mode | batch | img/s | peak GB |",
+                  "|---|---|---|---|---|---|"]
         for r in res["model"]:
             lines.append(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['batch']} | {r['img_per_s']:.1f} | "
                          f"{_fmt(r['peak_mem_gb'], 2)} |")
@@ -365,11 +358,13 @@ def markdown(res: dict) -> str:
 def _speedups(rows: list[dict]) -> list[str]:
     """unfold time / backend time per shape, and over a whole RedNet-50 pass (shapes weighted by count)."""
     out = ["", "### Speedup over unfold", "",
-           "| batch | dtype | layout | pass | backend | per shape (unfold ms / ms) | RedNet-50 total ms | unfold total ms | speedup |",
+           "| batch | dtype | layout | pass | backend | per shape (unfold ms / ms) | RedNet-50 total ms "
+           "| unfold total ms | speedup |",
            "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, dict[str, dict[str, dict]]] = {}
     for r in rows:
-        groups.setdefault((r["batch"], r["dtype"], r["layout"], r["pass"]), {}).setdefault(r["backend"], {})[r["name"]] = r
+        group = groups.setdefault((r["batch"], r["dtype"], r["layout"], r["pass"]), {})
+        group.setdefault(r["backend"], {})[r["name"]] = r
     for key, by_backend in groups.items():
         base = by_backend.get("unfold")
         for backend, by_name in by_backend.items():
@@ -386,79 +381,118 @@ def _speedups(rows: list[dict]) -> list[str]:
     return out + [""] if len(out) > 5 else [""]
 
 
+def _csv(s: str) -> list[str]:
+    return s.split(",")
+
+
+def _csv_ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",")]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("mode", choices=("op", "model"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")], default=None,
+    p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
-    p.add_argument("--shapes", default=None, help="op shape names, comma-separated (default: all; e.g. stem,layer1,layer2.down)")
-    p.add_argument("--backends", type=lambda s: s.split(","), default=None,
+    p.add_argument("--shapes", type=_csv, default=None,
+                   help="op shape names, comma-separated (default: all; e.g. stem,layer1,layer2.down)")
+    p.add_argument("--backends", type=_csv, default=None,
                    help="comma-separated; op: reference,unfold,cupy (cpu: reference,unfold); model: reference,cupy")
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="op dtypes (default: fp32,bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--layouts", type=lambda s: s.split(","), default=None, help="op layouts (default: nchw,nhwc on cuda, nchw on cpu)")
-    p.add_argument("--passes", type=lambda s: s.split(","), default=None, help="fwd,fwd+bwd (default: both on cuda, fwd+bwd on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row; the median is reported (default 50 cuda, 5 cpu)")
+    p.add_argument("--dtypes", type=_csv, default=None, help="op dtypes (default: fp32,bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--memory-formats", "--layouts", type=_csv, default=None,
+                   help="op memory formats, nchw and/or nhwc (default: both on cuda, nchw on cpu)")
+    p.add_argument("--passes", type=_csv, default=None, help="fwd,fwd+bwd (default: both on cuda, fwd+bwd on cpu)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per row; the median is reported (default 50 cuda, 5 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10 cuda, 1 cpu)")
-    p.add_argument("--models", type=lambda s: s.split(","), default=["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["train", "infer"])
+    p.add_argument("--models", type=_csv, default=["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
+    p.add_argument("--modes", type=_csv, default=list(MODES))
     p.add_argument("--model-batch", type=int, default=128, help="first batch tried; halved on out-of-memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--no-amp", action="store_true", help="model mode in fp32 instead of AMP bf16")
-    p.add_argument("--copy-mb", type=int, default=None, help="buffer size for the copy bandwidth (default 1024 cuda, 256 cpu)")
+    p.add_argument("--copy-mb", type=int, default=None,
+                   help="buffer size for the copy bandwidth (default 1024 cuda, 256 cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/<date>-<device>.json)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="results file (default benchmarks/results/<date>-<device>.json)")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gpu = device.type == "cuda"
+def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
+    """Fill in the device-dependent defaults and check every list; the op shapes to run.
+
+    Raises:
+        ValueError: a bad argument, with what to choose instead.
+    """
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     args.batch = args.batch or ([64, 128] if gpu else [2])
     args.backends = args.backends or (["reference", "unfold", "cupy"] if gpu and args.mode == "op" else
                                       ["reference", "cupy"] if gpu else ["reference", "unfold"])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
-    args.layouts = args.layouts or (list(LAYOUTS) if gpu else ["nchw"])
-    args.passes = args.passes or (["fwd", "fwd+bwd"] if gpu else ["fwd+bwd"])
+    args.memory_formats = args.memory_formats or (list(MEMORY_FORMATS) if gpu else ["nchw"])
+    args.passes = args.passes or (list(PASSES) if gpu else ["fwd+bwd"])
     args.repeats = args.repeats or (50 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
-    for name, vals, allowed in (("dtypes", args.dtypes, DTYPES), ("layouts", args.layouts, LAYOUTS),
-                                ("passes", args.passes, ("fwd", "fwd+bwd")), ("modes", args.modes, ("train", "infer")),
-                                ("backends", args.backends, ("reference", "unfold", "cupy"))):
+    for flag, vals, allowed in (("--dtypes", args.dtypes, DTYPES), ("--memory-formats", args.memory_formats,
+                                MEMORY_FORMATS), ("--passes", args.passes, PASSES), ("--modes", args.modes, MODES),
+                                ("--backends", args.backends, OP_BACKENDS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
-            raise SystemExit(f"--{name}: unknown {bad}; choose from {list(allowed)}")
+            raise ValueError(f"{flag}: unknown {bad}; choose from {list(allowed)}")
+    if args.mode != "op":
+        return []
+    shapes = involution_shapes("rednet50", 224)
+    if args.shapes:
+        names = [s["name"] for s in shapes]
+        unknown = [w for w in args.shapes if w not in names]
+        if unknown:
+            raise ValueError(f"--shapes: unknown {unknown}; choose from {names}")
+        shapes = [s for s in shapes if s["name"] in args.shapes]
+    return shapes
+
+
+def _cupy_version() -> str | None:
+    try:
+        import cupy
+    except Exception:  # noqa: BLE001  (a broken CuPy install fails in many ways; the results then say none)
+        return None
+    return cupy.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        shapes = resolve_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     date = dt.date.today().isoformat()
-    gbps = copy_gbps(device, args.copy_mb or (1024 if gpu else 256))
+    gbps = copy_gbps(device, args.copy_mb or (1024 if device.type == "cuda" else 256))
     log(f"{device_name(device)}: copy bandwidth {gbps:.1f} GB/s")
-    try:
-        import cupy
-
-        cupy_version = cupy.__version__
-    except Exception:
-        cupy_version = None
-    res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=cupy_version, date=date,
-               copy_gbps=gbps, command="python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               op=[], model=[])
+    command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=_cupy_version(),
+               date=date, copy_gbps=gbps, command=command, op=[], model=[])
     out = args.json or default_out(device, date)
+    other = "model" if args.mode == "op" else "op"
     if out.exists():  # keep the other mode's rows of the same day and device
-        old = json.loads(out.read_text())
-        res[("model" if args.mode == "op" else "op")] = old.get("model" if args.mode == "op" else "op", [])
-    res[args.mode] = run_op(args, device, gbps) if args.mode == "op" else run_model(args, device)
+        res[other] = json.loads(out.read_text()).get(other, [])
+    res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
-    return res
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

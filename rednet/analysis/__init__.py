@@ -1,1 +1,2 @@
-"""Model analysis: complexity counting and involution kernel capture."""
+"""Model analysis: complexity counting (``complexity``), involution kernel capture and plots
+(``kernels``, ``plot``), and the distinct involution calls of a network (``shapes``)."""

@@ -9,14 +9,16 @@ Besides the CUDA kernels each op has a CPU implementation (the unfold formulatio
 schema, fake functions and autograd wiring are checked by CI, which has no GPU; the front
 door (``rednet.ops.involution``) sends CPU tensors to the reference, not here.
 
-Importing this module registers the ops; it imports CuPy only when a CUDA op runs.
+Each CUDA implementation plans its launch with ``_plan`` (pure PyTorch) and queues it with
+``_cupy.launch``. Importing this module registers the ops; it imports CuPy only when a CUDA
+op runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _cupy
+from . import _cupy, _plan
 from ._reference import involution_unfold
 
 __all__ = ["involution_backward_input", "involution_backward_kernel", "involution_op"]
@@ -31,7 +33,7 @@ def _check_dtypes(*ts: torch.Tensor) -> None:
 def involution_op(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """x (B, C, H, W), kernel (B, G, K, K, Ho, Wo) -> (B, C, Ho, Wo) in x's memory format."""
     _check_dtypes(x, kernel)
-    y, plan = _cupy.plan_forward(x, kernel, stride, padding, dilation)
+    y, plan = _plan.plan_forward(x, kernel, stride, padding, dilation)
     _cupy.launch(plan, x.device)
     return y
 
@@ -41,7 +43,7 @@ def involution_backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: t
                               dilation: int) -> torch.Tensor:
     """Gradient w.r.t. x; reads only x's shape and layout."""
     _check_dtypes(grad_out, x, kernel)
-    gx, plan = _cupy.plan_backward_input(grad_out, x, kernel, stride, padding, dilation)
+    gx, plan = _plan.plan_backward_input(grad_out, x, kernel, stride, padding, dilation)
     _cupy.launch(plan, x.device)
     return gx
 
@@ -51,7 +53,7 @@ def involution_backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: 
                                dilation: int) -> torch.Tensor:
     """Gradient w.r.t. the kernel; reads only the kernel's shape."""
     _check_dtypes(grad_out, x, kernel)
-    gw, plan = _cupy.plan_backward_kernel(grad_out, x, kernel, stride, padding, dilation)
+    gw, plan = _plan.plan_backward_kernel(grad_out, x, kernel, stride, padding, dilation)
     _cupy.launch(plan, x.device)
     return gw
 
@@ -62,17 +64,17 @@ def involution_backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: 
 
 @involution_op.register_fake
 def _(x, kernel, stride, padding, dilation):
-    return _cupy.alloc_output(x, kernel)
+    return _plan.alloc_output(x, kernel)
 
 
 @involution_backward_input.register_fake
 def _(grad_out, x, kernel, stride, padding, dilation):
-    return _cupy.alloc_grad_input(x)
+    return _plan.alloc_grad_input(x)
 
 
 @involution_backward_kernel.register_fake
 def _(grad_out, x, kernel, stride, padding, dilation):
-    return _cupy.alloc_grad_kernel(x, kernel)
+    return _plan.alloc_grad_kernel(x, kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ def _(grad_out, x, kernel, stride, padding, dilation):
 @involution_op.register_kernel("cpu")
 def _(x, kernel, stride, padding, dilation):
     _check_dtypes(x, kernel)
-    return _cupy.alloc_output(x, kernel).copy_(involution_unfold(x, kernel, stride, padding, dilation))
+    return _plan.alloc_output(x, kernel).copy_(involution_unfold(x, kernel, stride, padding, dilation))
 
 
 def _unfold_parts(grad_out, x, kernel, stride, padding, dilation):
@@ -98,7 +100,7 @@ def _(grad_out, x, kernel, stride, padding, dilation):
     b, c, h, w, g, k, ho, wo, go = _unfold_parts(grad_out, x, kernel, stride, padding, dilation)
     cols = (go * kernel.reshape(b, g, 1, k * k, ho, wo)).reshape(b, c * k * k, ho * wo)  # (B, C*K*K, Ho*Wo)
     gx = F.fold(cols, (h, w), k, dilation=dilation, padding=padding, stride=stride)  # sums the taps per pixel
-    return _cupy.alloc_grad_input(x).copy_(gx)
+    return _plan.alloc_grad_input(x).copy_(gx)
 
 
 @involution_backward_kernel.register_kernel("cpu")
@@ -107,7 +109,7 @@ def _(grad_out, x, kernel, stride, padding, dilation):
     b, c, h, w, g, k, ho, wo, go = _unfold_parts(grad_out, x, kernel, stride, padding, dilation)
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (B, C*K*K, Ho*Wo)
     gw = (go * cols.view(b, g, c // g, k * k, ho, wo)).sum(2)  # (B, G, K*K, Ho, Wo)
-    return _cupy.alloc_grad_kernel(x, kernel).copy_(gw.view(kernel.shape))
+    return _plan.alloc_grad_kernel(x, kernel).copy_(gw.view(kernel.shape))
 
 
 # ----------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class _InvolutionReference(torch.autograd.Function):
             for u in range(k):
                 for v in range(k):
                     _tap(gxg, u, v, (ho, wo), stride, dilation).addcmul_(go, kernel[:, :, u, v].unsqueeze(2))
-            grad_x = gxp[..., padding : padding + h, padding : padding + w].to(x.dtype).contiguous(memory_format=in_format)
+            grad_x = gxp[..., padding : padding + h, padding : padding + w]  # (B, C, H, W) view, padding cut
+            grad_x = grad_x.to(x.dtype).contiguous(memory_format=in_format)
         if ctx.needs_input_grad[1]:
             xg = F.pad(x, (padding, padding, padding, padding)).view(b, g, c // g, h + 2 * padding, w + 2 * padding)
             grad_kernel = torch.empty((b, g, k, k, ho, wo), dtype=kernel.dtype, device=kernel.device)
@@ -91,7 +92,8 @@ class _InvolutionReference(torch.autograd.Function):
         return grad_x, grad_kernel, None, None, None
 
 
-def involution_reference(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+def involution_reference(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                         dilation: int) -> torch.Tensor:
     """Involution by accumulation over taps. Inputs are assumed validated."""
     return _InvolutionReference.apply(x, kernel, stride, padding, dilation)
 

@@ -4,11 +4,11 @@
 //
 // Compiled at run time by NVRTC through cupy.RawModule (rednet/ops/_cupy.py), one module
 // per (dtype, K, S, D) and device, and in CI by nvcc and NVRTC without a GPU
-// (tests/test_ops_cuda.py). The file is header-free so both compilers take it as is:
+// (tests/test_kernels.py). The file is header-free so both compilers take it as is:
 // NVRTC has no default include path, and the half conversions below are one PTX
 // instruction each.
 //
-// Layouts. "nchw": x, y (B, C, H, W) contiguous and w (B, G, K, K, Ho, Wo) contiguous.
+// Memory formats. "nchw": x, y (B, C, H, W) contiguous and w (B, G, K, K, Ho, Wo) contiguous.
 // "nhwc" (channels_last): x, y stored as (B, H, W, C) and w stored as (B, Ho, Wo, G, K, K),
 // which is what a channels_last Conv2d with G*K*K output channels produces, viewed as
 // (B, G, K, K, Ho, Wo). Every kernel accumulates in float (double for double) and

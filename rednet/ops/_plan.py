@@ -1,0 +1,177 @@
+"""Launch plans for the CUDA involution kernels: memory formats, allocation, geometry, arguments.
+
+Pure PyTorch and numpy, no CuPy: the custom op's fake functions allocate through the same
+``alloc_*`` functions as its CUDA implementations (so strides agree), ``_cupy.launch``
+executes the plans, and tests run the same plans on a host emulation of the kernels.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "KINDS",
+    "MEMORY_FORMATS",
+    "THREADS",
+    "TYPE_NAMES",
+    "Launch",
+    "alloc_grad_input",
+    "alloc_grad_kernel",
+    "alloc_output",
+    "kernel_name",
+    "memory_format_of",
+    "name_expressions",
+    "plan_backward_input",
+    "plan_backward_kernel",
+    "plan_forward",
+]
+
+TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
+KINDS = ("fwd", "bwd_input", "bwd_kernel")
+# The memory formats the kernels are written for: 'nchw' (contiguous) and 'nhwc' (channels_last).
+MEMORY_FORMATS = ("nchw", "nhwc")
+TILE_W, TILE_H, THREADS = 32, 8, 256  # as in involution.cu
+_MAX_BLOCKS = 1 << 20  # grid-stride kernels cover the rest with their loop
+
+
+class Launch(NamedTuple):
+    """One kernel launch: ``name`` is a name expression of ``involution.cu``."""
+
+    name: str
+    module: tuple  # (dtype, K, stride, dilation): the RawModule that holds the kernel
+    grid: int
+    args: tuple  # numpy scalars in the kernel's parameter order (pointers as uint64)
+    keep: tuple  # tensors the pointers refer to, alive until the launch is queued
+
+
+def kernel_name(kind: str, memory_format: str, dtype: torch.dtype, k: int, stride: int, dilation: int) -> str:
+    return f"involution_{kind}_{memory_format}<{TYPE_NAMES[dtype]}, {k}, {stride}, {dilation}>"
+
+
+def name_expressions(dtype: torch.dtype, k: int, stride: int, dilation: int) -> list[str]:
+    """The kernels of one module: every kind and memory format for one (dtype, K, S, D)."""
+    return [kernel_name(kind, fmt, dtype, k, stride, dilation) for fmt in MEMORY_FORMATS for kind in KINDS]
+
+
+# ----------------------------------------------------------------------------------------
+# Memory formats and allocation; shared with the fake implementations so strides agree.
+
+
+def memory_format_of(x: torch.Tensor) -> str:
+    """``'nhwc'`` for channels_last inputs (and strided ones closer to it), else ``'nchw'``."""
+    if x.is_contiguous():
+        return "nchw"
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    # Neither: copy into the format whose innermost dimension is already densest.
+    return "nhwc" if x.stride(1) < x.stride(3) else "nchw"
+
+
+def _torch_format(memory_format: str) -> torch.memory_format:
+    return torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+
+
+def alloc_output(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(B, C, Ho, Wo) in x's memory format."""
+    b, c = x.shape[:2]
+    ho, wo = kernel.shape[-2:]
+    fmt = _torch_format(memory_format_of(x))
+    return torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def alloc_grad_input(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_torch_format(memory_format_of(x)))
+
+
+def alloc_grad_kernel(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """(B, G, K, K, Ho, Wo), stored as (B, Ho, Wo, G, K, K) when x is channels_last."""
+    b, g, k, _, ho, wo = kernel.shape
+    if memory_format_of(x) == "nhwc":
+        gw = torch.empty((b, ho, wo, g, k, k), dtype=kernel.dtype, device=kernel.device)
+        return gw.permute(0, 3, 4, 5, 1, 2)  # (B, G, K, K, Ho, Wo) view
+    return torch.empty(kernel.shape, dtype=kernel.dtype, device=kernel.device)
+
+
+def _kernel_nhwc(kernel: torch.Tensor) -> torch.Tensor:
+    # (B, G, K, K, Ho, Wo) -> (B, Ho, Wo, G, K, K) contiguous; no copy when the kernel is a
+    # view of a channels_last (B, G*K*K, Ho, Wo) conv output.
+    return kernel.permute(0, 4, 5, 1, 2, 3).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Launch plans.
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x_shape, kernel_shape,
+            stride: int, padding: int, dilation: int, memory_format: str) -> Launch:
+    b, c, h, w = x_shape
+    _, g, k, _, ho, wo = kernel_shape
+    dims = tuple(np.int32(v) for v in (c, h, w, g, ho, wo, padding))
+    name = kernel_name(kind, memory_format, out.dtype, k, stride, dilation)
+    module = (out.dtype, k, stride, dilation)
+    # Raw pointers address the storage as laid out by the plan; the NHWC grad_w output is a
+    # permuted view whose storage is (B, Ho, Wo, G, K, K) contiguous, which data_ptr() still is.
+    args = (_ptr(ins[0]), _ptr(ins[1]), _ptr(out)) + dims
+    if memory_format == "nchw":
+        rows, cols = (h, w) if kind == "bwd_input" else (ho, wo)  # bwd_input tiles input pixels
+        tiles_w = _cdiv(cols, TILE_W)
+        tiles = _cdiv(rows, TILE_H) * tiles_w
+        grid = tiles * b * g
+        if grid >= 2**31:
+            raise ValueError(f"involution: grid of {grid} blocks is too large for one launch")
+        return Launch(name, module, grid, args + (np.int32(tiles_w), np.int32(tiles)), ins)
+    n = out.numel()
+    return Launch(name, module, min(_cdiv(n, THREADS), _MAX_BLOCKS), args + (np.int64(n),), ins)
+
+
+def plan_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                 dilation: int) -> tuple[torch.Tensor, Launch | None]:
+    y = alloc_output(x, kernel)
+    if y.numel() == 0:
+        return y, None
+    fmt = memory_format_of(x)
+    if fmt == "nchw":
+        ins = (x.contiguous(), kernel.contiguous())
+    else:
+        ins = (x.contiguous(memory_format=torch.channels_last), _kernel_nhwc(kernel))
+    return y, _launch("fwd", ins, y, x.shape, kernel.shape, stride, padding, dilation, fmt)
+
+
+def plan_backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                        dilation: int) -> tuple[torch.Tensor, Launch | None]:
+    gx = alloc_grad_input(x)
+    if gx.numel() == 0:
+        return gx, None
+    if grad_out.numel() == 0:  # no output pixels: nothing reads x
+        return gx.zero_(), None
+    fmt = memory_format_of(x)
+    if fmt == "nchw":
+        ins = (grad_out.contiguous(), kernel.contiguous())
+    else:
+        ins = (grad_out.contiguous(memory_format=torch.channels_last), _kernel_nhwc(kernel))
+    return gx, _launch("bwd_input", ins, gx, x.shape, kernel.shape, stride, padding, dilation, fmt)
+
+
+def plan_backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                         dilation: int) -> tuple[torch.Tensor, Launch | None]:
+    gw = alloc_grad_kernel(x, kernel)
+    if gw.numel() == 0:
+        return gw, None
+    if x.shape[1] == 0:  # no channels to sum over
+        return gw.zero_(), None
+    fmt = memory_format_of(x)
+    if fmt == "nchw":
+        ins = (grad_out.contiguous(), x.contiguous())
+    else:
+        ins = (grad_out.contiguous(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+    return gw, _launch("bwd_kernel", ins, gw, x.shape, kernel.shape, stride, padding, dilation, fmt)
