@@ -1,4 +1,7 @@
 """Every registered RedNet: architecture as released, timm conventions, and training paths."""
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -8,7 +11,7 @@ import rednet
 from rednet.layers import Involution
 from rednet.models import Bottleneck, RedNet
 
-from .helpers import PARAMS
+from .helpers import PARAMS, ROOT
 
 MODELS = list(PARAMS)
 
@@ -16,6 +19,14 @@ MODELS = list(PARAMS)
 def test_registry():
     assert rednet.list_models() == MODELS
     assert set(MODELS) <= set(timm.list_models("rednet*"))
+
+
+def test_import_rednet_registers_with_timm():
+    # The README's usage: a fresh interpreter, `import rednet`, then timm alone builds the model.
+    code = "import timm, rednet; print(type(timm.create_model('rednet26', num_classes=3)).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "RedNet"
 
 
 @pytest.mark.parametrize("name", MODELS)
