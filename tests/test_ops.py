@@ -38,7 +38,7 @@ def _inputs(b, c, g, h, w, k, s, d, dtype=torch.float64, pad=None):
 
 
 def naive_involution(x, kernel, s, p, d):
-    """REFERENCE.md's formula, one output pixel and tap at a time."""
+    """docs/reference.md's formula, one output pixel and tap at a time."""
     b, c, h, w = x.shape
     _, g, k, _, ho, wo = kernel.shape
     group_of = torch.arange(c) // (c // g)  # g(c)
