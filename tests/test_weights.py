@@ -361,7 +361,9 @@ def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
     url = f"{base}/RedNet26_pretrained.pdparams"
     # pretrained=True follows the pretrained_cfg URL; point it at the local server.
     model = rednet.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=dict(url=url)).eval()
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "RedNet26_pretrained.pdparams"
+    # Cached under <12 hex of sha256(url)>-<file name>: the URL picks the entry, the name stays readable.
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / f"{key}-RedNet26_pretrained.pdparams"
     assert cached.read_bytes() == src.read_bytes()
     with torch.no_grad():
         assert torch.equal(model(x), y)
@@ -394,7 +396,8 @@ def test_file_url(trained, tmp_path, monkeypatch):
     model = rednet.create_model("rednet26", pretrained=src.as_uri()).eval()
     with torch.no_grad():
         assert torch.equal(model(x), y)
-    assert (tmp_path / "th" / "hub" / "checkpoints" / "mine.safetensors").is_file()
+    key = hashlib.sha256(src.as_uri().encode()).hexdigest()[:12]
+    assert (tmp_path / "th" / "hub" / "checkpoints" / f"{key}-mine.safetensors").is_file()
 
 
 # --- tools/convert_weights.py -----------------------------------------------------------
