@@ -460,6 +460,44 @@ def test_safetensors_offsets_beyond_the_file_are_refused(tmp_path):
     assert peak < 16 << 20
 
 
+# --- NaN and infinity are never silent ---------------------------------------------------
+
+
+def _with_nonfinite(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["layer1.0.conv1.weight"].view(-1)[:2] = float("nan")
+    bad["fc.bias"][7] = float("-inf")
+    return bad
+
+
+def test_nonfinite_weights_load_with_one_warning(trained, tmp_path, caplog):
+    sd, _, _ = trained
+    save_weights(_with_nonfinite(sd), tmp_path / "nan.safetensors")
+    with caplog.at_level(logging.WARNING, logger="rednet"):
+        model = rednet.create_model("rednet26", pretrained=str(tmp_path / "nan.safetensors"))
+    assert torch.isnan(model.layer1[0].conv1.weight).sum() == 2  # loaded as they are: the user was told
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "nan.safetensors: 3 NaN or infinite values in 2 tensors: " in msg
+    assert "layer1.0.conv1.weight (2)" in msg and "fc.bias (1)" in msg
+    assert read_weights(tmp_path / "nan.safetensors").summary()["nonfinite"] == 3
+
+
+def test_convert_weights_refuses_nonfinite_without_force(trained, tmp_path, capsys):
+    sd, _, _ = trained
+    tool = load_tool("convert_weights")
+    src, dst = _write("rednet", _with_nonfinite(sd), tmp_path / "nan.safetensors"), tmp_path / "out.safetensors"
+    assert tool.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "3 NaN or infinite values" in err[0]
+    assert "--force" in err[0] and not dst.exists()
+    assert tool.main([str(src), str(dst), "--force", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["nonfinite"] == 3 and out.err.startswith("warning: ")
+    assert torch.isnan(load_weights(dst).state_dict["layer1.0.conv1.weight"]).sum() == 2
+
+
 # --- downloads through torch.hub's cache ------------------------------------------------
 
 

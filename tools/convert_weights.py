@@ -7,7 +7,8 @@
 
 The source layout (this project's safetensors, the authors' mmcls ``.pth``, the
 PaddleClas ``.pdparams``) is detected from the content. The result is checked
-key by key against the model it belongs to before it is written.
+key by key against the model it belongs to before it is written, and weights holding
+NaN or infinite values are not written without ``--force``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", default=None, type=_seconds, metavar="SECONDS",
                    help="abandon a download after this long without data (default: $REDNET_DOWNLOAD_TIMEOUT or 30)")
     p.add_argument("--json", action="store_true", help="print the mapping summary as one JSON object")
-    p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite dst if it exists, and write weights even if they hold NaN or infinite values")
     return p
 
 
@@ -72,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("meta"):
             model = create_model(arch, num_classes=wf.num_classes or 0)
         fit_state_dict(model, wf)
+        if wf.nonfinite:
+            # A converted file is later trusted as a clean release: don't mint one from broken weights.
+            if not args.force:
+                print(f"error: {wf.source}: {wf.describe_nonfinite()}; refusing to write them to {args.dst} "
+                      "(pass --force to write them anyway)", file=sys.stderr)
+                return 2
+            print(f"warning: {wf.source}: {wf.describe_nonfinite()}; writing them anyway (--force)", file=sys.stderr)
         save_weights(wf.state_dict, args.dst, arch=arch)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..fileio import CheckpointError
 from ._hub import resolve_source, split_sha256
-from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, format_keys
+from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, count_nonfinite, format_keys
 from ._readers import read_raw
 
 __all__ = ["fit_state_dict", "load_pretrained", "load_weights", "read_weights"]
@@ -37,6 +37,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
         raise CheckpointError(f"{path}: {e}") from None
     wf.container, wf.metadata, wf.source = raw.container, raw.metadata, str(path)
     wf.dropped = raw.dropped + wf.dropped
+    wf.nonfinite = count_nonfinite(wf.state_dict)
     return wf
 
 
@@ -149,6 +150,7 @@ def load_pretrained(
     The classifier is dropped, with a message, when the model has none or a different
     number of classes; a different number of input channels adapts the stem's first
     convolution. Any other missing, unexpected or mis-shaped key is an error naming it.
+    NaN or infinite values load (some runs want to inspect them) with one warning naming them.
 
     Args:
         model: a RedNet (or its ``features_only`` wrapper).
@@ -162,6 +164,8 @@ def load_pretrained(
         The weights as read, with the record of their conversion.
     """
     wf = load_weights(source, sha256=sha256, progress=progress, timeout=timeout)
+    if wf.nonfinite:
+        _logger.warning("%s: %s; the model will compute NaN wherever they reach", wf.source, wf.describe_nonfinite())
     model.load_state_dict(fit_state_dict(model, wf), strict=True)
     _logger.info("loaded %s (%s, %s layout) into %s", wf.source, wf.container, wf.layout, type(model).__name__)
     return wf
