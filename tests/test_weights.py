@@ -1,14 +1,20 @@
 """Pretrained weights: every layout round-trips, downloads, refusals and clear errors."""
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import http.server
+import io
 import json
 import logging
 import os
 import pickle
+import struct
 import threading
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +342,162 @@ def test_torch_file_that_runs_code_is_refused(trained, tmp_path):
     assert not marker.exists()
 
 
+# --- sizes a file declares are checked before anything is allocated --------------------
+
+
+def test_pdparams_declaring_a_huge_array_is_refused_before_allocating(tmp_path):
+    # 90 bytes: {"stem.0.conv.weight": _reconstruct(ndarray, (2**29,), "b")}, i.e. 512 MiB of int8.
+    path = tmp_path / "bomb.pdparams"
+    path.write_bytes(b"\x80\x02}X\x12\x00\x00\x00stem.0.conv.weightcnumpy.core.multiarray\n_reconstruct\n"
+                     b"cnumpy\nndarray\nJ\x00\x00\x00\x20\x85C\x01b\x87Rs.")
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pdparams.*declares 536,870,912 bytes"):
+            read_weights(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB allocated for a {path.stat().st_size}-byte file"
+
+
+class _SharedBytes:
+    """Pickles as a float32 array of ``data``; the pickler writes one ``data`` and refers to it after."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce__(self):
+        reconstruct = np.ndarray.__reduce__(np.zeros(0, np.float32))[0]
+        state = (1, (len(self.data) // 4,), np.dtype(np.float32), False, self.data)
+        return reconstruct, (np.ndarray, (0,), b"b"), state
+
+
+def test_pdparams_reusing_one_buffer_for_many_arrays_is_refused(tmp_path):
+    # 64 KiB on disk, referenced by 256 arrays: 16 MiB declared (the same trick reaches any size).
+    data = np.random.default_rng(0).random(16384, dtype=np.float32).tobytes()
+    path = tmp_path / "shared.pdparams"
+    with open(path, "wb") as f:
+        pickle.dump({f"layer1.{i}.conv1.weight": _SharedBytes(data) for i in range(256)}, f, protocol=4)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(CheckpointError, match="more than the [0-9,]+ bytes the file holds"):
+        read_weights(path)
+
+
+def test_pdparams_object_array_is_refused(tmp_path):
+    path = tmp_path / "objects.pdparams"
+    with open(path, "wb") as f:
+        pickle.dump({"stem.0.conv.weight": np.array([1, "x"], dtype=object)}, f, protocol=2)
+    with pytest.raises(CheckpointError, match="refusing to load .*dtype object holds Python objects"):
+        read_weights(path)
+
+
+class _Storage:
+    pass
+
+
+class _LazyTensor:
+    """Pickles like a torch tensor of ``numel`` bytes in storage "0", without the bytes."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (_Storage(), 0, (self.numel,), (1,), False, collections.OrderedDict())
+
+
+def _torch_zip(numel: int, data: tuple[int, bytes, int]) -> bytes:
+    """A torch.save-style zip by hand: data.pkl declaring a uint8 tensor, and its record
+    ``data = (zip method, payload, uncompressed size)`` as given (zipfile cannot write a bomb)."""
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.ByteStorage, "0", "cpu", numel) if isinstance(obj, _Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"stem.0.conv.weight": _LazyTensor(numel)})
+    entries = [("archive/data.pkl", 0, buf.getvalue(), len(buf.getvalue())), ("archive/data/0", *data),
+               ("archive/version", 0, b"3\n", 2), ("archive/byteorder", 0, b"little", 6)]
+    out, central = bytearray(), bytearray()
+    for name, method, payload, size in entries:
+        n, crc = name.encode(), zlib.crc32(payload) if method == 0 else 0
+        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(payload), size,
+                               len(n), 0, 0, 0, 0, 0, len(out)) + n
+        out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(payload), size, len(n), 0)
+        out += n + payload
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    return bytes(out + central + eocd)
+
+
+def test_torch_zip_bomb_is_refused_before_unpacking(tmp_path):
+    small = tmp_path / "small.pth"
+    small.write_bytes(_torch_zip(4, (0, b"\x01\x02\x03\x04", 4)))
+    assert read_weights(small).state_dict["stem.0.conv.weight"].tolist() == [1, 2, 3, 4]  # the zip is sound
+    # 1 GiB of zeros deflated to about 1 MB: full flushes make each MiB's block identical,
+    # so the bomb is built from one compressed MiB.
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = z.compress(bytes(1 << 20)) + z.flush(zlib.Z_FULL_FLUSH)
+    bomb = tmp_path / "bomb.pth"
+    bomb.write_bytes(_torch_zip(1 << 30, (8, block * 1024 + z.flush(), 1 << 30)))
+    assert bomb.stat().st_size < 2 << 20
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pth.*unpack to [0-9,]+ bytes from a") as e:
+        read_weights(bomb)
+    assert "decompression bomb" in str(e.value) and time.monotonic() - start < 1
+
+
+def test_safetensors_offsets_beyond_the_file_are_refused(tmp_path):
+    # safetensors checks its header against the file itself; this guards that it still does.
+    header = json.dumps({"stem.0.conv.weight": {"dtype": "F32", "shape": [1 << 28], "data_offsets": [0, 1 << 30]}})
+    path = tmp_path / "lying.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(16))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="lying.safetensors: cannot read this safetensors file"):
+            read_weights(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+# --- NaN and infinity are never silent ---------------------------------------------------
+
+
+def _with_nonfinite(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["layer1.0.conv1.weight"].view(-1)[:2] = float("nan")
+    bad["fc.bias"][7] = float("-inf")
+    return bad
+
+
+def test_nonfinite_weights_load_with_one_warning(trained, tmp_path, caplog):
+    sd, _, _ = trained
+    save_weights(_with_nonfinite(sd), tmp_path / "nan.safetensors")
+    with caplog.at_level(logging.WARNING, logger="rednet"):
+        model = rednet.create_model("rednet26", pretrained=str(tmp_path / "nan.safetensors"))
+    assert torch.isnan(model.layer1[0].conv1.weight).sum() == 2  # loaded as they are: the user was told
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    msg = warnings[0].getMessage()
+    assert "nan.safetensors: 3 NaN or infinite values in 2 tensors: " in msg
+    assert "layer1.0.conv1.weight (2)" in msg and "fc.bias (1)" in msg
+    assert read_weights(tmp_path / "nan.safetensors").summary()["nonfinite"] == 3
+
+
+def test_convert_weights_refuses_nonfinite_without_force(trained, tmp_path, capsys):
+    sd, _, _ = trained
+    tool = load_tool("convert_weights")
+    src, dst = _write("rednet", _with_nonfinite(sd), tmp_path / "nan.safetensors"), tmp_path / "out.safetensors"
+    assert tool.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "3 NaN or infinite values" in err[0]
+    assert "--force" in err[0] and not dst.exists()
+    assert tool.main([str(src), str(dst), "--force", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["nonfinite"] == 3 and out.err.startswith("warning: ")
+    assert torch.isnan(load_weights(dst).state_dict["layer1.0.conv1.weight"]).sum() == 2
+
+
 # --- downloads through torch.hub's cache ------------------------------------------------
 
 
@@ -361,7 +523,9 @@ def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
     url = f"{base}/RedNet26_pretrained.pdparams"
     # pretrained=True follows the pretrained_cfg URL; point it at the local server.
     model = rednet.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=dict(url=url)).eval()
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "RedNet26_pretrained.pdparams"
+    # Cached under <12 hex of sha256(url)>-<file name>: the URL picks the entry, the name stays readable.
+    key = hashlib.sha256(url.encode()).hexdigest()[:12]
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / f"{key}-RedNet26_pretrained.pdparams"
     assert cached.read_bytes() == src.read_bytes()
     with torch.no_grad():
         assert torch.equal(model(x), y)
@@ -394,7 +558,8 @@ def test_file_url(trained, tmp_path, monkeypatch):
     model = rednet.create_model("rednet26", pretrained=src.as_uri()).eval()
     with torch.no_grad():
         assert torch.equal(model(x), y)
-    assert (tmp_path / "th" / "hub" / "checkpoints" / "mine.safetensors").is_file()
+    key = hashlib.sha256(src.as_uri().encode()).hexdigest()[:12]
+    assert (tmp_path / "th" / "hub" / "checkpoints" / f"{key}-mine.safetensors").is_file()
 
 
 # --- tools/convert_weights.py -----------------------------------------------------------

@@ -3,16 +3,18 @@
 
     python tools/convert_weights.py RedNet50_pretrained.pdparams rednet50.safetensors
     python tools/convert_weights.py rednet50-xxxx.pth rednet50.safetensors --json
-    python tools/convert_weights.py https://.../RedNet26_pretrained.pdparams rednet26.safetensors
+    python tools/convert_weights.py https://.../RedNet26_pretrained.pdparams rednet26.safetensors --sha256 HEX
 
 The source layout (this project's safetensors, the authors' mmcls ``.pth``, the
 PaddleClas ``.pdparams``) is detected from the content. The result is checked
-key by key against the model it belongs to before it is written.
+key by key against the model it belongs to before it is written, and weights holding
+NaN or infinite values are not written without ``--force``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,10 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source checkpoint: a local path or a URL (downloads into the torch.hub cache)")
     p.add_argument("dst", help="destination .safetensors file")
     p.add_argument("--arch", default=None, help="model name (default: inferred from the number of blocks per stage)")
-    p.add_argument("--sha256", default=None, help="expected sha256 of the source file")
+    p.add_argument("--sha256", default=None, type=_sha256, metavar="HEX",
+                   help="expected sha256 of the source file (or a prefix); a URL may also end in #sha256=HEX")
+    p.add_argument("--timeout", default=None, type=_seconds, metavar="SECONDS",
+                   help="abandon a download after this long without data (default: $REDNET_DOWNLOAD_TIMEOUT or 30)")
     p.add_argument("--json", action="store_true", help="print the mapping summary as one JSON object")
-    p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite dst if it exists, and write weights even if they hold NaN or infinite values")
     return p
+
+
+def _sha256(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{1,64}", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 hex digest (or a prefix of one)")
+    return text.strip().lower()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     try:
-        wf = load_weights(args.src, sha256=args.sha256, progress=not args.json)
+        wf = load_weights(args.src, sha256=args.sha256, progress=not args.json, timeout=args.timeout)
         arch = args.arch or wf.arch
         if arch is None or not timm.is_model(arch):
             raise CheckpointError(
@@ -52,8 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         with torch.device("meta"):
             model = create_model(arch, num_classes=wf.num_classes or 0)
         fit_state_dict(model, wf)
+        if wf.nonfinite:
+            # A converted file is later trusted as a clean release: don't mint one from broken weights.
+            if not args.force:
+                print(f"error: {wf.source}: {wf.describe_nonfinite()}; refusing to write them to {args.dst} "
+                      "(pass --force to write them anyway)", file=sys.stderr)
+                return 2
+            print(f"warning: {wf.source}: {wf.describe_nonfinite()}; writing them anyway (--force)", file=sys.stderr)
         save_weights(wf.state_dict, args.dst, arch=arch)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     s = wf.summary()

@@ -25,6 +25,7 @@ __all__ = [
     "arch_from_state_dict",
     "convert_state_dict",
     "count_blocks",
+    "count_nonfinite",
     "detect_key_layout",
     "format_keys",
 ]
@@ -98,6 +99,7 @@ class WeightsFile:
         dropped: source entries that are not weights (``meta``, Paddle's name table).
         metadata: the file's own metadata (safetensors header), if any.
         source: where it was read from.
+        nonfinite: NaN or infinite values per key, for the keys that have any (``read_weights`` fills it).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -109,6 +111,7 @@ class WeightsFile:
     dropped: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
     @property
     def arch(self) -> str | None:
@@ -118,6 +121,11 @@ class WeightsFile:
     def num_classes(self) -> int | None:
         w = self.state_dict.get("fc.weight")
         return int(w.shape[0]) if w is not None else None
+
+    def describe_nonfinite(self) -> str:
+        """``nonfinite`` in words, for a warning or an error: how many values, and in which tensors."""
+        keys = [f"{k} ({n:,})" for k, n in self.nonfinite.items()]
+        return f"{sum(self.nonfinite.values()):,} NaN or infinite values in {len(keys)} tensors: {format_keys(keys)}"
 
     def summary(self) -> dict[str, Any]:
         """What was mapped, as plain data (for ``--json`` and logs)."""
@@ -134,6 +142,7 @@ class WeightsFile:
             filled=len(self.filled),
             dropped=list(self.dropped),
             rename_examples=[list(p) for p in self.renamed[:3]],
+            nonfinite=sum(self.nonfinite.values()),
         )
 
 
@@ -149,6 +158,21 @@ def _rednet_key(key: str, layout: str) -> str:
         key = re.sub(r"\._mean$", ".running_mean", key)
         key = re.sub(r"\._variance$", ".running_var", key)
     return key
+
+
+def count_nonfinite(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """NaN or infinite values per key, for the floating-point tensors that have any.
+
+    Args:
+        state_dict: tensors on a real device (``meta`` tensors hold no values and are skipped).
+    """
+    out = {}
+    for k, t in state_dict.items():
+        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
+            n = int(t.numel() - torch.isfinite(t).sum())
+            if n:
+                out[k] = n
+    return out
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], layout: str | None = None) -> WeightsFile:

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from ..fileio import CheckpointError
-from ._hub import resolve_source
-from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, format_keys
+from ._hub import resolve_source, split_sha256
+from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, count_nonfinite, format_keys
 from ._readers import read_raw
 
 __all__ = ["fit_state_dict", "load_pretrained", "load_weights", "read_weights"]
@@ -37,24 +37,34 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
         raise CheckpointError(f"{path}: {e}") from None
     wf.container, wf.metadata, wf.source = raw.container, raw.metadata, str(path)
     wf.dropped = raw.dropped + wf.dropped
+    wf.nonfinite = count_nonfinite(wf.state_dict)
     return wf
 
 
-def load_weights(source: str | os.PathLike, sha256: str | None = None, progress: bool = True) -> WeightsFile:
+def load_weights(
+    source: str | os.PathLike,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float | None = None,
+) -> WeightsFile:
     """Read weights from a local path or URL, converted to RedNet's key names.
 
     Args:
-        source: a local path or URL of a weights file in any supported layout.
-        sha256: expected digest of the file, if known.
+        source: a local path or URL of a weights file in any supported layout; a URL may
+            carry its digest as ``#sha256=<hex>``.
+        sha256: expected digest of the file (or a prefix of it), if known.
         progress: show a progress bar while downloading.
+        timeout: seconds a download may wait for the server; None reads
+            ``$REDNET_DOWNLOAD_TIMEOUT`` (default 30).
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        CheckpointError: a failed download, a digest mismatch, or a file ``read_weights`` refuses.
+        CheckpointError: a failed or stalled download, a digest mismatch, or a file ``read_weights`` refuses.
+        ValueError: a malformed digest or timeout.
     """
-    wf = read_weights(resolve_source(source, sha256, progress))
+    wf = read_weights(resolve_source(source, sha256, progress, timeout))
     if "://" in os.fspath(source):
-        wf.source = os.fspath(source)  # name the URL in messages, not the cache file
+        wf.source = split_sha256(os.fspath(source))[0]  # name the URL in messages, not the cache file
     return wf
 
 
@@ -133,23 +143,29 @@ def load_pretrained(
     source: str | os.PathLike,
     sha256: str | None = None,
     progress: bool = True,
+    timeout: float | None = None,
 ) -> WeightsFile:
     """Load weights of any supported layout into ``model``, strictly.
 
     The classifier is dropped, with a message, when the model has none or a different
     number of classes; a different number of input channels adapts the stem's first
     convolution. Any other missing, unexpected or mis-shaped key is an error naming it.
+    NaN or infinite values load (some runs want to inspect them) with one warning naming them.
 
     Args:
         model: a RedNet (or its ``features_only`` wrapper).
-        source: a local path or URL.
+        source: a local path or URL (optionally ending in ``#sha256=<hex>``).
         sha256: expected digest of the file, if known.
         progress: show a progress bar while downloading.
+        timeout: seconds a download may wait for the server; None reads
+            ``$REDNET_DOWNLOAD_TIMEOUT`` (default 30).
 
     Returns:
         The weights as read, with the record of their conversion.
     """
-    wf = load_weights(source, sha256=sha256, progress=progress)
+    wf = load_weights(source, sha256=sha256, progress=progress, timeout=timeout)
+    if wf.nonfinite:
+        _logger.warning("%s: %s; the model will compute NaN wherever they reach", wf.source, wf.describe_nonfinite())
     model.load_state_dict(fit_state_dict(model, wf), strict=True)
     _logger.info("loaded %s (%s, %s layout) into %s", wf.source, wf.container, wf.layout, type(model).__name__)
     return wf

@@ -9,6 +9,11 @@
 The readers return the state dict as stored, in whichever key layout it uses; nothing
 here executes code from a file. A truncated or corrupt file is a ``CheckpointError``
 naming it and saying how to get a good copy.
+
+Nor does a small file get to allocate a large amount of memory: sizes a file declares are
+checked against its size on disk before anything is allocated. safetensors checks its
+header's offsets itself; a zip's entries may unpack to only a few times the file (torch
+stores them uncompressed); a pickle's arrays are bounded by the unpickler.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 from ..fileio import CheckpointError
 from ._hub import cache_dir
 from ._layouts import format_keys
-from ._unpickler import RefusedGlobal, load_arrays
+from ._unpickler import RefusedArray, RefusedGlobal, load_arrays
 
 __all__ = ["RawWeights", "read_raw"]
 
@@ -33,6 +38,12 @@ _logger = logging.getLogger(__name__)
 
 # torch.save's legacy (non-zip) format starts with its magic number pickled as a LONG1.
 _TORCH_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+
+# torch.save stores a zip's entries uncompressed, so they unpack to the file's own size. A zip
+# re-packed with deflate may be somewhat smaller than its content; one whose entries claim
+# far more (a 1 MB file unpacking to 1 GiB) is a decompression bomb, refused before torch.load.
+_ZIP_MAX_INFLATION = 4
+_ZIP_SLACK = 16 << 20
 
 
 class RawWeights(NamedTuple):
@@ -144,7 +155,28 @@ class _Opaque:
         pass
 
 
+def _check_zip_sizes(path: Path) -> None:
+    # torch.load allocates each entry's declared uncompressed size before inflating it.
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load reports the corruption, naming the file
+    declared = sum(e.file_size for e in entries)
+    if declared > _ZIP_MAX_INFLATION * size + _ZIP_SLACK:
+        big = max(entries, key=lambda e: e.file_size)
+        raise CheckpointError(
+            f"refusing to load {path}: its zip entries unpack to {declared:,} bytes from a {size:,}-byte file "
+            f"({big.filename}: {big.file_size:,} bytes from {big.compress_size:,}). torch.save stores tensors "
+            "uncompressed, so this is corrupt or a decompression bomb; nothing was unpacked. "
+            + _redownload_hint(path)
+        )
+
+
 def _read_torch(path: Path) -> Any:
+    if zipfile.is_zipfile(path):
+        _check_zip_sizes(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:
@@ -178,7 +210,10 @@ def _read_torch_with_opaque_globals(path: Path, unsafe: list[str]) -> Any:
 def _read_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            obj = load_arrays(f)
+            obj = load_arrays(f, max_bytes=path.stat().st_size)  # an array's data is stored in the file
+    except RefusedArray as e:
+        hint = _redownload_hint(path)
+        raise CheckpointError(f"refusing to load {path}: {e}; nothing was allocated for it. {hint}") from None
     except RefusedGlobal as e:
         raise CheckpointError(
             f"refusing to load {path}: the pickle references {e}, which is not a numpy array or plain container. "
