@@ -585,7 +585,7 @@ def test_convert_weights_cli(trained, tmp_path, capsys, kind):
     model = rednet.create_model("rednet26", pretrained=str(dst)).eval()
     with torch.no_grad():
         assert torch.equal(model(x), y)
-    assert tool.main([str(src), str(tmp_path / "x.safetensors"), "--arch", "rednet50"]) == 1
+    assert tool.main([str(src), str(tmp_path / "x.safetensors"), "--arch", "rednet50"]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".*tmp*"))
     assert "--arch" in tool.build_parser().format_help()
@@ -597,7 +597,7 @@ def test_convert_weights_never_clobbers_dst(tmp_path, capsys):
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_weights(sd, src)
     dst.write_bytes(b"precious")
-    assert tool.main([str(src), str(dst)]) == 1
+    assert tool.main([str(src), str(dst)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and dst.read_bytes() == b"precious"
     assert tool.main([str(src), str(dst), "--force"]) == 0
     assert torch.equal(load_weights(dst).state_dict["fc.weight"], sd["fc.weight"])

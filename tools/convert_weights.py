@@ -9,6 +9,9 @@ The source layout (this project's safetensors, the authors' mmcls ``.pth``, the
 PaddleClas ``.pdparams``) is detected from the content. The result is checked
 key by key against the model it belongs to before it is written, and weights holding
 NaN or infinite values are not written without ``--force``.
+
+Exit status: 0 written; 2 bad input (unreadable, unsafe or non-fitting weights, an existing
+destination without --force, a failed download).
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if Path(args.dst).exists() and not args.force:
         print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
-        return 1
+        return 2
     try:
         wf = load_weights(args.src, sha256=args.sha256, progress=not args.json, timeout=args.timeout)
         arch = args.arch or wf.arch
@@ -82,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print(f"warning: {wf.source}: {wf.describe_nonfinite()}; writing them anyway (--force)", file=sys.stderr)
         save_weights(wf.state_dict, args.dst, arch=arch)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     s = wf.summary()
     s.update(arch=arch, dst=args.dst)
     if args.json:
