@@ -124,3 +124,65 @@ def test_eval_data_config_of_a_model_and_of_a_training_run():
     assert (dc["input_size"], dc["crop_pct"], dc["interpolation"]) == ((3, 32, 32), 1.0, "bicubic")
     assert dc["mean"] == (0.5,) * 3 and dc["std"] == (0.25,) * 3
     assert eval_data_config(gray)["input_size"] == (1, 224, 224)  # what the first conv takes
+
+
+def test_image_folder_lists_what_torchvision_lists(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from rednet.data import SafeImageFolder
+
+    root = _tree(tmp_path)
+    nested = root / "train" / "b" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(nested / "x.png")
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "Z.JPG").write_bytes(b"")  # extensions match case-insensitively
+    ours, theirs = SafeImageFolder(root / "train"), ImageFolder(str(root / "train"))
+    assert ours.samples == theirs.samples and ours.classes == theirs.classes
+
+
+@pytest.mark.parametrize("link", ["loop", "second-link"])
+def test_a_folder_reached_twice_through_symlinks_is_an_error(tmp_path, link):
+    from rednet.data import SafeImageFolder
+
+    root = _tree(tmp_path)
+    if link == "loop":  # 6 images became hundreds of samples, most under the wrong class
+        (root / "train" / "a" / "up").symlink_to("..")
+        pattern = r"folder .*train/a/up is .*train again \(a symlink loop"
+    else:  # class b's images would count for class a too
+        (root / "train" / "a" / "also_b").symlink_to(root / "train" / "b")
+        pattern = r"folder .*train/b is .*train/a/also_b again"
+    with pytest.raises(DataError, match=pattern):
+        SafeImageFolder(root / "train")
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from rednet.data import SafeImageFolder
+
+    root = _tree(tmp_path)
+    grey = np.array([[0, 128 * 257, 65535, 1000]], dtype=np.uint16)
+    Image.fromarray(grey).save(root / "train" / "a" / "wide.png")
+    ds = SafeImageFolder(root / "train")
+    img, _ = ds[[p for p, _ in ds.samples].index(str(root / "train" / "a" / "wide.png"))]
+    assert img.mode == "RGB" and np.asarray(img)[0, :, 0].tolist() == [0, 128, 255, 4]  # PIL alone: 0, 255, 255, 255
+
+
+def test_a_split_with_no_decodable_image_is_an_error(tmp_path):
+    from rednet.data import SafeImageFolder
+
+    root = _tree(tmp_path, per_class=20)
+    files = sorted((root / "train").rglob("*.png"))
+    for f in files[:-1]:
+        f.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    SafeImageFolder(root / "train").check_decodable()  # one good file, at the end, is enough
+    files[-1].write_bytes(b"")
+    with pytest.raises(DataError, match=r"none of 16 images spread over its 40 can be decoded \(e\.g\. .*a/0\.png"):
+        build_datasets(_cfg(root), num_classes=2)
+
+
+def test_training_set_smaller_than_one_batch(tmp_path):
+    data = [(torch.zeros(1), i) for i in range(10)]
+    with pytest.raises(DataError, match="has 10 images, fewer than one batch of 16; lower data.batch_size"):
+        build_train_loader(data, batch_size=16)
+    with pytest.raises(DataError, match=r"10 images \(5 per process over 2\), fewer than one batch of 8"):
+        build_train_loader(data, batch_size=8, world_size=2)

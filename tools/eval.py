@@ -43,10 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_overrides(args: argparse.Namespace) -> list[str]:
     """The command-line options as dotted config overrides (after any --set)."""
     overrides = list(args.overrides)
-    if args.data:
-        overrides += ["data.dataset=imagenet", f"data.root={args.data}"]
-    if args.split:
-        overrides.append(f"data.val_split={args.split}")
+    if args.data is not None:
+        overrides.append("data.dataset=imagenet")
     if args.batch_size:
         overrides.append(f"data.eval_batch_size={args.batch_size}")
     if args.workers is not None:
@@ -58,7 +56,32 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _model_and_config(args: argparse.Namespace, overrides: list[str]):
+def _config_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Path options as config values, taken as typed: ``--data 2024`` is a folder, ``--data null`` too."""
+    paths = {}
+    if args.data is not None:
+        paths["data.root"] = args.data
+    if args.split is not None:
+        paths["data.val_split"] = args.split
+    if args.pretrained is not None:
+        paths["model.pretrained"] = args.pretrained
+    return paths
+
+
+def _empty_path(args: argparse.Namespace) -> str | None:
+    for option in ("config", "checkpoint", "pretrained", "data", "split", "json"):
+        if getattr(args, option) == "":
+            return f"--{option} is empty; give a path"
+    return None
+
+
+def _error(message: object) -> int:
+    """Say what to fix on one line of stderr (no traceback) and return exit status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _model_and_config(args: argparse.Namespace, overrides: list[str], paths: dict[str, str]):
     """The model to score and the config of the run: a checkpoint's own, unless --config gives one."""
     from rednet.engine import (
         ConfigError,
@@ -68,25 +91,45 @@ def _model_and_config(args: argparse.Namespace, overrides: list[str]):
         load_config,
         load_model_from_checkpoint,
     )
+    from rednet.engine.builder import check_device
 
     if args.checkpoint and not args.config:
         model, stored = load_model_from_checkpoint(args.checkpoint)
-        return model, config_from_dict(apply_overrides(stored, overrides))
+        cfg = config_from_dict(apply_overrides(stored, overrides, paths))
+        check_device(cfg.train.device)
+        return model, cfg
     if args.model:
         overrides = [f"model.name={args.model}", *overrides]
-    if args.pretrained:
-        overrides.append(f"model.pretrained={args.pretrained}")
-    if args.model and not args.data:
+    if args.model and args.data is None:
         raise ConfigError("--model needs --data DIR (an ImageNet-layout folder with val/)")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, paths)
+    check_device(cfg.train.device)  # before building, which may download weights
     model = load_model_from_checkpoint(args.checkpoint)[0] if args.checkpoint else build_model(cfg).eval()
     return model, cfg
 
 
+def _check_json(path: str) -> None:
+    from rednet.engine import ConfigError
+    from rednet.engine.config import check_output_dir
+
+    # Checked before the pass, so that scoring ImageNet is not lost to a results path that cannot be written.
+    if Path(path).is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file name")
+    check_output_dir(Path(path).parent, "the folder of --json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.checkpoint or args.pretrained or args.config):
+    if not (args.checkpoint or args.pretrained is not None or args.config):
         build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
+    try:
+        return _evaluate(args)
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT; no results written", file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform, eval_data_config
     from rednet.engine import (
         AMP_DTYPES,
@@ -100,36 +143,34 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
+    empty = _empty_path(args)
+    if empty:
+        return _error(empty)
     try:
-        model, cfg = _model_and_config(args, _config_overrides(args))
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    dist_info = init_distributed(cfg.train.device)
-    model = model.to(dist_info.device)
-    transform = None
-    if args.pretrained:
-        dc = eval_data_config(model)
-        transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"],
-                                         dc["std"], dc.get("crop_mode"))
-        log.info("eval transform from the pretrained config: %s", dc)
-    try:
+        if args.json:
+            _check_json(args.json)
+        model, cfg = _model_and_config(args, _config_overrides(args), _config_paths(args))
+        dist_info = init_distributed(cfg.train.device)
+        model = model.to(dist_info.device)
+        transform = None
+        if args.pretrained:
+            dc = eval_data_config(model)
+            transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"],
+                                             dc["std"], dc.get("crop_mode"))
+            log.info("eval transform from the pretrained config: %s", dc)
         dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
-                               dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
-    result = evaluate(model, loader, dist_info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last,
-                      dist_info.is_main)
+        loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
+                                   dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
+        result = evaluate(model, loader, dist_info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last,
+                          dist_info.is_main)
+    except (ConfigError, CheckpointError, DataError) as e:
+        return _error(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
               "dataset": cfg.data.dataset, "world_size": dist_info.world_size, **result}
     if dist_info.is_main:
         log.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
                  result["loss"], result["count"], result["images_per_s"])
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     cleanup_distributed()
     return 0

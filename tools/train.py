@@ -33,15 +33,46 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_overrides(args: argparse.Namespace) -> list[str]:
     """The command-line options as dotted config overrides (after any --set)."""
     overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"train.output={args.output}")
-    if args.data:
-        overrides += [f"data.root={args.data}", "data.dataset=imagenet"]
+    if args.data is not None:
+        overrides.append("data.dataset=imagenet")
     return overrides
+
+
+def _config_paths(args: argparse.Namespace) -> dict[str, str]:
+    """Path options as config values, taken as typed: ``--output 2024`` is a folder, not a number."""
+    paths = {}
+    if args.output is not None:
+        paths["train.output"] = args.output
+    if args.data is not None:
+        paths["data.root"] = args.data
+    return paths
+
+
+def _empty_path(args: argparse.Namespace) -> str | None:
+    for option in ("config", "output", "data", "resume"):
+        if getattr(args, option) == "":
+            return f"--{option} is empty; give a path"
+    return None
+
+
+def _error(message: object) -> int:
+    """Say what to fix on one line of stderr (no traceback) and return exit status 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        # A Ctrl-C outside the training loop (which checkpoints and stops by itself): before
+        # the first step or during the final validation, so there is nothing to save.
+        print("interrupted by SIGINT", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
     from rednet.data import DataError
     from rednet.engine import (
         CheckpointError,
@@ -53,22 +84,28 @@ def main(argv: list[str] | None = None) -> int:
         load_config,
         setup_logging,
     )
+    from rednet.engine.builder import check_buildable
+    from rednet.engine.config import check_output_dir
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
+    empty = _empty_path(args)
+    if empty:
+        return _error(empty)
     try:
-        cfg = load_config(args.config, _config_overrides(args))
+        cfg = load_config(args.config, _config_overrides(args), _config_paths(args))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     try:
+        # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
+        check_buildable(cfg)
+        check_output_dir(cfg.train.output, "the run directory train.output (--output)")
         result = fit(cfg, resume=args.resume)
     except (ConfigError, DataError, CheckpointError) as e:
-        log.error("error: %s", e)
-        return 2
+        return _error(e)
     except NonFiniteLossError as e:
         log.error("error: %s", e)
         return 3

@@ -48,6 +48,7 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
         if not data.root:
             raise DataError("data.root is not set: pass --data DIR (a folder with val/) or set data.root")
         ds = SafeImageFolder(Path(data.root) / data.val_split, transform)
+        ds.check_decodable()
     if len(ds) == 0:
         raise DataError(f"the {data.dataset} validation split is empty")
     return ds
@@ -73,6 +74,7 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
         if not root.is_dir():
             raise DataError(f"data.root {root} does not exist")
         train = SafeImageFolder(root / data.train_split, build_train_transform(data))
+        train.check_decodable()
     val = build_eval_dataset(data, num_classes, in_chans)
     if len(train) == 0:
         raise DataError(f"the {data.dataset} training split is empty")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -10,8 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
-__all__ = ["DataError", "DigitsDataset", "SafeImageFolder", "SyntheticDataset"]
+__all__ = ["DataError", "DigitsDataset", "SafeImageFolder", "SyntheticDataset", "load_rgb"]
 
 _logger = logging.getLogger(__name__)
 
@@ -20,11 +22,50 @@ class DataError(ValueError):
     """A dataset that cannot be used: missing split, empty, mismatched classes."""
 
 
+# Modes in which PIL holds a 16-bit grey image (a 16-bit PNG opens as one of them).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file fully, as 8-bit RGB.
+
+    PIL's ``convert("RGB")`` clips 16-bit grey values at 255, so a 16-bit PNG came out
+    almost white; such images are scaled to 8 bits first (65535 -> 255).
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.mode in _WIDE_GREY_MODES:
+            wide = np.asarray(img, dtype=np.float64)  # (H, W); mode "I" is int32, read as 16-bit data
+            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+
+
+def _walk_each_folder_once(top: str, seen: dict[tuple[int, int], str], split: Path):
+    """``os.walk(top, followlinks=True)``, raising a DataError on a folder reached a second time.
+
+    torchvision walks class folders following symlinks; a link back up the tree made it
+    read the same images over and over (16 images became 697 samples, most under the wrong
+    class), and a second link to one folder counts its images twice. ``seen`` maps each
+    folder's (device, inode) to the path it was first reached by, across the whole split.
+    """
+    for root, dirs, files in os.walk(top, followlinks=True):
+        st = os.stat(root)
+        first = seen.setdefault((st.st_dev, st.st_ino), root)
+        if first != root:
+            raise DataError(
+                f"dataset split {split}: folder {root} is {first} again (a symlink loop or a second link to it), "
+                "so its images would be read more than once, some under the wrong class; remove the link"
+            )
+        yield root, dirs, files
+
+
 class SafeImageFolder(ImageFolder):
     """``ImageFolder`` whose unreadable or corrupt images yield ``None`` instead of raising.
 
     The collate function (``rednet.data.collate_skip``) drops the ``None`` entries and
-    counts them, so one bad file among a million costs one sample, not the run.
+    counts them, so one bad file among a million costs one sample, not the run. A split
+    that reaches a folder twice through symlinks is refused (``DataError``), and 16-bit
+    grey images are scaled to 8 bits rather than clipped.
 
     Args:
         root: a folder with one sub-folder per class.
@@ -36,9 +77,37 @@ class SafeImageFolder(ImageFolder):
         if not root.is_dir():
             raise DataError(f"dataset split {root} does not exist (expected one folder per class inside)")
         try:
-            super().__init__(str(root), transform=transform)
+            super().__init__(str(root), transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # torchvision: no class folders / no image files
             raise DataError(f"dataset split {root} is empty: {e}") from e
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Optional[tuple[str, ...]] = None,
+                     is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's ``make_dataset`` (same samples, same order) over a walk that visits each folder once."""
+        if is_valid_file is None:
+            def is_valid_file(path: str) -> bool:
+                return has_file_allowed_extension(path, extensions)
+        st = os.stat(directory)
+        seen = {(st.st_dev, st.st_ino): directory}  # a link back to the split itself is a loop too
+        samples, found = [], set()
+        for name in sorted(class_to_idx):
+            top = os.path.join(directory, name)
+            if not os.path.isdir(top):
+                continue
+            # torchvision sorts the walk's (root, dirs, files) tuples, i.e. by folder path.
+            for folder, _, files in sorted(_walk_each_folder_once(top, seen, Path(directory))):
+                for file in sorted(files):
+                    path = os.path.join(folder, file)
+                    if is_valid_file(path):
+                        samples.append((path, class_to_idx[name]))
+                        found.add(name)
+        empty = sorted(set(class_to_idx) - found)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no image files in the class folders {', '.join(empty[:5])}"
+                                    + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
+        return samples
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
@@ -49,6 +118,31 @@ class SafeImageFolder(ImageFolder):
             return None
         # Outside the try: a failing transform is a bug to report, not an image to skip.
         return (self.transform(img) if self.transform is not None else img), target
+
+    def check_decodable(self, tries: int = 16) -> None:
+        """Decode images spread over the split until one works; a DataError if none of ``tries`` does.
+
+        Unreadable images are skipped one by one during training, so a split in which every
+        file is broken (a failed copy, a wrong mount) would "train" at loss 0 or fail only at
+        the end of an epoch. This costs one decode when the first image is fine.
+
+        Raises:
+            DataError: naming the split and one of the files with its error.
+        """
+        n = len(self.samples)
+        picks = sorted(set(np.linspace(0, n - 1, num=min(tries, n)).round().astype(int).tolist())) if n else []
+        errors = []
+        for i in picks:
+            path = self.samples[i][0]
+            try:
+                self.loader(path)
+                return
+            except Exception as e:  # noqa: BLE001  the same failures __getitem__ skips
+                errors.append(f"{path}: {type(e).__name__}: {e}")
+        if errors:
+            what = f"its {n} images" if len(picks) == n else f"{len(picks)} images spread over its {n}"
+            raise DataError(f"dataset split {self.root}: none of {what} can be decoded (e.g. {errors[0]}); "
+                            "check that the files are complete images")
 
 
 class DigitsDataset(Dataset):

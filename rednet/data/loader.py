@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
+from .datasets import DataError
+
 __all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip"]
 
 
@@ -99,8 +101,16 @@ def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, r
         world_size / rank: the process group.
         seed: shuffling seed (same on all ranks).
         workers / pin_memory / persistent_workers: ``DataLoader`` options.
+
+    Raises:
+        DataError: the dataset is smaller than one batch per process.
     """
     sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
+    if sampler.num_samples < batch_size:
+        # drop_last: the loader would yield no batch at all.
+        per_rank = f" ({sampler.num_samples} per process over {world_size})" if world_size > 1 else ""
+        raise DataError(f"the training set has {len(dataset)} images{per_rank}, fewer than one batch of {batch_size}; "
+                        "lower data.batch_size")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       **_loader_kwargs(workers, pin_memory, persistent_workers, seed + rank))
 

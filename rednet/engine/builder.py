@@ -1,17 +1,21 @@
 """Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``."""
 from __future__ import annotations
 
+import difflib
 import math
+from pathlib import Path
 from typing import Callable, Optional
 
+import timm
 import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.models import parse_model_name
+from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..models import create_model
-from .config import Config
+from .config import Config, ConfigError
 
 __all__ = [
     "AMP_DTYPES",
@@ -20,6 +24,8 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_buildable",
+    "check_device",
     "global_batch_size",
     "peak_lr",
 ]
@@ -28,28 +34,93 @@ __all__ = [
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _nearest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _check_model_name(name: str) -> None:
+    try:
+        source, model_id = parse_model_name(name)  # 'hf-hub:...' / 'local-dir:...' name their own source
+    except ValueError as e:
+        raise ConfigError(f"model.name {name!r}: {e}") from None
+    if source is None and not timm.is_model(model_id):
+        raise ConfigError(f"model.name {name!r} is not a registered model{_nearest(model_id, timm.list_models())} "
+                          "(timm.list_models() lists them all)")
+
+
+def _check_pretrained(source: Optional[str]) -> None:
+    if source and source != "default" and "://" not in source and not Path(source).is_file():
+        what = "is a folder, not a weights file" if Path(source).is_dir() else "does not exist"
+        raise ConfigError(f"pretrained weights {source} {what} (model.pretrained / --pretrained takes "
+                          "'default', a weights file or a URL)")
+
+
+def _check_optimizer_name(name: str) -> None:
+    # timm reads 'lookahead_sgd' as SGD inside Lookahead: the last part names the optimizer.
+    known = list_optimizers()
+    if name.lower().split("_")[-1] not in known:
+        raise ConfigError(f"optim.name {name!r} is not a timm optimizer{_nearest(name.lower(), known)} "
+                          "(timm.optim.list_optimizers() lists them all)")
+
+
+def check_device(device: str) -> None:
+    """A ConfigError when ``device`` is ``cuda`` and torch sees no CUDA device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device here; use 'auto' or 'cpu'")
+
+
+def check_buildable(cfg: Config) -> None:
+    """Cheap checks, before any data is read, that ``cfg`` names things this machine can build.
+
+    The model name is registered, a pretrained file exists, the optimizer is known to timm
+    and a requested CUDA device is present. Bad ``model.kwargs`` show only when the model
+    is built (``build_model``).
+
+    Raises:
+        ConfigError: naming the key, and the nearest valid names where there are some.
+    """
+    _check_model_name(cfg.model.name)
+    _check_pretrained(cfg.model.pretrained)
+    _check_optimizer_name(cfg.optim.name)
+    check_device(cfg.train.device)
+
+
 def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
     """The configured network (any timm model name).
 
     Args:
         cfg: the run config; ``model.pretrained`` is ``"default"``, a path, a URL or None.
         pretrained: set False to skip the pretrained weights (when a checkpoint follows).
+
+    Raises:
+        ConfigError: an unknown model name, a missing weights file, or ``model.kwargs`` the model does not take.
     """
     source = cfg.model.pretrained if pretrained else None
+    _check_model_name(cfg.model.name)
+    _check_pretrained(source)
     kwargs = dict(cfg.model.kwargs)
     if source and source != "default":
         # A file or URL goes through the pretrained-config overlay, which both timm's loader
         # and RedNet's (foreign layouts) honour, so any registered model accepts one.
         key = "url" if "://" in source else "file"
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), key: source}
-    return create_model(
-        cfg.model.name,
-        pretrained=bool(source),
-        num_classes=cfg.model.num_classes,
-        in_chans=cfg.model.in_chans,
-        drop_rate=cfg.model.drop_rate,
-        **kwargs,
-    )
+    try:
+        return create_model(
+            cfg.model.name,
+            pretrained=bool(source),
+            num_classes=cfg.model.num_classes,
+            in_chans=cfg.model.in_chans,
+            drop_rate=cfg.model.drop_rate,
+            **kwargs,
+        )
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError) as e:
+        # timm models answer a bad argument with any of these. With extra kwargs the fault is
+        # theirs far more often than a bug in the model; without any, it is a bug and keeps its traceback.
+        if not cfg.model.kwargs:
+            raise
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ConfigError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name} ({why})") from e
 
 
 def global_batch_size(cfg: Config, world_size: int) -> int:
@@ -66,6 +137,7 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 
 def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory; the paper decays every parameter, BN and bias included."""
+    _check_optimizer_name(cfg.optim.name)
     return create_optimizer_v2(
         model,
         opt=cfg.optim.name,

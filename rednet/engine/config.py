@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_output_dir",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -322,6 +325,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 def _validate(cfg: Config) -> None:
     """Value checks the types cannot express; each names its key."""
     checks = [
+        # An empty path would silently mean "not set" (or the current directory): say so instead.
+        ("model.pretrained", cfg.model.pretrained != "", "null, 'default', a file or a URL (not empty)"),
+        ("data.root", cfg.data.root != "", "null or a folder (not empty)"),
+        ("data.train_split", cfg.data.train_split != "", "a folder name (not empty)"),
+        ("data.val_split", cfg.data.val_split != "", "a folder name (not empty)"),
+        ("train.output", cfg.train.output != "", "a run directory (not empty)"),
         ("model.num_classes", cfg.model.num_classes >= 1, "an integer >= 1"),
         ("model.in_chans", cfg.model.in_chans >= 1, "an integer >= 1"),
         ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "a number in [0, 1)"),
@@ -391,34 +400,117 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys, so a second ``train:`` section silently
+    replaced the first one, settings and all.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may repeat what it merges
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in first
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if seen:
+                raise ConfigError(f"duplicate key '{key}' at line {line} (first given at line {first[key]}); "
+                                  "keep one of them")
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: where the YAML is wrong and why (PyYAML's own message spans several lines)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+        if e.context and e.context_mark is not None:
+            text += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        return text
+    return " ".join(str(e).split())
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.1), got {item!r}")
     key, raw = item.split("=", 1)
     # YAML parsing gives numbers, booleans, null and [lists] their natural types.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
+    except ConfigError as e:  # a key given twice inside a {mapping}
+        raise ConfigError(f"--set {key.strip()}: {e}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply dotted ``key=value`` overrides to nested plain data (validated later as a whole)."""
+def _set_key(data: dict, key: str, value: Any, valid: list[str]) -> None:
+    if key not in valid:
+        raise _unknown(key, valid)
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str], values: Optional[dict[str, Any]] = None) -> dict:
+    """Apply dotted ``key=value`` overrides to nested plain data (validated later as a whole).
+
+    Args:
+        data: nested plain data (a parsed file or a checkpoint's config); not modified.
+        overrides: ``key=value`` strings; each value is parsed as YAML (``1`` is a number, ``null`` is None).
+        values: dotted key -> value, applied last and taken as they are, without YAML parsing: the
+            tools pass paths this way, so that ``--output 2024`` is a folder and ``--data null`` one too.
+    """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
     valid = _all_keys()
     for item in overrides:
-        key, value = _parse_override(item)
-        parts = key.split(".")
-        if key not in valid:
-            raise _unknown(key, valid)
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{key}': '{p}' is not a section")
-        node[parts[-1]] = value
+        _set_key(data, *_parse_override(item), valid)
+    for key, value in (values or {}).items():
+        _set_key(data, key, value, valid)
     return data
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` if needed and check that files can be written in it.
+
+    Called before a long job, so a run directory that cannot hold its checkpoints (or a
+    results file that cannot be written) stops it at once rather than after an epoch.
+
+    Args:
+        path: the folder.
+        what: how the user named it (``train.output``, ``--json``), for the message.
+
+    Raises:
+        ConfigError: ``path`` is empty, is or lies under a file, or cannot be created or written.
+    """
+    if str(path) == "":
+        raise ConfigError(f"{what} is empty; give a folder")
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is" if p == path else f"lies under {p}, which is"
+            raise ConfigError(f"{what} {path} {where} a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder") from None
+    return path
 
 
 # A config file may name another as its base: its sections are merged over the base's,
@@ -439,8 +531,23 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     """The sections of a YAML file merged over those of its ``base`` file (relative to it), recursively."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        # YAML files are UTF-8 whatever the locale says (a BOM is allowed).
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        data = _yaml_load(text) or {}
+    except ConfigError as e:  # a duplicate key
+        raise ConfigError(f"config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop(_BASE_KEY, None)
@@ -458,7 +565,8 @@ def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_config_file(base_path, chain), data)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                values: Optional[dict[str, Any]] = None) -> Config:
     """Read a YAML file (or start from defaults when ``path`` is None), apply ``overrides``, validate.
 
     Args:
@@ -466,11 +574,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             ``base: FILE``, a config (path relative to this file) whose sections this one's
             are merged over.
         overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
+        values: dotted key -> value applied last, as given (no YAML parsing), e.g. paths from the command line.
     """
     data: dict = {}
     if path is not None:
+        if str(path) == "":
+            raise ConfigError("the config file name is empty")
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         data = _read_config_file(path)
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(data, overrides or [], values))

@@ -1,0 +1,239 @@
+"""Bad input to tools/train.py and tools/eval.py: exit 2 with one ``error:`` line that says what to fix.
+
+Each case runs the tool in-process (``main(argv)``) and fails before any training step,
+so the whole file takes seconds.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import ROOT, load_tool
+
+
+def _fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
+    """Run ``tools/<tool>.py argv``; assert exit 2 and exactly one ``error:`` line matching ``pattern``."""
+    rc = load_tool(tool).main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert rc == 2, captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert len(errors) == 1, captured.err
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+# --- the config file --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"model:\n  name: [rednet26\n", r"bad\.yaml is not valid YAML: line 3, column 1: expected ',' or ']'"),
+    (b"model:\n  name: r\xe9dnet26\n", r"bad\.yaml is not UTF-8 text \(byte 0xe9 at line 2\)"),
+    (b"train:\n  epochs: 1\nmodel:\n  name: resnet18\ntrain:\n  epochs: 2\n",
+     r"bad\.yaml: duplicate key 'train' at line 5 \(first given at line 1\)"),
+    (b"optim:\n  lr: 0.1\n  momentum: 0.8\n  lr: 0.2\n", r"duplicate key 'lr' at line 4 \(first given at line 2\)"),
+], ids=["yaml-syntax", "not-utf8", "duplicate-section", "duplicate-key"])
+def test_bad_config_file(tmp_path, capsys, content, pattern):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    _fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path, capsys):
+    import yaml
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("optim:\n  <<: {lr: 0.1, momentum: 0.8}\n  lr: 0.2\n")  # the merged lr gives way, as YAML says
+    assert load_tool("train").main(["--config", str(ok), "--print-config"]) == 0
+    optim = yaml.safe_load(capsys.readouterr().out)["optim"]
+    assert (optim["lr"], optim["momentum"]) == (0.2, 0.8)
+
+
+def test_duplicate_key_in_a_set_mapping(capsys):
+    _fails_cleanly(capsys, "train", ["--config", "configs/digits.yaml", "--set", "model.kwargs={a: 1, a: 2}",
+                                     "--print-config"], r"--set model\.kwargs: duplicate key 'a'")
+
+
+# --- command-line paths -----------------------------------------------------------------
+
+
+def test_command_line_paths_are_strings_not_yaml(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # nothing may be created in the checkout
+    config = str(ROOT / "configs" / "digits.yaml")
+    assert load_tool("train").main(["--config", config, "--output", "2024", "--data", "null", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["output"] == "2024" and printed["data"]["root"] == "null"
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("train", ["--config", "configs/digits.yaml", "--output", "", "--print-config"]),
+    ("train", ["--config", "configs/digits.yaml", "--data", "", "--print-config"]),
+    ("train", ["--config", "", "--print-config"]),
+    ("eval", ["--config", "configs/digits.yaml", "--json", ""]),
+], ids=["train-output", "train-data", "train-config", "eval-json"])
+def test_empty_path_is_an_error(capsys, tool, argv):
+    option = argv[argv.index("") - 1]
+    _fails_cleanly(capsys, tool, argv, f"{option} is empty")
+
+
+# --- what the config names: model, optimizer, device, run directory -------------------
+
+# A timm model on synthetic data: every case below fails before the first step, most before any data is read.
+TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+        "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
+        "train.epochs=1", "train.max_iters_per_epoch=1"]
+
+
+def _train_argv(out, *sets: str) -> list[str]:
+    return ["--config", "configs/digits.yaml", "--output", str(out),
+            *[a for item in (*TINY, *sets) for a in ("--set", item)]]
+
+
+@pytest.mark.parametrize("item, pattern", [
+    ("model.name=rednet5", r"model\.name 'rednet5' is not a registered model; did you mean 'rednet50'"),
+    ("optim.name=sgdd", r"optim\.name 'sgdd' is not a timm optimizer; did you mean 'sgd'"),
+    ("model.kwargs={foo: 1}", r"model\.kwargs \{'foo': 1\} do not fit resnet10t .*unexpected keyword argument 'foo'"),
+    ("data.batch_size=64", r"the training set has 8 images, fewer than one batch of 64; lower data\.batch_size"),
+], ids=["model-name", "optimizer", "model-kwargs", "batch-over-dataset"])
+def test_bad_config_values(tmp_path, capsys, item, pattern):
+    _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", item), pattern)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("tool", ["train", "eval"])
+def test_cuda_requested_without_cuda(tmp_path, capsys, tool):
+    argv = _train_argv(tmp_path / "run", "train.device=cuda")
+    if tool == "eval":
+        argv = ["--config", "configs/digits.yaml", *argv[4:]]
+    _fails_cleanly(capsys, tool, argv, r"train\.device is 'cuda' but torch sees no CUDA device")
+    assert not (tmp_path / "run").exists()
+
+
+def _read_only_dir(tmp_path: Path) -> Path:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").touch()
+    except PermissionError:
+        return ro
+    (ro / "probe").unlink()  # root ignores the mode bits; /sys refuses root as well
+    if Path("/sys").is_dir() and _unwritable("/sys"):
+        return Path("/sys")
+    pytest.skip("no read-only folder to try")
+
+
+def _unwritable(folder: str) -> bool:
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("case", ["existing-file", "under-a-file", "read-only"])
+def test_unusable_run_directory(tmp_path, capsys, case):
+    (tmp_path / "file").write_text("precious")
+    out = {"existing-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "run",
+           "read-only": _read_only_dir(tmp_path) if case == "read-only" else None}[case]
+    try:
+        _fails_cleanly(capsys, "train", _train_argv(out), r"the run directory train\.output \(--output\) .*"
+                       r"(is a file, not a folder|lies under .*file, which is a file|is not writable)")
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)  # let pytest remove it
+    assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_eval_results_file_that_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["--config", "configs/digits.yaml", "--json", str(tmp_path / "file" / "r.json")]
+    _fails_cleanly(capsys, "eval", argv, r"the folder of --json .* is a file, not a folder")
+
+
+# --- weights and data -------------------------------------------------------------------
+
+
+def _image_tree(root: Path, broken: tuple[str, ...] = (), per_class: int = 3) -> Path:
+    """``root/{train,val}/{a,b}/*.png``; the splits named in ``broken`` hold only undecodable files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                if split in broken:
+                    (root / split / c / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+                else:
+                    image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+                    image.save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_eval_missing_pretrained_file(tmp_path, capsys):
+    data = _image_tree(tmp_path / "data")
+    _fails_cleanly(capsys, "eval", ["--model", "resnet10t", "--pretrained", str(tmp_path / "nope.pth"), "--data",
+                                    str(data)], r"pretrained weights .*nope\.pth does not exist")
+
+
+@pytest.mark.parametrize("broken", ["train", "val"])
+def test_train_with_an_undecodable_split_stops_before_training(tmp_path, capsys, broken):
+    data = _image_tree(tmp_path / "data", broken=(broken,))
+    argv = _train_argv(tmp_path / "run", "model.num_classes=2") + ["--data", str(data)]
+    _fails_cleanly(capsys, "train", argv, rf"dataset split .*{broken}: none of its 6 images can be decoded "
+                                          rf"\(e\.g\. .*{broken}/a/0\.png")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_eval_with_an_undecodable_val_split(tmp_path, capsys):
+    data = _image_tree(tmp_path / "data", broken=("val",))
+    argv = ["--config", "configs/digits.yaml", "--data", str(data),
+            *[a for item in (*TINY, "model.num_classes=2") for a in ("--set", item)]]
+    _fails_cleanly(capsys, "eval", argv, r"dataset split .*val: none of its 6 images can be decoded")
+
+
+@pytest.mark.xfail(strict=True, raises=ModuleNotFoundError,
+                   reason="rednet/models/_unpickler.py imports any module named numpy.dtypes*; fixed there, "
+                          "not in this change: remove this mark once it refuses the global")
+def test_weights_pickle_naming_a_module_outside_the_allow_list(tmp_path, capsys):
+    data = _image_tree(tmp_path / "data")
+    evil = tmp_path / "evil.pdparams"
+    evil.write_bytes(b"\x80\x02cnumpy.dtypes_evil\nEvilDType\n.")  # protocol 2, then one GLOBAL opcode
+    # A RedNet: its weights go through rednet.models' readers (timm models through timm's torch.load).
+    _fails_cleanly(capsys, "eval", ["--model", "rednet26", "--pretrained", str(evil), "--data", str(data)],
+                   r"refusing to load .*evil\.pdparams.*numpy\.dtypes_evil")
+
+
+def test_sigint_during_eval_exits_130_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import rednet
+
+    data = _image_tree(tmp_path / "data", per_class=100)
+    torch.save(rednet.create_model("resnet10t").state_dict(), tmp_path / "w.pth")
+    args = [sys.executable, str(ROOT / "tools" / "eval.py"), "--model", "resnet10t", "--pretrained",
+            str(tmp_path / "w.pth"), "--data", str(data), "--batch-size", "1", "--workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # logged just before the evaluation pass (200 images at 224 px, one by one)
+            if "eval transform" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted by SIGINT; no results written"]
