@@ -201,9 +201,6 @@ def test_eval_with_an_undecodable_val_split(tmp_path, capsys):
     _fails_cleanly(capsys, "eval", argv, r"dataset split .*val: none of its 6 images can be decoded")
 
 
-@pytest.mark.xfail(strict=True, raises=ModuleNotFoundError,
-                   reason="rednet/models/_unpickler.py imports any module named numpy.dtypes*; fixed there, "
-                          "not in this change: remove this mark once it refuses the global")
 def test_weights_pickle_naming_a_module_outside_the_allow_list(tmp_path, capsys):
     data = _image_tree(tmp_path / "data")
     evil = tmp_path / "evil.pdparams"

@@ -152,7 +152,8 @@ class ArrayUnpickler(pickle.Unpickler):
             return self._frombuffer
         if (module, name) in _ALLOWED:
             return getattr(importlib.import_module(_numpy_core(module)), name)
-        if module.startswith("numpy.dtypes") and name.endswith("DType"):
+        if module == "numpy.dtypes" and name.endswith("DType"):
+            # Only the real module: a prefix match would import any module named numpy.dtypes*.
             return getattr(importlib.import_module(module), name)
         raise RefusedGlobal(f"{module}.{name}")
 
