@@ -366,8 +366,8 @@ def _end_epoch(run: _Run, stats: dict[str, Any], val: Optional[dict[str, Any]], 
     state.epoch, state.iteration = epoch + 1, 0
     record["time"] = time.time()
     logger.epoch(record)
-    path = run.save()
+    # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
+    # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
     if improved:
         run.save_best(record)
-    barrier()
-    return path
+    return run.save()
