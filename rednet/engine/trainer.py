@@ -189,19 +189,23 @@ class _Run:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        # Only the step count is state: the lr curve itself follows the current config, so a
-        # resume with more train.epochs stretches the cosine (an identical config reproduces it).
-        fresh_fn, fresh_base = self.scheduler.lr_lambdas[0], list(self.scheduler.base_lrs)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.lr_lambdas, self.scheduler.base_lrs = [fresh_fn] * len(fresh_base), fresh_base
-        factor = fresh_fn(self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, fresh_base):
-            group["lr"] = base * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self._restore_schedule_position(int(state["scheduler"]["last_epoch"]))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(state["epoch"], state["iteration"], state["global_step"], state.get("best_top1", -1.0))
         self.rng_state = state["rng"]
+
+    def _restore_schedule_position(self, steps_done: int) -> None:
+        """Put the schedule built for the current config at ``steps_done``.
+
+        Only the step count is state: the lr curve follows the current config, so a resume
+        with more train.epochs stretches the cosine. ``LambdaLR.load_state_dict`` would copy
+        the stored schedule's attributes, its old length included, into this one.
+        """
+        self.scheduler.last_epoch = steps_done
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * fn(steps_done)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _resolve_resume(resume: Optional[str], run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
