@@ -4,11 +4,20 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce", "barrier", "cleanup_distributed", "init_distributed", "is_restarted_worker"]
+__all__ = [
+    "DistInfo",
+    "all_reduce",
+    "barrier",
+    "cleanup_distributed",
+    "gather_to_main",
+    "init_distributed",
+    "is_restarted_worker",
+]
 
 
 @dataclass
@@ -74,6 +83,23 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
+
+
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_to_main(obj: Any) -> Optional[list[Any]]:
+    """Every rank's ``obj`` (picklable), indexed by rank, on rank 0; None on the other ranks.
+
+    Without a process group: ``[obj]``.
+    """
+    if not _grouped():
+        return [obj]
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:

@@ -39,7 +39,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, config_to_dict
-from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker
+from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
 
@@ -146,7 +146,8 @@ class _Run:
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         return cls(cfg, run_dir, dist_info, model, optimizer, scheduler, scaler, ema)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, rng: Optional[list[dict]] = None) -> dict[str, Any]:
+        """What a checkpoint stores; ``rng``: every rank's RNG states, indexed by rank (None in best.pt)."""
         return {
             "config": self.cfg_dict,
             "model": self.model.state_dict(),
@@ -158,15 +159,20 @@ class _Run:
             "iteration": self.state.iteration,
             "global_step": self.state.global_step,
             "best_top1": self.state.best_top1,
-            "rng": capture_rng_state(),
+            "rng": rng,
             "world_size": self.dist.world_size,
         }
 
     def save(self) -> Path:
-        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk)."""
+        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk).
+
+        Each rank draws its own augmentation stream (seeded with seed + rank), so each rank's RNG
+        states go into the checkpoint, gathered to rank 0, and each rank takes its own back.
+        """
         path = self.run_dir / f"checkpoint-{self.state.global_step:09d}.pt"
+        rng = gather_to_main(capture_rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_state(), path, link_last=True)
+            save_checkpoint(self.checkpoint_state(rng), path, link_last=True)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         barrier()
         return path
@@ -193,7 +199,18 @@ class _Run:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(state["epoch"], state["iteration"], state["global_step"], state.get("best_top1", -1.0))
-        self.rng_state = state["rng"]
+        self.rng_state = self._own_rng_state(state.get("rng"))
+
+    def _own_rng_state(self, stored: Any) -> Optional[dict]:
+        """This rank's RNG states in a checkpoint's ``rng`` (a list by rank; one dict in rednet-train/1)."""
+        if isinstance(stored, dict):
+            if self.dist.distributed:
+                _logger.warning("the checkpoint (an earlier version's) holds the RNG states of rank 0 only; every "
+                                "rank takes them, so augmentation differs from an uninterrupted run")
+            return stored
+        if stored and self.dist.rank < len(stored):
+            return stored[self.dist.rank]
+        return None  # a rank the checkpoint's run did not have keeps its fresh seed (seed + rank)
 
     def _restore_schedule_position(self, steps_done: int) -> None:
         """Put the schedule built for the current config at ``steps_done``.
