@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ __all__ = [
     "gather_to_main",
     "init_distributed",
     "is_restarted_worker",
+    "run_on_main",
 ]
 
 
@@ -100,6 +102,33 @@ def gather_to_main(obj: Any) -> Optional[list[Any]]:
     out = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; every rank returns its result, or raises the exception it raised.
+
+    For decisions that read or change shared files: one rank decides, so every rank acts on
+    the same answer, and an error on rank 0 reaches the others instead of leaving them waiting.
+    """
+    if not _grouped():
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except Exception as e:  # noqa: BLE001  forwarded to every rank, then raised on each
+            try:
+                pickle.dumps(e)
+                box[0] = (None, e)
+            except Exception:  # noqa: BLE001  an exception that cannot travel: its text can
+                box[0] = (None, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

@@ -19,6 +19,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ..data import build_datasets, build_eval_loader, build_train_loader
+from ..fileio import atomic_write
 from .builder import (
     AMP_DTYPES,
     build_loss_and_mixup,
@@ -31,17 +32,16 @@ from .builder import (
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
-    find_resume_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from .config import Config, config_to_dict
-from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker
+from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
+from .resume import StartPlan, carry_out, plan_start
 
 __all__ = ["TrainingInterrupted", "fit", "seed_everything"]
 
@@ -99,17 +99,6 @@ def _ignore_sigint(_worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; loader workers must not die before the
     # main process has written its checkpoint.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {vb!r} -> {va!r}")
-    return out
 
 
 class _Run:
@@ -188,13 +177,14 @@ class _Run:
         if state.get("world_size", 1) != self.dist.world_size:
             _logger.warning("resuming a run of %s processes with %s: the data order differs from an "
                             "uninterrupted run", state.get("world_size"), self.dist.world_size)
-        diff = _config_diff(self.cfg_dict, state["config"])
-        if diff:
-            _logger.warning("config differs from the checkpoint's: %s", "; ".join(diff))
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # only reachable with --allow-config-change
+            raise CheckpointError(f"the checkpoint's weights or optimizer state do not fit the model and optimizer "
+                                  f"of the current config: {str(e)[:500]}") from e
         self._restore_schedule_position(int(state["scheduler"]["last_epoch"]))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -225,24 +215,6 @@ class _Run:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
-def _resolve_resume(resume: Optional[str], run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
-    if resume is None and is_restarted_worker():
-        _logger.info("restarted by torchrun: resuming from the newest checkpoint in %s", run_dir)
-        resume = "auto"
-    if resume is None:
-        if list_checkpoints(run_dir):
-            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                                  "or choose another --output")
-        return None, None
-    if resume == "auto":
-        found = find_resume_checkpoint(run_dir, map_location="cpu")
-        if found is None:
-            _logger.info("no checkpoint in %s: starting from scratch", run_dir)
-            return None, None
-        return found
-    return Path(resume), read_checkpoint(resume, map_location="cpu")
-
-
 def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLoader, int]:
     """Training and validation loaders, and the optimizer steps of one epoch."""
     train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.model.in_chans)
@@ -262,15 +234,24 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
     return train_loader, val_loader, steps
 
 
-def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
+def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` under torchrun or in a single process; returns the final validation metrics.
+
+    Where the run starts follows ``rednet.engine.resume``: a run directory's results are never
+    started over on or continued from an incompatible checkpoint unless asked.
 
     Args:
         cfg: the resolved config; ``train.output`` is the run directory.
-        resume: None (fresh run; an existing run directory with checkpoints is an error),
-            ``"auto"`` (the newest valid checkpoint of the run directory, if any) or a path.
+        resume: None (fresh run; a run directory holding results is an error), ``"auto"`` (the
+            newest usable checkpoint of the run directory, if it has none and holds no results a
+            fresh run) or a checkpoint path.
+        restart: start over; the run directory's results are first moved into ``previous-<time>/``.
+        allow_config_change: continue from a checkpoint whose config differs in more than
+            ``RESUME_SAFE_KEYS``.
 
     Raises:
+        CheckpointError: the run directory or checkpoint does not allow what was asked (nothing was changed).
         NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
@@ -279,17 +260,32 @@ def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.cpu_threads)
     run_dir = Path(cfg.train.output)
     seed_everything(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
-    ckpt_path, ckpt = _resolve_resume(resume, run_dir)
+    cfg_dict = config_to_dict(cfg)
+    main_state: Optional[dict] = None
+
+    def decide() -> StartPlan:
+        nonlocal main_state
+        plan, main_state = plan_start(run_dir, cfg_dict, resume, restart=restart,
+                                      allow_config_change=allow_config_change,
+                                      restarted_worker=is_restarted_worker())
+        return plan
+
+    # Rank 0 decides and changes the directory; the others wait, then read the same checkpoint.
+    plan = run_on_main(decide)
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        carry_out(plan, run_dir)
+        config_yaml = yaml.safe_dump(cfg_dict, sort_keys=False).encode()
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+    barrier()
+    ckpt = main_state if dist_info.is_main or plan.checkpoint is None else read_checkpoint(plan.checkpoint)
     train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
     if ckpt is not None:
         run.restore(ckpt)
-        _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", ckpt_path, run.state.epoch,
+        run.state.best_top1 = max(run.state.best_top1, plan.best_top1)
+        _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", plan.checkpoint, run.state.epoch,
                      run.state.iteration, run.state.global_step)
-        del ckpt
+        del ckpt, main_state
     return _train(run, train_loader, val_loader, steps)
 
 
