@@ -153,3 +153,38 @@ def test_resume_from_best_pt_or_an_older_checkpoint_is_a_clear_error(one_epoch, 
     with pytest.raises(SystemExit) as e:  # argparse: one or the other
         train.main(_args(out, "--resume", "auto", "--restart"))
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+class _Killed(BaseException):
+    """Stands in for a kill -9: nothing after it runs (BaseException: no handler in the trainer catches it)."""
+
+
+def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
+    from rednet.engine import read_checkpoint
+    from rednet.engine.trainer import _Run
+
+    out = tmp_path / "run"
+    save = _Run.save
+
+    def killed_at_the_end_of_epoch_2(run):
+        if run.state.epoch == 2 and run.state.iteration == 0:
+            raise _Killed
+        return save(run)
+
+    monkeypatch.setattr(_Run, "save", killed_at_the_end_of_epoch_2)
+    with pytest.raises(_Killed):
+        load_tool("train").main(_args(out))
+    monkeypatch.setattr(_Run, "save", save)
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 2's record, not its checkpoint
+    # What interrupted writes leave: a checkpoint's temporary file, and last.pt's link in the making.
+    (out / ".checkpoint-000000004.pt.k3j_x9q2.tmp").write_bytes(b"\0" * (1 << 20))
+    (out / ".last.pt.link").write_bytes(b"\0")
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert not list(out.glob(".*"))
+    assert read_checkpoint(out / "last.pt")["global_step"] == 4
+    log = capsys.readouterr().out
+    assert "dropped 1 record(s) after epoch 1" in log and "removed 2 temporary file(s) (1.0 MB)" in log

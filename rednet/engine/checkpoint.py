@@ -290,11 +290,15 @@ def remove_orphaned_temp_files(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    removed = []
+    removed, size = [], 0
     for p in run_dir.iterdir():
         if _ORPHAN.match(p.name) and p.is_file():
+            size += p.stat().st_size
             p.unlink(missing_ok=True)
             removed.append(p)
+    if removed:
+        _logger.info("removed %d temporary file(s) (%.1f MB) that interrupted writes left in %s: %s", len(removed),
+                     size / 2**20, run_dir, ", ".join(p.name for p in removed))
     return removed
 
 

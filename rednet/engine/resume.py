@@ -24,7 +24,9 @@ logs, but not its recipe. Any other difference is incompatible, for example the 
 
 A worker that ``torchrun --max-restarts`` restarted continues the run as ``--resume auto``.
 
-On a resume an epoch replaces ``best.pt`` only by beating the top-1 it holds.
+Before the run builds anything, rank 0 removes the temporary files interrupted writes left
+behind. On a resume it also drops the ``metrics.jsonl`` records of epochs after the checkpoint's,
+which the run writes again. An epoch then replaces ``best.pt`` only by beating the top-1 it holds.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ from .checkpoint import (
     CheckpointError,
     list_checkpoints,
     read_checkpoint,
+    remove_orphaned_temp_files,
     scan_checkpoints,
 )
 from .config import ConfigError, config_from_dict, config_to_dict
+from .logger import trim_metrics
 
 __all__ = ["RESUME_SAFE_KEYS", "StartPlan", "carry_out", "config_changes", "plan_start", "results_in"]
 
@@ -81,7 +85,7 @@ class StartPlan:
 
     Args:
         checkpoint: the checkpoint to continue from; None starts from scratch.
-        epoch: the checkpoint's epoch in progress.
+        epoch: the checkpoint's epoch in progress; later records in ``metrics.jsonl`` are dropped.
         best_top1: the best top-1 the directory's ``best.pt`` holds; an epoch replaces it only by beating it.
         restart_dir: ``--restart``: the folder the directory's results move into.
         move_aside: the entries that move there.
@@ -297,6 +301,7 @@ def plan_start(run_dir: Path, config: dict, resume: Optional[str] = None, *, res
 def carry_out(plan: StartPlan, run_dir: Path) -> None:
     """Apply a plan to the run directory (rank 0 only, before any rank writes to it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temp_files(run_dir)
     if plan.restart_dir is not None:
         plan.restart_dir.mkdir()
         for p in plan.move_aside:
@@ -309,3 +314,5 @@ def carry_out(plan: StartPlan, run_dir: Path) -> None:
         os.replace(p, target)
         _logger.warning("renamed %s (another config's) to %s: this run neither resumes from it nor overwrites it",
                         p, target.name)
+    if plan.checkpoint is not None:
+        trim_metrics(run_dir / "metrics.jsonl", plan.epoch)

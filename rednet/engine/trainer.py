@@ -294,7 +294,8 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
     cfg, dist_info, device = run.cfg, run.dist, run.dist.device
     train_model, no_sync = _wrap_for_training(run.model, cfg, dist_info)
     loss_fn, mixup = build_loss_and_mixup(cfg)
-    logger = RunLogger(run.run_dir, dist_info.is_main)
+    resumed_at = run.state.global_step or None
+    logger = RunLogger(run.run_dir, dist_info.is_main, purge_step=resumed_at and resumed_at + 1)
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d "
                  "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
