@@ -244,8 +244,8 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     Args:
         cfg: the resolved config; ``train.output`` is the run directory.
         resume: None (fresh run; a run directory holding results is an error), ``"auto"`` (the
-            newest usable checkpoint of the run directory, if it has none and holds no results a
-            fresh run) or a checkpoint path.
+            newest usable checkpoint of the run directory; a fresh run where it holds no results)
+            or a checkpoint path.
         restart: start over; the run directory's results are first moved into ``previous-<time>/``.
         allow_config_change: continue from a checkpoint whose config differs in more than
             ``RESUME_SAFE_KEYS``.
@@ -270,13 +270,15 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
                                       restarted_worker=is_restarted_worker())
         return plan
 
-    # Rank 0 decides and changes the directory; the others wait, then read the same checkpoint.
-    plan = run_on_main(decide)
-    if dist_info.is_main:
+    def prepare_run_dir() -> None:
         carry_out(plan, run_dir)
         config_yaml = yaml.safe_dump(cfg_dict, sort_keys=False).encode()
         atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
-    barrier()
+
+    # Rank 0 decides and changes the directory; the others wait (and see its errors), then
+    # read the same checkpoint.
+    plan = run_on_main(decide)
+    run_on_main(prepare_run_dir)
     ckpt = main_state if dist_info.is_main or plan.checkpoint is None else read_checkpoint(plan.checkpoint)
     train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
