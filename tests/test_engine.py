@@ -70,7 +70,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
         bad.write_bytes(bytes(data))
     else:
         bad.write_bytes(b"not a checkpoint")
-        bad.with_name(bad.name + ".sha256").unlink()
+        bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)  # checkpoints no longer have sidecars
     with pytest.raises(CheckpointError, match="corrupt|truncated"):
         load_model_from_checkpoint(bad)
     assert list_checkpoints(tmp_path) == [bad, good]
@@ -87,8 +87,8 @@ def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path
                              link_last=True)
     assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
     prune_checkpoints(tmp_path, keep=0)
-    assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # sidecar verified
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
+    assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # digest verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the digest is inside: no sidecar
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -336,8 +336,7 @@ def test_resume_is_bitwise_exact(straight_run, tmp_path, step):
 
     out, result = straight_run
     name = f"checkpoint-{step:09d}.pt"
-    for suffix in ("", ".sha256"):
-        shutil.copy(out / (name + suffix), tmp_path / (name + suffix))
+    shutil.copy(out / name, tmp_path / name)
     resumed = fit(_fit_cfg(tmp_path), resume="auto")
     final = f"checkpoint-{8:09d}.pt"
     _assert_same_state(read_checkpoint(out / final), read_checkpoint(tmp_path / final))

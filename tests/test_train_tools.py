@@ -90,6 +90,46 @@ def test_torchrun_train_and_resume(torchrun_run):
     assert state["world_size"] == 2 and state["global_step"] == 6
 
 
+@pytest.fixture(scope="module")
+def torchrun_straight_and_resumed(tmp_path_factory):
+    """Two gloo processes train 2 epochs of 3 steps, checkpointing every step; a second pair starts from a
+    copy of the step-2 checkpoint in another run directory (as if killed there) and finishes the run."""
+    import shutil
+
+    straight, resumed = tmp_path_factory.mktemp("ddp-straight"), tmp_path_factory.mktemp("ddp-resumed")
+    # Mixup draws from numpy's RNG, which each rank seeds with seed + rank: if a rank resumed with
+    # another rank's RNG states, its mixing weights, so the gradients, would differ. timm's
+    # test_resnet (0.4 M parameters) keeps a checkpoint every step cheap.
+    sets = _sets(TINY + ["model.name=test_resnet", "train.epochs=2", "train.max_iters_per_epoch=3",
+                         "train.ckpt_every_iters=1", "train.keep_last=10", "train.mixup=0.2",
+                         "train.deterministic=true"])
+    first = _torchrun(2, "train.py", "--config", "configs/digits.yaml", "--output", str(straight), *sets)
+    assert first.returncode == 0, first.stdout + first.stderr
+    shutil.copy(straight / "checkpoint-000000002.pt", resumed / "checkpoint-000000002.pt")
+    second = _torchrun(2, "train.py", "--config", "configs/digits.yaml", "--output", str(resumed), *sets,
+                       "--resume", "auto")
+    assert second.returncode == 0, second.stdout + second.stderr
+    return straight, resumed, second
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_bitwise_exact(torchrun_straight_and_resumed):
+    import torch
+
+    straight, resumed, second = torchrun_straight_and_resumed
+    assert "resumed from" in second.stdout and "epoch 0 iteration 2 (global step 2)" in second.stdout
+    a, b = read_checkpoint(straight / "last.pt"), read_checkpoint(resumed / "last.pt")
+    assert a["global_step"] == b["global_step"] == 6 and a["world_size"] == b["world_size"] == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    # Each rank's RNG states are its own, and each rank got its own back.
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    for rank in range(2):
+        assert torch.equal(a["rng"][rank]["numpy"][1], b["rng"][rank]["numpy"][1])
+
+
 @pytest.mark.slow
 def test_eval_tool_counts_exactly_under_torchrun(torchrun_run, tmp_path):
     out, _, _ = torchrun_run

@@ -3,7 +3,8 @@
 
 Single process:  python tools/train.py --config configs/digits.yaml
 One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config configs/rednet50.yaml --data /data/imagenet
-Exit status: 0 done; 2 bad config/data; 3 non-finite loss; 128+N stopped by signal N after checkpointing.
+Exit status: 0 done; 2 bad config, data or checkpoint, or a run directory whose results the command would
+overwrite (see --resume, --restart); 3 non-finite loss; 128+N stopped by signal N after checkpointing.
 """
 from __future__ import annotations
 
@@ -23,8 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a dotted config key, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--output", help="run directory (overrides train.output)")
     p.add_argument("--data", help="dataset root with train/ and val/ (overrides data.root)")
-    p.add_argument("--resume", metavar="auto|PATH",
-                   help="'auto': newest valid checkpoint in the run directory (if any); or a checkpoint path")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="auto|PATH",
+                       help="'auto': the newest usable checkpoint of the run directory (a fresh run if the directory "
+                            "holds no results); or a checkpoint path")
+    start.add_argument("--restart", action="store_true",
+                       help="start over in a run directory that holds results: they are first moved into "
+                            "OUTPUT/previous-<time>/")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume from a checkpoint whose config differs in more than the keys a resume may change "
+                        "(train.epochs, logging, checkpoint frequency, loader options, data.root, output)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (base file merged, overrides applied) as YAML and exit")
     return p
@@ -103,7 +112,7 @@ def _train(args: argparse.Namespace) -> int:
         # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
         check_buildable(cfg)
         check_output_dir(cfg.train.output, "the run directory train.output (--output)")
-        result = fit(cfg, resume=args.resume)
+        result = fit(cfg, resume=args.resume, restart=args.restart, allow_config_change=args.allow_config_change)
     except (ConfigError, DataError, CheckpointError) as e:
         return _error(e)
     except NonFiniteLossError as e:

@@ -3,12 +3,23 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce", "barrier", "cleanup_distributed", "init_distributed", "is_restarted_worker"]
+__all__ = [
+    "DistInfo",
+    "all_reduce",
+    "barrier",
+    "cleanup_distributed",
+    "gather_to_main",
+    "init_distributed",
+    "is_restarted_worker",
+    "run_on_main",
+]
 
 
 @dataclass
@@ -74,6 +85,50 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
+
+
+def _grouped() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_to_main(obj: Any) -> Optional[list[Any]]:
+    """Every rank's ``obj`` (picklable), indexed by rank, on rank 0; None on the other ranks.
+
+    Without a process group: ``[obj]``.
+    """
+    if not _grouped():
+        return [obj]
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; every rank returns its result, or raises the exception it raised.
+
+    For decisions that read or change shared files: one rank decides, so every rank acts on
+    the same answer, and an error on rank 0 reaches the others instead of leaving them waiting.
+    """
+    if not _grouped():
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except Exception as e:  # noqa: BLE001  forwarded to every rank, then raised on each
+            try:
+                pickle.dumps(e)
+                box[0] = (None, e)
+            except Exception:  # noqa: BLE001  an exception that cannot travel: its text can
+                box[0] = (None, RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

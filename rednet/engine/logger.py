@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["Progress", "RunLogger", "setup_logging"]
+from ..fileio import atomic_write
+
+__all__ = ["Progress", "RunLogger", "setup_logging", "trim_metrics"]
 
 _logger = logging.getLogger("rednet")
 
@@ -73,16 +75,18 @@ class RunLogger:
     Args:
         run_dir: the run directory.
         enabled: True on rank 0.
+        purge_step: a resumed run's first step: TensorBoard hides the points an interrupted run
+            logged from there on, which this run logs again.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
         self.enabled = enabled
         self.tb: Optional[Any] = None
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.tb is not None:
@@ -101,3 +105,30 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def trim_metrics(path: Path, epochs_done: int) -> int:
+    """Keep the records of epochs 1..``epochs_done`` in ``metrics.jsonl``; returns how many were dropped.
+
+    A resumed run writes again the records of the epochs after its checkpoint: a kill between
+    an epoch's metrics line and its checkpoint left one, and a kill in mid-line a torn one. The
+    file is rewritten atomically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epochs_done:
+            kept.append(line + "\n")
+    dropped = len(lines) - len(kept)
+    if dropped:
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        _logger.warning("%s: dropped %d record(s) after epoch %d, which this run writes again", path, dropped,
+                        epochs_done)
+    return dropped

@@ -19,6 +19,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ..data import build_datasets, build_eval_loader, build_train_loader
+from ..fileio import atomic_write
 from .builder import (
     AMP_DTYPES,
     build_loss_and_mixup,
@@ -31,17 +32,16 @@ from .builder import (
 from .checkpoint import (
     CheckpointError,
     capture_rng_state,
-    find_resume_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
     read_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 from .config import Config, config_to_dict
-from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker
+from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
+from .resume import StartPlan, carry_out, plan_start
 
 __all__ = ["TrainingInterrupted", "fit", "seed_everything"]
 
@@ -101,17 +101,6 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {vb!r} -> {va!r}")
-    return out
-
-
 class _Run:
     """State of one training process: what a checkpoint stores and restores; ``fit`` is its only user.
 
@@ -146,7 +135,8 @@ class _Run:
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         return cls(cfg, run_dir, dist_info, model, optimizer, scheduler, scaler, ema)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, rng: Optional[list[dict]] = None) -> dict[str, Any]:
+        """What a checkpoint stores; ``rng``: every rank's RNG states, indexed by rank (None in best.pt)."""
         return {
             "config": self.cfg_dict,
             "model": self.model.state_dict(),
@@ -158,15 +148,20 @@ class _Run:
             "iteration": self.state.iteration,
             "global_step": self.state.global_step,
             "best_top1": self.state.best_top1,
-            "rng": capture_rng_state(),
+            "rng": rng,
             "world_size": self.dist.world_size,
         }
 
     def save(self) -> Path:
-        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk)."""
+        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk).
+
+        Each rank draws its own augmentation stream (seeded with seed + rank), so each rank's RNG
+        states go into the checkpoint, gathered to rank 0, and each rank takes its own back.
+        """
         path = self.run_dir / f"checkpoint-{self.state.global_step:09d}.pt"
+        rng = gather_to_main(capture_rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_state(), path, link_last=True)
+            save_checkpoint(self.checkpoint_state(rng), path, link_last=True)
             prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         barrier()
         return path
@@ -182,44 +177,42 @@ class _Run:
         if state.get("world_size", 1) != self.dist.world_size:
             _logger.warning("resuming a run of %s processes with %s: the data order differs from an "
                             "uninterrupted run", state.get("world_size"), self.dist.world_size)
-        diff = _config_diff(self.cfg_dict, state["config"])
-        if diff:
-            _logger.warning("config differs from the checkpoint's: %s", "; ".join(diff))
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        # Only the step count is state: the lr curve itself follows the current config, so a
-        # resume with more train.epochs stretches the cosine (an identical config reproduces it).
-        fresh_fn, fresh_base = self.scheduler.lr_lambdas[0], list(self.scheduler.base_lrs)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.lr_lambdas, self.scheduler.base_lrs = [fresh_fn] * len(fresh_base), fresh_base
-        factor = fresh_fn(self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, fresh_base):
-            group["lr"] = base * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # only reachable with --allow-config-change
+            raise CheckpointError(f"the checkpoint's weights or optimizer state do not fit the model and optimizer "
+                                  f"of the current config: {str(e)[:500]}") from e
+        self._restore_schedule_position(int(state["scheduler"]["last_epoch"]))
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(state["epoch"], state["iteration"], state["global_step"], state.get("best_top1", -1.0))
-        self.rng_state = state["rng"]
+        self.rng_state = self._own_rng_state(state.get("rng"))
 
+    def _own_rng_state(self, stored: Any) -> Optional[dict]:
+        """This rank's RNG states in a checkpoint's ``rng`` (a list by rank; one dict in rednet-train/1)."""
+        if isinstance(stored, dict):
+            if self.dist.distributed:
+                _logger.warning("the checkpoint (an earlier version's) holds the RNG states of rank 0 only; every "
+                                "rank takes them, so augmentation differs from an uninterrupted run")
+            return stored
+        if stored and self.dist.rank < len(stored):
+            return stored[self.dist.rank]
+        return None  # a rank the checkpoint's run did not have keeps its fresh seed (seed + rank)
 
-def _resolve_resume(resume: Optional[str], run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
-    if resume is None and is_restarted_worker():
-        _logger.info("restarted by torchrun: resuming from the newest checkpoint in %s", run_dir)
-        resume = "auto"
-    if resume is None:
-        if list_checkpoints(run_dir):
-            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                                  "or choose another --output")
-        return None, None
-    if resume == "auto":
-        found = find_resume_checkpoint(run_dir, map_location="cpu")
-        if found is None:
-            _logger.info("no checkpoint in %s: starting from scratch", run_dir)
-            return None, None
-        return found
-    return Path(resume), read_checkpoint(resume, map_location="cpu")
+    def _restore_schedule_position(self, steps_done: int) -> None:
+        """Put the schedule built for the current config at ``steps_done``.
+
+        Only the step count is state: the lr curve follows the current config, so a resume
+        with more train.epochs stretches the cosine. ``LambdaLR.load_state_dict`` would copy
+        the stored schedule's attributes, its old length included, into this one.
+        """
+        self.scheduler.last_epoch = steps_done
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * fn(steps_done)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLoader, int]:
@@ -241,15 +234,24 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
     return train_loader, val_loader, steps
 
 
-def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
+def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
+        allow_config_change: bool = False) -> dict[str, Any]:
     """Train ``cfg`` under torchrun or in a single process; returns the final validation metrics.
+
+    Where the run starts follows ``rednet.engine.resume``: a run directory's results are never
+    started over on or continued from an incompatible checkpoint unless asked.
 
     Args:
         cfg: the resolved config; ``train.output`` is the run directory.
-        resume: None (fresh run; an existing run directory with checkpoints is an error),
-            ``"auto"`` (the newest valid checkpoint of the run directory, if any) or a path.
+        resume: None (fresh run; a run directory holding results is an error), ``"auto"`` (the
+            newest usable checkpoint of the run directory; a fresh run where it holds no results)
+            or a checkpoint path.
+        restart: start over; the run directory's results are first moved into ``previous-<time>/``.
+        allow_config_change: continue from a checkpoint whose config differs in more than
+            ``RESUME_SAFE_KEYS``.
 
     Raises:
+        CheckpointError: the run directory or checkpoint does not allow what was asked (nothing was changed).
         NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
@@ -258,17 +260,34 @@ def fit(cfg: Config, resume: Optional[str] = None) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.cpu_threads)
     run_dir = Path(cfg.train.output)
     seed_everything(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
-    ckpt_path, ckpt = _resolve_resume(resume, run_dir)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    cfg_dict = config_to_dict(cfg)
+    main_state: Optional[dict] = None
+
+    def decide() -> StartPlan:
+        nonlocal main_state
+        plan, main_state = plan_start(run_dir, cfg_dict, resume, restart=restart,
+                                      allow_config_change=allow_config_change,
+                                      restarted_worker=is_restarted_worker())
+        return plan
+
+    def prepare_run_dir() -> None:
+        carry_out(plan, run_dir)
+        config_yaml = yaml.safe_dump(cfg_dict, sort_keys=False).encode()
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+
+    # Rank 0 decides and changes the directory; the others wait (and see its errors), then
+    # read the same checkpoint.
+    plan = run_on_main(decide)
+    run_on_main(prepare_run_dir)
+    ckpt = main_state if dist_info.is_main or plan.checkpoint is None else read_checkpoint(plan.checkpoint)
     train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
     if ckpt is not None:
         run.restore(ckpt)
-        _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", ckpt_path, run.state.epoch,
+        run.state.best_top1 = max(run.state.best_top1, plan.best_top1)
+        _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", plan.checkpoint, run.state.epoch,
                      run.state.iteration, run.state.global_step)
-        del ckpt
+        del ckpt, main_state
     return _train(run, train_loader, val_loader, steps)
 
 
@@ -277,7 +296,8 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
     cfg, dist_info, device = run.cfg, run.dist, run.dist.device
     train_model, no_sync = _wrap_for_training(run.model, cfg, dist_info)
     loss_fn, mixup = build_loss_and_mixup(cfg)
-    logger = RunLogger(run.run_dir, dist_info.is_main)
+    resumed_at = run.state.global_step or None
+    logger = RunLogger(run.run_dir, dist_info.is_main, purge_step=resumed_at and resumed_at + 1)
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d "
                  "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
@@ -366,8 +386,8 @@ def _end_epoch(run: _Run, stats: dict[str, Any], val: Optional[dict[str, Any]], 
     state.epoch, state.iteration = epoch + 1, 0
     record["time"] = time.time()
     logger.epoch(record)
-    path = run.save()
+    # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
+    # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
     if improved:
         run.save_best(record)
-    barrier()
-    return path
+    return run.save()

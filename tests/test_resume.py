@@ -1,0 +1,190 @@
+"""Resuming a run: which checkpoint, what it restores, and what it refuses to do to a run directory's results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rednet.engine import load_config
+
+from .helpers import ROOT, load_tool
+
+# timm's test_resnet (0.4 M parameters) on synthetic 16 px images: a step and a checkpoint cost milliseconds.
+TINY = ["model.name=test_resnet", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+        "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=32", "data.synthetic_val_size=8",
+        "optim.lr=0.05", "optim.warmup_epochs=0.5", "train.log_every=1", "train.label_smoothing=0.0",
+        "train.max_iters_per_epoch=2", "train.epochs=2"]
+
+
+def _cfg(out, *extra):
+    return load_config(None, [*TINY, f"train.output={out}", *extra])
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
+    """The lr after a resume with a larger train.epochs is the lr of a fresh run of that length at that step."""
+    from rednet.engine.trainer import fit
+
+    fit(_cfg(tmp_path / "stretched", "train.epochs=1"))
+    fit(_cfg(tmp_path / "stretched", "train.epochs=3"), resume="auto")
+    fit(_cfg(tmp_path / "fresh", "train.epochs=3"))
+    stretched, fresh = _records(tmp_path / "stretched"), _records(tmp_path / "fresh")
+    assert [r["global_step"] for r in stretched] == [r["global_step"] for r in fresh] == [2, 4, 6]
+    # The lr each epoch ended at: after step 4 of 6 it is well above 0 (the 2-step schedule ended at 0).
+    assert fresh[1]["lr"] > 0.01
+    assert [r["lr"] for r in stretched[1:]] == pytest.approx([r["lr"] for r in fresh[1:]], rel=1e-12, abs=0)
+
+
+# --- what a run directory's results allow ------------------------------------------------------------------
+
+
+def _args(out, *extra):
+    sets = [a for item in TINY for a in ("--set", item)]
+    return ["--config", str(ROOT / "configs" / "digits.yaml"), "--output", str(out), *sets, *extra]
+
+
+def _snapshot(run_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A run directory after one finished epoch (of two): checkpoint-000000002.pt, best.pt, last.pt, metrics."""
+    out = tmp_path_factory.mktemp("one-epoch")
+    assert load_tool("train").main(_args(out, "--set", "train.epochs=1")) == 0
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unreadable_checkpoints_never_start_over_on_results(one_epoch, tmp_path, capsys):
+    """Every rolling checkpoint truncated: --resume auto refuses instead of training from epoch 1 over best.pt."""
+    from rednet.engine.checkpoint import list_checkpoints
+
+    out = _copy(one_epoch, tmp_path / "run")
+    for path in list_checkpoints(out) + [out / "last.pt"]:
+        path.write_bytes(path.read_bytes()[:1000])
+    before = _snapshot(out)
+    train = load_tool("train")
+    capsys.readouterr()
+    assert train.main(_args(out, "--resume", "auto")) == 2
+    log = capsys.readouterr().out
+    assert "error: " in log and "Traceback" not in log
+    assert "holds results (1 rolling checkpoint, best.pt, last.pt, metrics.jsonl (1 epoch records))" in log
+    assert "checkpoint-000000002.pt is truncated" in log and "--restart" in log and "--output" in log
+    assert train.main(_args(out)) == 2  # no --resume: the same refusal
+    assert "pass --resume auto to continue that run" in capsys.readouterr().out
+    assert _snapshot(out) == before  # nothing touched
+    # --restart keeps every old byte, in previous-<time>/, and starts over.
+    assert train.main(_args(out, "--restart")) == 0
+    (previous,) = out.glob("previous-*")
+    assert _snapshot(previous) == {k: v for k, v in before.items()}
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+def _foreign_checkpoint(state: dict, path, step: int):
+    """A checkpoint of another config (3 classes instead of 4) named after a later step."""
+    from rednet.engine import config_to_dict, save_checkpoint
+    from rednet.engine.builder import build_model
+
+    cfg = load_config(ROOT / "configs" / "digits.yaml", [*TINY, "model.num_classes=3"])
+    save_checkpoint({**state, "config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
+                     "global_step": step}, path)
+
+
+def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, capsys):
+    from rednet.engine import read_checkpoint
+
+    out = _copy(one_epoch, tmp_path / "run")
+    own = read_checkpoint(out / "checkpoint-000000002.pt")
+    _foreign_checkpoint(own, out / "checkpoint-000000009.pt", 9)
+    foreign = (out / "checkpoint-000000009.pt").read_bytes()
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
+    log = capsys.readouterr().out
+    assert "resume: skipping" in log and "model.num_classes: 3 -> 4" in log
+    assert "resumed from " + str(out / "checkpoint-000000002.pt") in log
+    # Set aside, byte for byte: the resumed run neither pruned nor overwrote it.
+    assert (out / "checkpoint-000000009.pt.other-config").read_bytes() == foreign
+    last = read_checkpoint(out / "last.pt")
+    assert last["global_step"] == 4 and last["config"]["model"]["num_classes"] == 4
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    # Going back to an older checkpoint of the same directory would leave two histories in it.
+    assert load_tool("train").main(_args(out, "--resume", str(out / "checkpoint-000000002.pt"))) == 2
+    assert "holds checkpoints newer than checkpoint-000000002.pt" in capsys.readouterr().out
+
+
+def test_only_a_checkpoint_of_another_config_is_refused(one_epoch, tmp_path, capsys):
+    from rednet.engine import read_checkpoint
+
+    out = _copy(one_epoch, tmp_path / "run")
+    _foreign_checkpoint(read_checkpoint(out / "last.pt"), out / "checkpoint-000000009.pt", 9)
+    for name in ("checkpoint-000000002.pt", "last.pt"):
+        (out / name).unlink()
+    before = _snapshot(out)
+    train = load_tool("train")
+    capsys.readouterr()
+    assert train.main(_args(out, "--resume", "auto")) == 2
+    log = capsys.readouterr().out
+    assert "written by another config (model.num_classes: 3 -> 4)" in log and "--allow-config-change" in log
+    # Allowed, but the weights cannot fit a 4-class model: still a clear error, not a traceback.
+    assert train.main(_args(out, "--resume", "auto", "--allow-config-change")) == 2
+    log = capsys.readouterr().out
+    assert "do not fit the model" in log and "Traceback" not in log
+    assert _snapshot(out) == before
+
+
+def test_resume_from_best_pt_or_an_older_checkpoint_is_a_clear_error(one_epoch, tmp_path, capsys):
+    out = _copy(one_epoch, tmp_path / "run")
+    train = load_tool("train")
+    capsys.readouterr()
+    assert train.main(_args(out, "--resume", str(out / "best.pt"))) == 2
+    log = capsys.readouterr().out
+    assert "holds no optimizer state" in log and "resume from last.pt or a checkpoint-*.pt" in log
+    assert "KeyError" not in log
+    with pytest.raises(SystemExit) as e:  # argparse: one or the other
+        train.main(_args(out, "--resume", "auto", "--restart"))
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+class _Killed(BaseException):
+    """Stands in for a kill -9: nothing after it runs (BaseException: no handler in the trainer catches it)."""
+
+
+def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
+    from rednet.engine import read_checkpoint
+    from rednet.engine.trainer import _Run
+
+    out = tmp_path / "run"
+    save = _Run.save
+
+    def killed_at_the_end_of_epoch_2(run):
+        if run.state.epoch == 2 and run.state.iteration == 0:
+            raise _Killed
+        return save(run)
+
+    monkeypatch.setattr(_Run, "save", killed_at_the_end_of_epoch_2)
+    with pytest.raises(_Killed):
+        load_tool("train").main(_args(out))
+    monkeypatch.setattr(_Run, "save", save)
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 2's record, not its checkpoint
+    # What interrupted writes leave: a checkpoint's temporary file, and last.pt's link in the making.
+    (out / ".checkpoint-000000004.pt.k3j_x9q2.tmp").write_bytes(b"\0" * (1 << 20))
+    (out / ".last.pt.link").write_bytes(b"\0")
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert not list(out.glob(".*"))
+    assert read_checkpoint(out / "last.pt")["global_step"] == 4
+    log = capsys.readouterr().out
+    assert "dropped 1 record(s) after epoch 1" in log and "removed 2 temporary file(s) (1.0 MB)" in log
