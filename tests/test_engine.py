@@ -397,3 +397,44 @@ def test_precision_and_layout_options_train(tmp_path, extra):
     assert result["count"] == 7 and math.isfinite(result["loss"])
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["global_step"] == 2 and (state["scaler"] is not None) == ("train.amp=fp16" in extra)
+
+
+# --- unreadable images in the loop -----------------------------------------------------
+
+
+def _loop_context(model):
+    from rednet.engine.loop import StepContext
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    return StepContext(model=model, optimizer=opt, scheduler=sched, loss_fn=torch.nn.CrossEntropyLoss(),
+                       device=torch.device("cpu"))
+
+
+def _batches(*readable: bool):
+    # What collate_skip yields: images, targets and how many images of the batch were unreadable.
+    empty = (torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long), 4)
+    return [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,)), 0) if r else empty for r in readable]
+
+
+def test_a_batch_of_only_unreadable_images_is_not_a_step():
+    from rednet.engine.loop import TrainState, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    ctx, state = _loop_context(model), TrainState()
+    stats = train_one_epoch(ctx, _batches(False, True), state, steps=2, main_process=False)
+    # Both positions of the epoch are consumed, but only the readable batch moved the weights
+    # and the schedule.
+    assert (state.iteration, state.global_step, ctx.scheduler.last_epoch) == (2, 1, 1)
+    assert stats["steps"] == 1 and stats["skipped"] == 4
+
+
+def test_an_epoch_of_only_unreadable_images_is_a_data_error():
+    from rednet.data import DataError
+    from rednet.engine.loop import TrainState, evaluate, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    with pytest.raises(DataError, match="every image of epoch 1 was unreadable"):
+        train_one_epoch(_loop_context(model), _batches(False, False), TrainState(), steps=2, main_process=False)
+    with pytest.raises(DataError, match="scored no images"):
+        evaluate(model, _batches(False), torch.device("cpu"), main_process=False)

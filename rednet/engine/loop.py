@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..data import DataError
 from .distributed import all_reduce
 from .logger import Progress, RunLogger
 
@@ -125,6 +126,7 @@ def train_one_epoch(
 
     Raises:
         NonFiniteLossError: the loss was NaN/inf; raised before the optimizer step, so no bad weights are saved.
+        DataError: every image of the epoch was unreadable, or, with several processes, of one step.
     """
     ctx.model.train()
     progress = Progress(steps, state.iteration, desc, main_process, ctx.log_every)
@@ -150,7 +152,7 @@ def train_one_epoch(
             totals[2] += skipped
             if images.numel() == 0:
                 if ctx.world_size > 1:
-                    raise RuntimeError(
+                    raise DataError(
                         f"every image of a batch at epoch {state.epoch} step {state.iteration} was unreadable; "
                         "with several processes the step cannot be skipped on one rank only"
                     )
@@ -170,6 +172,15 @@ def train_one_epoch(
                     loss.backward()
             loss_sum += loss.detach().float()
             n_images += images.shape[0]
+        if n_images == 0:
+            # Every image of this step was unreadable (one process; several raise above). An
+            # optimizer step would still apply momentum and weight decay and advance the schedule
+            # on no data, so it is not a step; the position in the epoch still moves on.
+            state.iteration += 1
+            if ctx.stop_requested():
+                stopped = True
+                break
+            continue
 
         # One small collective per step: every rank learns whether any rank saw a non-finite
         # loss or received a stop signal, so all ranks stop at the same step.
@@ -230,6 +241,9 @@ def train_one_epoch(
         ctx.on_step(state)
     progress.close()
     all_reduce(totals, "sum")
+    if not stopped and totals[1] == 0 and totals[2] > 0:
+        raise DataError(f"every image of epoch {state.epoch + 1} was unreadable ({int(totals[2])} skipped): "
+                        "check the training split")
     elapsed = time.perf_counter() - t_epoch
     n_steps = max(1.0, totals[1].item())
     return {
@@ -300,7 +314,7 @@ def evaluate(
     elapsed = time.perf_counter() - t0
     loss, c1, c5, n, skipped = sums.tolist()
     if n == 0:
-        raise RuntimeError("evaluation scored no images (empty or entirely unreadable validation set)")
+        raise DataError("evaluation scored no images (empty or entirely unreadable validation set)")
     if not math.isfinite(loss):
         _logger.warning("evaluation loss is not finite")
     return {

@@ -18,7 +18,7 @@ import yaml
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..data import build_datasets, build_eval_loader, build_train_loader
+from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
 from ..fileio import atomic_write
 from .builder import (
     AMP_DTYPES,
@@ -229,7 +229,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
     if cfg.train.max_iters_per_epoch is not None:
         steps = min(steps, cfg.train.max_iters_per_epoch)
     if steps == 0:
-        raise ValueError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is "
+        raise DataError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is "
                          f"smaller than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
     return train_loader, val_loader, steps
 
