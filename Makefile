@@ -29,7 +29,8 @@ clean:
 # The README's first command: RedNet-26 on scikit-learn's bundled digits (CPU, or a GPU when
 # present), then the single-crop evaluation of the best checkpoint. --resume auto makes a
 # second `make train` (or one after Ctrl-C) continue the run instead of starting over;
-# `rm -rf runs/digits` trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
+# after a change to the config, `make train TRAIN_ARGS=--restart` moves the old results
+# aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
 TRAIN_ARGS ?=
 train: env
 	$(PY) tools/train.py --config configs/digits.yaml --output runs/digits --resume auto $(TRAIN_ARGS)
