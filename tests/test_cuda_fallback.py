@@ -307,6 +307,27 @@ def test_under_torch_compile_the_check_runs_while_tracing_and_stays_out_of_the_g
     assert len(seams.checked) == (0 if fails else len(_selfcheck.PROBLEMS))
 
 
+def test_cupy_installed_but_unusable_warns_once_for_cuda_tensors(monkeypatch):
+    # A CuPy for another CUDA, or without its NVRTC library: CuPy was asked for and does not work.
+    why = "CuPy is not importable (OSError: libnvrtc.so.13: cannot open shared object file)"
+    monkeypatch.setattr(_selfcheck, "_warned", set())
+    monkeypatch.setattr(_cupy, "installed", lambda: True)
+    monkeypatch.setattr(_cupy, "can_run_on", lambda *a: (False, why))
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    with pytest.warns(KernelCheckWarning, match=r"cannot run on cuda:0: CuPy is not importable.*libnvrtc.so.13.*"
+                                                r"benchmark.py selfcheck") as record:
+        assert ops._select_backend("cuda", 0, torch.float32, None, None) == "reference"
+        assert ops._select_backend("cuda", 0, torch.bfloat16, None, None) == "reference"
+    assert len(record) == 1
+    with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: CuPy is not importable"):
+        ops._select_backend("cuda", 0, torch.float32, "cupy", None)
+    monkeypatch.setattr(_selfcheck, "_warned", set())
+    monkeypatch.setattr(_cupy, "installed", lambda: False)  # an optional extra never installed: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KernelCheckWarning)
+        assert ops._select_backend("cuda", 0, torch.float32, None, None) == "reference"
+
+
 def test_check_cuda_kernel_without_the_seams_says_why_it_cannot_run():
     check = check_cuda_kernel("cpu", torch.float32, 3)
     assert check == (False, "unavailable", "input is on cpu, the CUDA kernel needs a CUDA tensor", 0.0)

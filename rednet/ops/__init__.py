@@ -162,6 +162,8 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. {hint}")
     if not ok:
+        if device_type == "cuda" and _cupy.installed():
+            _selfcheck.warn_unavailable(torch.device(device_type, device_index), why)
         _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
         return "reference"
     from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)

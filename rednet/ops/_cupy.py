@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import threading
 from collections.abc import Sequence
@@ -53,6 +54,11 @@ def _import_cupy():
     import cupy  # lazy: CuPy is optional
 
     return cupy
+
+
+def installed() -> bool:
+    """Whether CuPy is installed at all (without importing it): if not, the kernels were never asked for."""
+    return importlib.util.find_spec("cupy") is not None
 
 
 @functools.cache

@@ -35,7 +35,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import _cupy
 from ._reference import involution_reference
 
-__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "verdict", "warn_once"]
+__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "verdict", "warn_once",
+           "warn_unavailable"]
 
 _logger = logging.getLogger(__name__)
 
@@ -129,6 +130,20 @@ def warn_once(key: Key, check: KernelCheck) -> None:
             else "the reference is used for it from now on in this process")
     warnings.warn(f"{describe(key, check)}. {what[0].upper()}{what[1:]}: results are correct, only slower. "
                   f"{REPORT_HINT}", KernelCheckWarning, stacklevel=4)
+
+
+def warn_unavailable(device: torch.device, why: str) -> None:
+    """Warn once per cause that CuPy is installed but cannot run the kernels on a CUDA tensor's device.
+
+    CuPy not installed at all is no surprise (it is optional) and is only logged; CuPy
+    installed but unusable (a CuPy built for another CUDA, no NVRTC library, a driver
+    mismatch) is a first-contact failure like the others.
+    """
+    if ("unavailable", why) in _warned:
+        return
+    _warned.add(("unavailable", why))
+    warnings.warn(f"the CUDA involution kernel cannot run on {device}: {why}. The reference is used instead: "
+                  f"results are correct, only slower. {REPORT_HINT}", KernelCheckWarning, stacklevel=5)
 
 
 # ----------------------------------------------------------------------------------------
