@@ -14,8 +14,9 @@ outcome is kept for the process. A failure names the stage:
 - ``capture``: not a verdict: asked while a CUDA graph is being captured, where the check
   cannot run (it synchronises); nothing is stored and the next eager call checks.
 
-The check costs a few milliseconds beyond the compile, which the first launch would pay
-anyway (and which the disk cache pays once per machine). It runs outside any tensor
+Beyond the compile, which the first launch would pay anyway (and which the disk cache
+pays once per machine), the check is a few launches on tiny inputs and one
+synchronisation; a GPU test holds it under half a second. It runs outside any tensor
 modes (fake tensors, export tracing), autocast and inference mode, on its own random
 generator, so it neither sees the caller's tracing nor changes its random state.
 """
@@ -117,6 +118,8 @@ def verdict(key: Key) -> KernelCheck:
 def describe(key: Key, check: KernelCheck) -> str:
     """One message for a failed check: configuration, stage and cause."""
     cause = check.cause if len(check.cause) <= 2000 else check.cause[:2000] + " [...]"
+    if check.stage == "capture":
+        return f"the CUDA involution kernel was not checked for {key} (capture stage): {cause}"
     return f"the CUDA involution kernel failed its first-contact check for {key} at the {check.stage} stage: {cause}"
 
 
@@ -126,10 +129,10 @@ def warn_once(key: Key, check: KernelCheck) -> None:
         _logger.debug("involution: %s", describe(key, check))
         return
     _warned.add((check.stage, check.cause))
-    what = ("this call uses the reference" if check.stage == "capture"
-            else "the reference is used for it from now on in this process")
-    warnings.warn(f"{describe(key, check)}. {what[0].upper()}{what[1:]}: results are correct, only slower. "
-                  f"{REPORT_HINT}", KernelCheckWarning, stacklevel=4)
+    what = ("This call uses the reference" if check.stage == "capture"
+            else "The reference is used for it from now on in this process")
+    warnings.warn(f"{describe(key, check)}. {what}: results are correct, only slower. {REPORT_HINT}",
+                  KernelCheckWarning, stacklevel=4)
 
 
 def warn_unavailable(device: torch.device, why: str) -> None:
