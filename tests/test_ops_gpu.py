@@ -1,10 +1,30 @@
-"""The real CUDA kernels on a GPU (``gpu`` marker; skipped without one), against the reference."""
+"""The real CUDA kernels on a GPU (``gpu`` marker; skipped without one), against the reference.
+
+Also what the first contact with a GPU must survive: the first-contact check on every
+configuration RedNet uses, a compile failure, CUDA graph capture, two processes under
+NCCL, more than 2**31 elements, and a process that only uses ``cuda:1``.
+"""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from rednet.ops import _cupy, _plan, involution, involution_reference
+from rednet.ops import (
+    KernelCheckWarning,
+    _cupy,
+    _kernel_cache,
+    _plan,
+    _selfcheck,
+    check_cuda_kernel,
+    involution,
+    involution_reference,
+    use_backend,
+)
 
 cuda = pytest.mark.gpu
 
@@ -102,26 +122,46 @@ def test_gpu_opcheck(memory_format):
 
 
 @cuda
-def test_gpu_no_host_sync_current_stream_and_device():
+def test_gpu_no_host_sync_current_stream_and_device(monkeypatch):
     _cuda_ok()
     x, kernel, pad = _rand_case(2, 32, 2, 28, 28, 7, 1, 1, dtype=torch.float32)
-    x.requires_grad_()
-    ref = involution_reference(x.detach(), kernel, 1, pad, 1)
-    involution(x, kernel, backend="cupy")  # compile outside the checked region
+    grad_out = torch.randn(2, 32, 28, 28, device="cuda")
+    xr, kr = x.clone().requires_grad_(), kernel.clone().requires_grad_()
+    ref = involution_reference(xr, kr, 1, pad, 1)
+    ref_grads = torch.autograd.grad(ref, (xr, kr), grad_out)
+    involution(x, kernel, backend="cupy")  # compile and check outside the checked region
+    streams = []
+    real_call = _cupy._call
+    monkeypatch.setattr(_cupy, "_call", lambda fn, grid, block, args, stream: streams.append(stream.ptr)
+                        or real_call(fn, grid, block, args, stream))
+    # The inputs are written on the side stream behind a long sleep: a kernel queued on any
+    # other stream (the legacy default one, the caller's previous one) runs before they are
+    # ready and reads zeros, so a wrong stream fails the comparison and not only the spy.
+    x_in, k_in, go_in = torch.zeros_like(x), torch.zeros_like(kernel), torch.zeros_like(grad_out)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.cuda.stream(side):
-            y = involution(x, kernel, backend="cupy")
-            y.sum().backward()
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time, far longer than queuing the rest
+            x_in.copy_(x)
+            k_in.copy_(kernel)
+            go_in.copy_(grad_out)
+            x_in.requires_grad_()
+            k_in.requires_grad_()
+            y = involution(x_in, k_in, backend="cupy")
+            grads = torch.autograd.grad(y, (x_in, k_in), go_in)  # autograd runs it on the forward's stream
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(y, ref)
-    if torch.cuda.device_count() > 1:
+    assert streams == [side.cuda_stream] * 3  # forward, grad_input, grad_kernel
+    torch.testing.assert_close((y, *grads), (ref, *ref_grads))
+    if torch.cuda.device_count() > 1:  # a tensor on cuda:1 while cuda:0 is current: cuda:1's stream
+        streams.clear()
         x1, k1 = x.detach().to("cuda:1"), kernel.to("cuda:1")
-        torch.testing.assert_close(involution(x1, k1, backend="cupy").cpu(), ref.cpu())
+        torch.testing.assert_close(involution(x1, k1, backend="cupy").cpu(), ref.detach().cpu())
+        assert streams and set(streams) == {torch.cuda.current_stream(1).cuda_stream}  # the check's launches too
+        assert torch.cuda.current_device() == 0
 
 
 @cuda
@@ -158,6 +198,7 @@ def test_gpu_autocast_reaches_kernel_in_low_precision(monkeypatch):
 
     layer = Involution(64, 7, 2).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(2, 64, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert check_cuda_kernel("cuda", torch.bfloat16, 7, 2, 1, "nhwc").ok  # its launches are not the layer's
     seen = []
     real = _plan.plan_forward
     monkeypatch.setattr(_plan, "plan_forward", lambda *a: seen.append((a[0].dtype, a[1].dtype)) or real(*a))
@@ -198,3 +239,189 @@ def test_gpu_torch_compile_rednet_fullgraph(monkeypatch):
     assert any("fwd" in n for n in launches) and any("bwd_input" in n for n in launches)  # the kernel ran inside
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close([p.grad for p in model.parameters()], g_eager, rtol=1e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# First contact.
+
+
+@cuda
+@pytest.mark.parametrize("memory_format", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", list(_plan.TYPE_NAMES), ids=str)
+def test_gpu_first_contact_check_passes_on_rednets_windows_and_is_cheap(monkeypatch, dtype, memory_format):
+    _cuda_ok()
+    for window in [(3, 1, 1), (7, 1, 1), (7, 2, 1)]:
+        _cupy.prepare(torch.device("cuda", 0), (dtype, *window))  # the compile, which the first launch pays anyway
+        monkeypatch.setattr(_selfcheck, "_verdicts", {})
+        check = check_cuda_kernel("cuda:0", dtype, *window, memory_format=memory_format)
+        assert check.ok, check
+        assert check.seconds < 0.5, check  # the check itself, beyond the compile
+
+
+def _raise(exc):
+    def fn(*a, **k):
+        raise exc
+    return fn
+
+
+@cuda
+def test_gpu_auto_falls_back_on_an_injected_compile_failure(monkeypatch):
+    _cuda_ok()
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    monkeypatch.setattr(_selfcheck, "_verdicts", {})
+    monkeypatch.setattr(_selfcheck, "_warned", set())
+    monkeypatch.setattr(_cupy, "_functions", {})  # nothing loaded yet in this "process"
+    monkeypatch.setattr(_kernel_cache, "load", lambda key, names: None)  # nothing on disk either
+    monkeypatch.setattr(_cupy, "compile_binary", _raise(RuntimeError("nvrtc: error: injected failure")))
+    launches = []
+    real = _cupy.launch
+    monkeypatch.setattr(_cupy, "launch", lambda plan, dev: launches.append(plan.name) or real(plan, dev))
+    x, kernel, pad = _rand_case(2, 32, 2, 19, 23, 7, 2, 1, dtype=torch.float32, memory_format="nhwc")
+    with pytest.warns(KernelCheckWarning, match="compile stage: RuntimeError: nvrtc: error: injected failure"):
+        y = involution(x, kernel, 2)
+    assert launches == []
+    torch.testing.assert_close(y, involution_reference(x, kernel, 2, pad, 1))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        involution(x, kernel, 2, backend="cupy")
+
+
+@cuda
+def test_gpu_cuda_graph_capture_after_warm_up(monkeypatch):
+    _cuda_ok()
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    x, kernel, pad = _rand_case(2, 64, 4, 28, 28, 7, 2, 1, dtype=torch.float32, memory_format="nhwc")
+    launches = []
+    real = _cupy.launch
+    monkeypatch.setattr(_cupy, "launch", lambda plan, dev: launches.append(plan.name) or real(plan, dev))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks; it runs the check
+        for _ in range(2):
+            involution(x, kernel, 2)
+    torch.cuda.current_stream().wait_stream(side)
+    launches.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = involution(x, kernel, 2)
+    assert launches and all("fwd" in n for n in launches)  # the kernel is in the graph
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, involution_reference(x, kernel, 2, pad, 1))
+
+
+@cuda
+def test_gpu_cuda_graph_capture_before_any_check_uses_the_reference(monkeypatch):
+    _cuda_ok()
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    monkeypatch.setattr(_selfcheck, "_verdicts", {})  # never checked in this "process"
+    monkeypatch.setattr(_selfcheck, "_warned", set())
+    x, kernel, pad = _rand_case(2, 32, 2, 14, 14, 3, 1, 1, dtype=torch.float32)
+    involution_reference(x, kernel, 1, pad, 1)  # warm the reference up instead
+    graph = torch.cuda.CUDAGraph()
+    with pytest.warns(KernelCheckWarning, match="capture stage"):
+        with torch.cuda.graph(graph):
+            y = involution(x, kernel)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, involution_reference(x, kernel, 1, pad, 1))
+    assert _selfcheck._verdicts == {}  # checked at the next eager call
+
+
+@cuda
+@pytest.mark.parametrize("memory_format", ["nchw", "nhwc"])
+def test_gpu_more_than_2_to_the_31_elements(memory_format):
+    _cuda_ok()
+    b, c, g, h, w = 2049, 64, 4, 128, 128  # x has 2049 * 2**20 > 2**31 elements
+    free, _ = torch.cuda.mem_get_info()
+    if free < 32 * 2**30:
+        pytest.skip(f"needs 32 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x, kernel, pad = _rand_case(b, c, g, h, w, 3, 1, 1, dtype=torch.bfloat16, memory_format=memory_format)
+    assert x.numel() > 2**31
+    x.requires_grad_()
+    kernel.requires_grad_()
+    y = involution(x, kernel, backend="cupy")
+    grad_out = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, kernel), grad_out)
+    # The batch items are independent: the first and the last two (past element 2**31) against the reference.
+    for sl in (slice(0, 1), slice(b - 2, b)):
+        xr, kr = x[sl].detach().float().requires_grad_(), kernel[sl].detach().float().requires_grad_()
+        yr = involution_reference(xr, kr, 1, pad, 1)
+        rgx, rgw = torch.autograd.grad(yr, (xr, kr), grad_out[sl].float())
+        for got, ref in ((y[sl], yr), (gx[sl], rgx), (gw[sl], rgw)):
+            torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1.6e-2 * ref.abs().max().item())
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, cache_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rednet.layers import Involution
+
+    os.environ["REDNET_CACHE_DIR"] = cache_dir  # both ranks compile or load through one disk cache
+    # Full fp32 convolutions: the two backends' tiny differences must not be rounded apart by TF32.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = Involution(64, 7, 2).cuda().to(memory_format=torch.channels_last)
+        model = DistributedDataParallel(layer, device_ids=[rank])
+        gen = torch.Generator(device="cuda").manual_seed(rank)  # different data per rank
+        x = torch.randn(4, 64, 28, 28, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+        grads = {}
+        for backend in ("cupy", "reference"):
+            model.zero_grad(set_to_none=True)
+            with use_backend(backend):
+                model(x).square().mean().backward()  # gradients all-reduced over both ranks
+            grads[backend] = [p.grad.clone() for p in layer.parameters()]
+        torch.testing.assert_close(grads["cupy"], grads["reference"], rtol=1e-3, atol=1e-5)
+        gathered = [torch.zeros_like(grads["cupy"][0]) for _ in range(world)]
+        dist.all_gather(gathered, grads["cupy"][0])
+        torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)  # one model on every rank
+    finally:
+        dist.destroy_process_group()
+
+
+@cuda
+def test_gpu_two_processes_nccl_step(tmp_path):
+    _cuda_ok()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "cache")), nprocs=2)
+    assert len(list((tmp_path / "cache" / "kernels").glob("*.bin"))) >= 1  # written once, atomically
+
+
+@cuda
+def test_gpu_a_process_on_cuda_1_creates_no_context_on_cuda_0():
+    _cuda_ok()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    # A fresh process: this one already has contexts. CuPy's Device context would set
+    # cuda:0 back on exit, creating a context (hundreds of MB) there.
+    code = """
+import torch
+from rednet.ops import involution
+x = torch.randn(2, 32, 14, 14, device="cuda:1", requires_grad=True)
+k = torch.randn(2, 2, 3, 3, 14, 14, device="cuda:1", requires_grad=True)
+involution(x, k, backend="reference").sum().backward()
+torch.cuda.synchronize(1)
+if torch._C._cuda_hasPrimaryContext(0):
+    print("SKIP: PyTorch itself created a context on cuda:0")
+    raise SystemExit(0)
+involution(x, k, backend="cupy").sum().backward()
+torch.cuda.synchronize(1)
+assert not torch._C._cuda_hasPrimaryContext(0), "the CUDA kernel path created a context on cuda:0"
+print("OK")
+"""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    if res.stdout.startswith("SKIP"):
+        pytest.skip(res.stdout.strip())
+    assert res.stdout.strip() == "OK"

@@ -4,6 +4,7 @@
     python tools/benchmark.py op --device cpu                 # reference vs unfold, batch 2
     python tools/benchmark.py op --device cuda                # every backend, batch 64 and 128
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
+    python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
 stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
@@ -14,7 +15,14 @@ measured in the same run, and the peak memory the pass allocates beyond its inpu
 ``model``: training (forward, backward, SGD step; AMP bf16, channels_last) and inference
 images/s with peak memory, per involution backend, against ResNet-50/101.
 
-Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other mode already
+``selfcheck``: a machine's first contact with the CUDA kernels. One pass/fail line per
+dtype, RedNet window (K, stride, dilation) and memory format of the kernels' first-contact
+check (compile, then forward and both gradients against the reference; see
+``rednet.ops.check_cuda_kernel``), then, if all pass, ``op`` at batch 64 and ``model`` for
+RedNet-50 vs ResNet-50 (AMP bf16, channels_last). Exit status: 0 all passed, 1 a check
+failed (its cause is printed: include this output in a report), 2 no GPU.
+
+Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other modes already
 in that file are kept) and a markdown table beside it.
 """
 from __future__ import annotations
@@ -38,6 +46,7 @@ from rednet.analysis.shapes import InvolutionShape, involution_shapes
 from rednet.ops import (
     MEMORY_FORMATS,
     can_use_cuda_kernel,
+    check_cuda_kernel,
     involution_cupy,
     involution_output_size,
     involution_reference,
@@ -50,6 +59,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 OP_BACKENDS = {"reference": involution_reference, "unfold": involution_unfold, "cupy": involution_cupy}
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("train", "infer")
+SECTIONS = ("op", "model", "selfcheck")  # one per mode; each run replaces its own and keeps the others
+CHECK_WINDOWS = ((3, 1, 1), (7, 1, 1), (7, 2, 1))  # RedNet's (K, stride, dilation): stem, blocks, stride-2 blocks
 
 
 def log(msg: str) -> None:
@@ -331,10 +342,20 @@ def _fmt(v, nd=3) -> str:
 
 
 def markdown(res: dict) -> str:
+    gbps = "-" if res.get("copy_gbps") is None else f"{res['copy_gbps']:.1f}"
     lines = [f"# Benchmark {res['date']}: {res['device']}", "",
              f"torch {res['torch']}, CUDA {res['cuda']}, CuPy {res['cupy']}; "
-             f"copy bandwidth {res['copy_gbps']:.1f} GB/s.",
+             f"copy bandwidth {gbps} GB/s.",
              f"Command: `{res['command']}`", ""]
+    if res.get("selfcheck"):
+        lines += ["## First-contact check of the CUDA kernels", "",
+                  "| dtype | K | stride | dilation | memory format | result | s | cause |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["selfcheck"]:
+            cause = r["cause"].splitlines()[0][:200].replace("|", "/") if r["cause"] else ""
+            lines.append(f"| {r['dtype']} | {r['K']} | {r['stride']} | {r['dilation']} | {r['memory_format']} | "
+                         f"{'pass' if r['ok'] else 'FAIL: ' + r['stage']} | {r['seconds']:.2f} | {cause} |")
+        lines.append("")
     if res.get("op"):
         lines += ["## Involution op (RedNet-50 shapes at 224x224)", "",
                   "| shape | name | batch | dtype | layout | pass | backend | ms | floor ms | x floor | peak MiB |",
@@ -393,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("mode", choices=("op", "model"))
+    p.add_argument("mode", choices=("op", "model", "selfcheck"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
@@ -418,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", type=Path, default=None,
                    help="results file (default benchmarks/results/<date>-<device>.json)")
+    p.add_argument("--checks-only", action="store_true", help="selfcheck: stop after the checks, no benchmarks")
     return p
 
 
@@ -466,6 +488,8 @@ def _cupy_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.mode == "selfcheck":
+        return run_selfcheck(args)
     try:
         shapes = resolve_args(args)
     except ValueError as e:
@@ -483,15 +507,103 @@ def main(argv: list[str] | None = None) -> int:
     res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=_cupy_version(),
                date=date, copy_gbps=gbps, command=command, op=[], model=[])
     out = args.json or default_out(device, date)
-    other = "model" if args.mode == "op" else "op"
-    if out.exists():  # keep the other mode's rows of the same day and device
-        res[other] = json.loads(out.read_text()).get(other, [])
     res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
+    write_results(out, res, args.mode)
+    return 0
+
+
+def write_results(out: Path, res: dict, mode: str) -> None:
+    """Write ``res`` and its markdown beside it, keeping the other modes' rows already in ``out``."""
+    old = json.loads(out.read_text()) if out.exists() else {}  # same day and device
+    for section in SECTIONS:
+        if section != mode:
+            res[section] = old.get(section, [])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
-    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# selfcheck mode
+
+
+def _nvrtc_version() -> str | None:
+    try:
+        from cupy.cuda import nvrtc
+
+        return ".".join(map(str, nvrtc.getVersion()))
+    except Exception:  # noqa: BLE001  (CuPy or its NVRTC missing or broken: the report then says none)
+        return None
+
+
+def environment_lines(device: torch.device) -> list[str]:
+    """What a report about the kernels needs: the GPU, and torch, CUDA, CuPy and NVRTC versions."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return [f"device: {torch.cuda.get_device_name(device)} (sm_{major}{minor}), {torch.cuda.device_count()} visible",
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}), CuPy {_cupy_version()}, NVRTC {_nvrtc_version()}",
+            f"python {platform.python_version()}, {platform.platform()}"]
+
+
+def _check_line(row: dict) -> str:
+    head = (f"{'PASS' if row['ok'] else 'FAIL'}  {row['dtype']:<5} K{row['K']} s{row['stride']} d{row['dilation']} "
+            f"{row['memory_format']}  {row['seconds']:6.2f} s")
+    return head if row["ok"] else f"{head}  {row['stage']}: {row['cause'].splitlines()[0][:300]}"
+
+
+def run_checks(device: torch.device) -> list[dict]:
+    """The first-contact check of every dtype, RedNet window and memory format; prints one line each.
+
+    Stops after the first check if the kernels cannot run here at all (no CuPy, no device).
+    """
+    rows = []
+    configs = [(dn, w, fmt) for dn in ("fp32", "bf16", "fp16", "fp64") for w in CHECK_WINDOWS for fmt in MEMORY_FORMATS]
+    for dname, (k, s, d), fmt in configs:
+        check = check_cuda_kernel(device, DTYPES[dname], k, s, d, fmt)
+        rows.append(dict(dtype=dname, K=k, stride=s, dilation=d, memory_format=fmt, ok=check.ok, stage=check.stage,
+                         cause=check.cause, seconds=check.seconds))
+        if check.stage == "unavailable":
+            print(f"FAIL  the cupy backend cannot run here: {check.cause}")
+            break
+        print(_check_line(rows[-1]), flush=True)
+    return rows
+
+
+def run_benchmarks(out: Path) -> int:
+    """``op`` at batch 64 and ``model`` for RedNet-50 vs ResNet-50 (AMP bf16, channels_last) into ``out``."""
+    code = main(["op", "--device", "cuda", "--batch", "64", "--json", str(out)])
+    return code or main(["model", "--device", "cuda", "--models", "rednet50,resnet50", "--json", str(out)])
+
+
+def run_selfcheck(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print(f"error: selfcheck needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with CUDA "
+              f"{torch.version.cuda}); nothing was checked", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    for line in environment_lines(device):
+        print(line)
+    rows = run_checks(device)
+    date = dt.date.today().isoformat()
+    out = args.json or default_out(device, date)
+    res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=_cupy_version(),
+               date=date, copy_gbps=None, command="python tools/benchmark.py selfcheck", selfcheck=rows)
+    write_results(out, res, "selfcheck")
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        dead = any(r["stage"] == "context" for r in failed)
+        print(f"\n{len(failed)} of {len(rows)} checks failed; " + (
+            "a kernel fault left the device unusable in this process." if dead else
+            "auto uses the reference for those configurations (correct results, slower)."))
+        for cause in dict.fromkeys(f"[{r['stage']}] {r['cause']}" for r in failed):  # each distinct cause once
+            print(f"\n{cause}")
+        print("\nPlease report it on the project's issue tracker with this whole output and "
+              f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}.")
+        return 1
+    print(f"all {len(rows)} checks passed")
+    if args.checks_only:
+        return 0
+    return run_benchmarks(out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,20 @@ Which backend runs, first match wins:
 
 Forcing ``cupy`` where it cannot run is an error that says why.
 
-Modules, each importing only those below it: this front door; ``_custom_op`` (the
-``rednet::involution`` op, imported on first use of the kernels); ``_cupy`` (CuPy
-compilation and launch); ``_plan`` (launch plans and allocation, pure PyTorch);
-``_reference`` (the pure-PyTorch backend).
+The kernels are checked on first contact: before the kernel first runs for a (device,
+dtype, window, memory format) in a process, ``_selfcheck`` compiles it and compares its
+forward and both gradients with the reference on small inputs. If that fails, ``auto``
+uses the reference for that configuration from then on and warns once
+(``KernelCheckWarning``, naming the cause), and a forced ``cupy`` raises with the cause.
+The check runs eagerly at dispatch, outside ``torch.compile``'s graph (the decision is a
+traced constant) and never inside CUDA graph capture (an unchecked configuration met
+during capture uses the reference in ``auto`` and raises when forced).
+
+Modules, each importing only those below it: this front door; ``_selfcheck`` (the check
+on first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of
+the kernels); ``_cupy`` (CuPy compilation and launch); ``_kernel_cache`` (compiled
+binaries on disk); ``_plan`` (launch plans and allocation, pure PyTorch); ``_reference``
+(the pure-PyTorch backend).
 """
 from __future__ import annotations
 
@@ -28,14 +38,18 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _cupy  # cheap: CuPy itself is imported only when a kernel is checked or runs
-from ._plan import MEMORY_FORMATS
+from . import _cupy, _selfcheck  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from ._plan import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
+from ._selfcheck import KernelCheck, KernelCheckWarning
 
 __all__ = [
     "BACKENDS",
     "MEMORY_FORMATS",
+    "KernelCheck",
+    "KernelCheckWarning",
     "can_use_cuda_kernel",
+    "check_cuda_kernel",
     "involution",
     "involution_cupy",
     "involution_output_size",
@@ -59,8 +73,37 @@ def involution_output_size(size: int, kernel_size: int, stride: int, padding: in
 
 
 def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
-    """Whether the CuPy kernel can run on ``x``, and if not, why."""
+    """Whether the CuPy kernel can run on ``x``, and if not, why.
+
+    Says nothing of the first-contact check, which depends on the window too; see
+    ``check_cuda_kernel``.
+    """
     return _cupy.can_run_on(x.device.type, x.device.index, x.dtype)
+
+
+def check_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
+                      dilation: int = 1, memory_format: str = "nchw") -> KernelCheck:
+    """The CUDA kernel's first-contact check for one configuration, run now if not yet run in this process.
+
+    The same check and cached outcome ``involution`` uses; it neither warns nor raises.
+
+    Args:
+        device: a CUDA device (``'cuda'`` means the current one).
+        dtype: float32, float16, bfloat16 or float64.
+        kernel_size: window size K.
+        stride: output stride.
+        dilation: spacing between taps.
+        memory_format: ``'nchw'`` (contiguous) or ``'nhwc'`` (channels_last).
+    """
+    device = torch.device(device)
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
+    ok, why = _cupy.can_run_on(device.type, device.index, dtype)
+    if not ok:
+        return KernelCheck(False, "unavailable", why, 0.0)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _selfcheck.verdict(_selfcheck.Key(device, dtype, kernel_size, stride, dilation, memory_format))
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,26 +155,57 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
 @torch.compiler.assume_constant_result
 def _select_backend(device_type: str, device_index: int | None, dtype: torch.dtype, backend: str | None,
                     forced: str | None) -> str:
-    if backend or not forced:
-        backend = (backend or os.environ.get(_ENV) or "auto").lower()
-        hint = f"Unset ${_ENV} or set it to 'reference'."
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}"
-            )
-    else:
-        backend, hint = forced, "Force 'reference' or 'auto' with use_backend instead."
+    backend, hint = _requested(backend, forced)
     if backend == "reference":
         return backend
     ok, why = _cupy.can_run_on(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. {hint}")
     if not ok:
+        if device_type == "cuda" and _cupy.installed():
+            _selfcheck.warn_unavailable(torch.device(device_type, device_index), why)
         _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
         return "reference"
     from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)
 
     return "cupy"
+
+
+def _requested(backend: str | None, forced: str | None) -> tuple[str, str]:
+    """The backend asked for (argument, else use_backend, else the environment) and how to undo it."""
+    if backend or not forced:
+        backend = (backend or os.environ.get(_ENV) or "auto").lower()
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}"
+            )
+        return backend, f"Unset ${_ENV} or set it to 'reference'."
+    return forced, "Force 'reference' or 'auto' with use_backend instead."
+
+
+# Like _select_backend, a constant under torch.compile: Dynamo calls it while tracing, so
+# the check runs eagerly then (on its own small tensors) and never becomes part of a graph.
+@torch.compiler.assume_constant_result
+def _kernel_passes(device_type: str, device_index: int | None, dtype: torch.dtype, backend: str | None,
+                   forced: str | None, kernel_size: int, stride: int, dilation: int, memory_format: str) -> bool:
+    """Whether the kernel passed its first-contact check for this configuration (running it once).
+
+    On failure ``auto`` warns once and answers False; a forced ``cupy`` raises with the cause,
+    as does a fault that leaves the device unusable (nothing can run there any more).
+    """
+    device = torch.device(device_type, device_index)
+    if device_index is None and device_type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = _selfcheck.Key(device, dtype, kernel_size, stride, dilation, memory_format)
+    check = _selfcheck.verdict(key)
+    if check.ok:
+        return True
+    requested, hint = _requested(backend, forced)
+    if requested == "cupy" or check.stage == "context":
+        hint = f" {hint}" if requested == "cupy" else ""
+        raise RuntimeError(f"involution: {_selfcheck.describe(key, check)}.{hint} {_selfcheck.REPORT_HINT}")
+    _selfcheck.warn_once(key, check)
+    return False
 
 
 # ----------------------------------------------------------------------------------------
@@ -213,8 +287,10 @@ def involution(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
-    if select_backend(x, backend) == "cupy":
-        return involution_cupy(x, kernel, stride, padding, dilation)
+    if select_backend(x, backend) == "cupy" and _kernel_passes(
+            x.device.type, x.device.index, x.dtype, backend, _forced, kernel.shape[2], stride, dilation,
+            memory_format_of(x)):
+        return _involution_op(x, kernel, stride, padding, dilation)
     return involution_reference(x, kernel, stride, padding, dilation)
 
 
@@ -222,8 +298,16 @@ def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding:
     """The CUDA kernels through the ``rednet::involution`` custom op (autograd included).
 
     Inputs are assumed validated and on a device ``can_use_cuda_kernel`` accepts; the front
-    door ``involution`` checks both.
+    door ``involution`` checks both. On CUDA tensors the first-contact check applies as to
+    a forced ``cupy``: a configuration that failed it raises with the cause.
     """
+    if x.is_cuda:
+        _kernel_passes(x.device.type, x.device.index, x.dtype, "cupy", None, kernel.shape[2], stride, dilation,
+                       memory_format_of(x))
+    return _involution_op(x, kernel, stride, padding, dilation)
+
+
+def _involution_op(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     from . import _custom_op  # noqa: F401  (registers the op on first use)
 
     return torch.ops.rednet.involution(x, kernel, stride, padding, dilation)

@@ -1,0 +1,266 @@
+"""The CUDA kernels' check on first contact: compile, run and compare once per configuration.
+
+The kernels have never run on the machine they meet first, so before the first call of a
+(device, dtype, window (K, stride, dilation), memory format) in a process, the front door
+compiles the module, runs the forward and both gradients on two small problems and
+compares them with the reference (``_reference``) within the dtype's tolerance. The
+outcome is kept for the process. A failure names the stage:
+
+- ``compile``: NVRTC, a missing NVRTC library or the driver loading the binary;
+- ``launch``: a kernel launch raised, or the device reported an error when synchronised;
+- ``result``: an output or gradient differs from the reference (or is not finite);
+- ``context``: the kernel faulted and CUDA's error is sticky: the device cannot run
+  anything more in this process, the reference included;
+- ``capture``: not a verdict: asked while a CUDA graph is being captured, where the check
+  cannot run (it synchronises); nothing is stored and the next eager call checks.
+
+Beyond the compile, which the first launch would pay anyway (and which the disk cache
+pays once per machine), the check is a few launches on tiny inputs and one
+synchronisation; a GPU test holds it under half a second. It runs outside any tensor
+modes (fake tensors, export tracing), autocast and inference mode, on its own random
+generator, so it neither sees the caller's tracing nor changes its random state.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+import zlib
+from typing import NamedTuple
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from . import _cupy
+from ._reference import involution_reference
+
+__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "verdict", "warn_once",
+           "warn_unavailable"]
+
+_logger = logging.getLogger(__name__)
+
+STAGES = ("compile", "launch", "result", "context", "capture")
+REPORT_HINT = ("Please report it on the project's issue tracker with the output of "
+               "`python tools/benchmark.py selfcheck`.")
+
+# Allowed error relative to the problem's scale: what fp32 accumulation plus the final
+# rounding to the dtype can cost (as the GPU tests allow), with margin.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (B, C, G, H, W): odd sizes that cross the NCHW kernels' 32x8 tile edges, and RedNet's 16
+# channels per group. Small: the check is about correctness, not coverage of every shape.
+PROBLEMS = ((2, 12, 2, 11, 37), (1, 64, 4, 14, 14))
+
+
+class KernelCheckWarning(RuntimeWarning):
+    """``auto`` uses the reference because the CUDA kernel failed its check on first contact."""
+
+
+class Key(NamedTuple):
+    """What one check covers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kernel_size: int
+    stride: int
+    dilation: int
+    memory_format: str  # 'nchw' or 'nhwc'
+
+    def __str__(self) -> str:
+        return (f"{self.device} {str(self.dtype).removeprefix('torch.')} K={self.kernel_size} stride={self.stride} "
+                f"dilation={self.dilation} {self.memory_format}")
+
+
+class KernelCheck(NamedTuple):
+    """The outcome of the check of one configuration.
+
+    Args:
+        ok: the kernels compiled, ran, and matched the reference.
+        stage: ``'passed'``, or where it failed: one of ``STAGES``, or ``'unavailable'``
+            (CuPy or the device cannot run the kernels at all; nothing was compiled).
+        cause: why it failed (the exception, or which output differs and by how much).
+        seconds: how long the check took, compile included.
+    """
+
+    ok: bool
+    stage: str
+    cause: str
+    seconds: float
+
+
+_lock = threading.Lock()
+_verdicts: dict[Key, KernelCheck] = {}
+_warned: set[tuple[str, str]] = set()  # (stage, cause) already warned about
+
+
+def verdict(key: Key) -> KernelCheck:
+    """The check's outcome for ``key``, running the check the first time in this process.
+
+    Thread-safe: concurrent first calls run one check. During CUDA graph capture an
+    unchecked key answers ``stage='capture'`` and stays unchecked.
+    """
+    found = _verdicts.get(key)
+    if found is not None:
+        return found
+    if _capturing(key.device):
+        return KernelCheck(False, "capture", "the kernel is not checked yet and cannot be during CUDA graph capture; "
+                                             "run the model once eagerly (a warm-up step) before capturing", 0.0)
+    with _lock:
+        found = _verdicts.get(key)
+        if found is None:
+            found = _run(key)
+            _verdicts[key] = found
+            _logger.debug("involution: kernel check %s: %s %s", key, found.stage, found.cause)
+    return found
+
+
+def describe(key: Key, check: KernelCheck) -> str:
+    """One message for a failed check: configuration, stage and cause."""
+    cause = check.cause if len(check.cause) <= 2000 else check.cause[:2000] + " [...]"
+    if check.stage == "capture":
+        return f"the CUDA involution kernel was not checked for {key} (capture stage): {cause}"
+    return f"the CUDA involution kernel failed its first-contact check for {key} at the {check.stage} stage: {cause}"
+
+
+def warn_once(key: Key, check: KernelCheck) -> None:
+    """Warn that ``auto`` falls back to the reference; once per distinct cause in a process."""
+    if (check.stage, check.cause) in _warned:
+        _logger.debug("involution: %s", describe(key, check))
+        return
+    _warned.add((check.stage, check.cause))
+    what = ("This call uses the reference" if check.stage == "capture"
+            else "The reference is used for it from now on in this process")
+    warnings.warn(f"{describe(key, check)}. {what}: results are correct, only slower. {REPORT_HINT}",
+                  KernelCheckWarning, stacklevel=4)
+
+
+def warn_unavailable(device: torch.device, why: str) -> None:
+    """Warn once per cause that CuPy is installed but cannot run the kernels on a CUDA tensor's device.
+
+    CuPy not installed at all is no surprise (it is optional) and is only logged; CuPy
+    installed but unusable (a CuPy built for another CUDA, no NVRTC library, a driver
+    mismatch) is a first-contact failure like the others.
+    """
+    if ("unavailable", why) in _warned:
+        return
+    _warned.add(("unavailable", why))
+    warnings.warn(f"the CUDA involution kernel cannot run on {device}: {why}. The reference is used instead: "
+                  f"results are correct, only slower. {REPORT_HINT}", KernelCheckWarning, stacklevel=5)
+
+
+# ----------------------------------------------------------------------------------------
+# The check. The functions below marked "seam" are what the CPU tests replace.
+
+
+def _capturing(device: torch.device) -> bool:  # seam
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _synchronize(device: torch.device) -> None:  # seam
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_usable(device: torch.device) -> bool:  # seam
+    """After a failure: whether the device still runs work (CUDA's sticky errors say no)."""
+    try:
+        _synchronize(device)
+        return bool((torch.ones(1, device=device) + 1).eq(2).all())
+    except Exception:  # noqa: BLE001  (any error here means the device is unusable)
+        return False
+
+
+def _kernel_outputs(x, kernel, grad_out, stride: int, padding: int, dilation: int):  # seam
+    """y, grad_x and grad_kernel from the op's three CUDA implementations, as autograd calls them."""
+    from . import _custom_op  # noqa: F401  (registers the ops)
+
+    ops = torch.ops.rednet
+    return (ops.involution(x, kernel, stride, padding, dilation),
+            ops.involution_backward_input(grad_out, x, kernel, stride, padding, dilation),
+            ops.involution_backward_kernel(grad_out, x, kernel, stride, padding, dilation))
+
+
+@contextlib.contextmanager
+def _plain_context(device: torch.device):
+    """Real tensors, autograd on, no autocast, and host syncs allowed, whatever the caller set."""
+    debug_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_disable_current_modes())  # fake tensors, export and proxy tracing
+        stack.enter_context(torch._C.DisableTorchFunction())  # torch function modes and subclasses
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+        if debug_mode:
+            torch.cuda.set_sync_debug_mode(0)  # the check synchronises on purpose, once
+            stack.callback(torch.cuda.set_sync_debug_mode, debug_mode)
+        yield
+
+
+def _problem(key: Key, b: int, c: int, g: int, h: int, w: int):
+    k, s, d = key.kernel_size, key.stride, key.dilation
+    p = d * (k - 1) // 2  # "same" padding, as RedNet uses
+    ho, wo = ((n + 2 * p - d * (k - 1) - 1) // s + 1 for n in (h, w))
+    # A private CPU generator seeded by the key: the caller's random state is untouched, and
+    # no two keys share values (a stale output of another check cannot pass for this one's).
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{key} {b}x{c}x{h}x{w}".encode()))
+    fmt = torch.channels_last if key.memory_format == "nhwc" else torch.contiguous_format
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(key.device, key.dtype).contiguous(
+            memory_format=fmt)
+
+    # The kernel as a network makes it: a (B, G*K*K, Ho, Wo) conv output viewed as 6-D.
+    return rand(b, c, h, w), rand(b, g * k * k, ho, wo).view(b, g, k, k, ho, wo), rand(b, c, ho, wo), p
+
+
+def _compare(key: Key, problem, outputs) -> str:
+    """Which output differs from the float64 reference and by how much; '' when all agree."""
+    x, kernel, grad_out, p = problem
+    xr, kr = x.double().requires_grad_(), kernel.double().requires_grad_()
+    yr = involution_reference(xr, kr, key.stride, p, key.dilation)
+    refs = (yr.detach(), *torch.autograd.grad(yr, (xr, kr), grad_out.double()))
+    tol = TOLERANCE[key.dtype]
+    for name, got, ref in zip(("output", "grad_input", "grad_kernel"), outputs, refs):
+        if got.shape != ref.shape or got.dtype != key.dtype:
+            return f"{name} is {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {key.dtype}"
+        err = (got.double() - ref).abs()
+        scale = ref.abs().max()
+        bad = ~(err <= tol * (ref.abs() + scale))  # NaN counts as bad
+        n_bad = int(bad.sum())
+        if n_bad:
+            return (f"{name} differs from the reference at {n_bad} of {ref.numel()} elements (largest error "
+                    f"{float(err.nan_to_num(float('inf')).max()):.3g} at scale {float(scale):.3g}, tolerance "
+                    f"{tol:g}) for x {tuple(x.shape)}, kernel {tuple(kernel.shape)}")
+    return ""
+
+
+def _run(key: Key) -> KernelCheck:
+    start = time.perf_counter()
+    with _plain_context(key.device):
+        stage, cause = _stages(key)
+    return KernelCheck(not cause, stage if cause else "passed", cause, time.perf_counter() - start)
+
+
+def _stages(key: Key) -> tuple[str, str]:
+    """(stage reached, cause of failure or '')."""
+    stage = "compile"
+    try:
+        _cupy.prepare(key.device, (key.dtype, key.kernel_size, key.stride, key.dilation))
+        stage = "launch"
+        problems = [_problem(key, *shape) for shape in PROBLEMS]
+        # Every kernel output before any reference: no freed reference buffer can be handed
+        # to a kernel output that then looks right without having been written.
+        outputs = [_kernel_outputs(x, k, go, key.stride, p, key.dilation) for x, k, go, p in problems]
+        _synchronize(key.device)  # asynchronous launch errors surface here
+        stage = "result"
+        return stage, next((c for c in map(_compare, [key] * len(problems), problems, outputs) if c), "")
+    except Exception as e:  # noqa: BLE001  (every failure becomes a verdict with its cause)
+        cause = f"{type(e).__name__}: {e}".strip()
+        if stage != "compile" and not _device_usable(key.device):
+            return "context", cause + (" (the device no longer runs anything in this process; run it again with "
+                                       "REDNET_INVOLUTION_BACKEND=reference)")
+        return stage, cause
