@@ -13,12 +13,14 @@ import os
 import torch
 
 from . import _cupy  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from ._export import involution_export, is_exporting
 from ._reference import involution_reference, involution_unfold
 
 __all__ = [
     "BACKENDS",
     "can_use_cuda_kernel",
     "involution",
+    "involution_export",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
@@ -129,7 +131,8 @@ def involution(
         backend: ``'auto'``, ``'reference'`` or ``'cupy'``; defaults to ``$REDNET_INVOLUTION_BACKEND`` or auto.
 
     Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
-    Under ``torch.compile`` the backend is chosen once, while tracing.
+    Under ``torch.compile`` the backend is chosen once, while tracing. Under ``torch.export``,
+    ``torch.onnx.export`` and ``torch.jit.trace`` a portable formulation is recorded instead.
     """
     if padding is None and kernel.dim() == 6:
         padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
@@ -140,6 +143,8 @@ def involution(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
+    if is_exporting():  # a few portable ops instead of a per-tap loop or a CuPy call (see _export.py)
+        return involution_export(x, kernel, stride, padding, dilation)
     if select_backend(x, backend) == "cupy":
         from ._cupy import involution_cupy
 
