@@ -112,7 +112,7 @@ class RedNet(nn.Module):
         global_pool: one of timm's pool types ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``
             (doubles the classifier's input width) or ``''`` (no pooling, only with ``num_classes=0``).
         drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth of the last block; block ``i`` of ``n`` (counted over the
+        drop_path_rate: stochastic depth of the last block; block ``i`` of ``n`` (from 0, over the
             whole network) drops its residual branch with probability ``drop_path_rate * i / (n - 1)``.
         drop_block_rate: DropBlock after the involution of every block in stages 3 and 4.
         zero_init_last: zero the last BatchNorm of every block, as released.
