@@ -50,6 +50,8 @@ class ModelConfig:
         in_chans: input channels.
         pretrained: ``None``, ``"default"`` (the model's published weights), a local path or a URL.
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the last block, linearly less for earlier ones (timm's rule).
+        drop_block_rate: DropBlock in the last two stages (timm's ResNet placement).
         kwargs: extra keyword arguments for the model constructor.
     """
 
@@ -58,6 +60,8 @@ class ModelConfig:
     in_chans: int = 3
     pretrained: Optional[str] = None
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    drop_block_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)
 
 
@@ -334,6 +338,8 @@ def _validate(cfg: Config) -> None:
         ("model.num_classes", cfg.model.num_classes >= 1, "an integer >= 1"),
         ("model.in_chans", cfg.model.in_chans >= 1, "an integer >= 1"),
         ("model.drop_rate", 0.0 <= cfg.model.drop_rate < 1.0, "a number in [0, 1)"),
+        ("model.drop_path_rate", 0.0 <= cfg.model.drop_path_rate < 1.0, "a number in [0, 1)"),
+        ("model.drop_block_rate", 0.0 <= cfg.model.drop_block_rate < 1.0, "a number in [0, 1)"),
         ("data.img_size", cfg.data.img_size >= 8, "an integer >= 8"),
         ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
         ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1,

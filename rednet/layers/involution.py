@@ -6,9 +6,15 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from ..ops import involution
+from ..ops import involution, involution_export
 
 __all__ = ["Involution"]
+
+# torch.fx records the operator as one call node instead of tracing into its input checks and
+# backend choice, whose Python control flow on shapes cannot be traced symbolically. Every FX
+# tracer honours this (torchvision's create_feature_extractor, timm's FX features), and the
+# graph keeps the kernel-generating convolutions as nodes. Must name the global of this module.
+torch.fx.wrap("involution")
 
 
 class Involution(nn.Module):
@@ -53,7 +59,12 @@ class Involution(nn.Module):
         return k.view(b, self.groups, self.kernel_size, self.kernel_size, ho, wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return involution(x, self.generate_kernel(x), self.stride, (self.kernel_size - 1) // 2)
+        kernel = self.generate_kernel(x)
+        padding = (self.kernel_size - 1) // 2
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the backend dispatch; this branch is all it compiles.
+            return involution_export(x, kernel, self.stride, padding, 1)
+        return involution(x, kernel, self.stride, padding)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}"

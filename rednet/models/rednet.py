@@ -7,12 +7,14 @@ prefixes, so both public checkpoint layouts map onto this model by name.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropBlock2d, DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers import Involution
@@ -20,6 +22,12 @@ from ._loading import load_pretrained
 from ._pretrained import WEIGHTS
 
 __all__ = ["Bottleneck", "RedNet"]
+
+# timm's pool types (timm.layers.SelectAdaptivePool2d); '' keeps the (B, C, H, W) map.
+POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
+# DropBlock per stage exactly as timm's ResNet applies it (timm.models.resnet.drop_blocks): the
+# last two stages only, where the DropBlock paper (Ghiasi et al., 2018) found it helps ResNet-50.
+_DROP_BLOCK_CFG = (None, None, dict(block_size=5, gamma_scale=0.25), dict(block_size=3, gamma_scale=1.0))
 
 
 def _conv_bn_act(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -39,11 +47,21 @@ class Bottleneck(nn.Module):
         mid_chs: width of the involution; the block outputs ``mid_chs * 4``.
         stride: stride of the involution (and of the projection shortcut).
         kernel_size: involution window.
+        drop_block: applied after the involution's BatchNorm (timm's DropBlock2d), or None.
+        drop_path: applied to the residual branch before the sum (timm's DropPath), or None.
     """
 
     expansion = 4
 
-    def __init__(self, in_chs: int, mid_chs: int, stride: int = 1, kernel_size: int = 7):
+    def __init__(
+        self,
+        in_chs: int,
+        mid_chs: int,
+        stride: int = 1,
+        kernel_size: int = 7,
+        drop_block: Optional[nn.Module] = None,
+        drop_path: Optional[nn.Module] = None,
+    ):
         super().__init__()
         out_chs = mid_chs * self.expansion
         self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
@@ -56,6 +74,10 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
             self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
+        # None rather than nn.Identity when off, so the default model's module tree is the
+        # release's (neither has parameters, so the state dict is unchanged either way).
+        self.drop_block = drop_block
+        self.drop_path = drop_path
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -63,9 +85,22 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))
+        x = self.bn2(self.conv2(x))
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x = self.bn3(self.conv3(self.relu(x)))
+        if self.drop_path is not None:
+            x = self.drop_path(x)
         return self.relu(x + shortcut)
+
+
+def _check_head(num_classes: int, global_pool: str) -> None:
+    # timm's SelectAdaptivePool2d asserts on an unknown type; say what is valid instead.
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
+    if not global_pool and num_classes > 0:
+        raise ValueError("global_pool='' keeps the (B, C, H, W) map, which the classifier cannot take; "
+                         "pass num_classes=0 or a pool type")
 
 
 class RedNet(nn.Module):
@@ -75,9 +110,16 @@ class RedNet(nn.Module):
         layers: number of bottleneck blocks in each of the four stages.
         num_classes: classifier outputs; 0 removes the classifier.
         in_chans: input image channels.
-        global_pool: ``'avg'`` or ``''`` (no pooling, only with ``num_classes=0``).
+        global_pool: one of timm's pool types ``'avg'``, ``'max'``, ``'avgmax'``, ``'catavgmax'``
+            (doubles the classifier's input width) or ``''`` (no pooling, only with ``num_classes=0``).
         drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth of the last block; block ``i`` of ``n`` (from 0, over the
+            whole network) drops its residual branch with probability ``drop_path_rate * i / (n - 1)``.
+        drop_block_rate: DropBlock after the involution of every block in stages 3 and 4.
         zero_init_last: zero the last BatchNorm of every block, as released.
+
+    The three rates default to 0, the paper's recipe; at 0 the modules are not created, so the
+    module tree is the release's.
     """
 
     def __init__(
@@ -87,9 +129,12 @@ class RedNet(nn.Module):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        drop_block_rate: float = 0.0,
         zero_init_last: bool = True,
     ):
         super().__init__()
+        _check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
@@ -103,17 +148,29 @@ class RedNet(nn.Module):
         )
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_chs, self.feature_info = 64, []
-        for i, (depth, mid) in enumerate(zip(layers, (64, 128, 256, 512))):
+        net_blocks, block_idx = sum(layers), 0
+        for i, (depth, mid, db_cfg) in enumerate(zip(layers, (64, 128, 256, 512), _DROP_BLOCK_CFG)):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(depth):
-                blocks.append(Bottleneck(in_chs, mid, stride if j == 0 else 1))
+                # timm ResNet's linear decay rule; max(.., 1) keeps a one-block network defined.
+                dpr = drop_path_rate * block_idx / max(net_blocks - 1, 1)
+                blocks.append(Bottleneck(
+                    in_chs,
+                    mid,
+                    stride if j == 0 else 1,
+                    drop_block=DropBlock2d(drop_block_rate, **db_cfg) if drop_block_rate and db_cfg else None,
+                    drop_path=DropPath(dpr) if dpr > 0 else None,
+                ))
                 in_chs = mid * Bottleneck.expansion
+                block_idx += 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=4 * 2**i, module=f"layer{i + 1}"))
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = global_pool
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_features = in_chs
+        # Parameter-free pool (timm's SelectAdaptivePool2d) and an ``fc`` Linear, so the state dict
+        # keys are still ``fc.weight`` / ``fc.bias``; 'avg' is exactly ``x.mean((2, 3))``.
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self.head_hidden_size = in_chs * self.global_pool.feat_mult()
         self.init_weights(zero_init_last)
 
     @torch.no_grad()
@@ -143,15 +200,86 @@ class RedNet(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head; ``global_pool=None`` keeps the current pool type (as timm)."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        _check_head(num_classes, global_pool)
         self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The stage outputs that ``indices`` selects, with or without the final features.
+
+        Index ``i`` is ``feature_info[i]``, the output of stage ``i + 1`` (reduction 4, 8, 16, 32).
+        timm's ResNet counts its stem as index 0; RedNet's features have always been the four
+        stages (``features_only`` ``out_indices`` included), so the two agree here instead.
+
+        Args:
+            x: input images (B, C, H, W).
+            indices: ``None`` for all four, an int ``n`` for the last ``n``, or a list (negative from the end).
+            norm: accepted for timm's interface; RedNet has no final norm, so it changes nothing.
+            stop_early: skip the stages after the last selected one.
+            output_fmt: only ``'NCHW'``.
+            intermediates_only: return only the list.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"RedNet.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        if stop_early:
+            stages = stages[: max_index + 1]
+        intermediates = []
+        x = self.maxpool(self.stem(x))
+        for i, stage in enumerate(stages):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and the head); returns the absolute indices.
+
+        Args:
+            indices: as in ``forward_intermediates``.
+            prune_norm: accepted for timm's interface; there is no final norm.
+            prune_head: remove the pool and classifier even if the last stage is kept.
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for i in range(max_index + 1, len(self.feature_info)):
+            # An empty Sequential (not Identity) so checkpoint_seq can still iterate it.
+            setattr(self, f"layer{i + 1}", nn.Sequential())
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:
+            # The head was sized for the last stage; the features now end earlier.
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.stem(x))
@@ -160,10 +288,9 @@ class RedNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean((2, 3))
+        x = self.global_pool(x)
         if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+            x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

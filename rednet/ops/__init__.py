@@ -39,6 +39,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _cupy, _selfcheck  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from ._export import involution_export, is_exporting
 from ._plan import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
@@ -52,6 +53,7 @@ __all__ = [
     "check_cuda_kernel",
     "involution",
     "involution_cupy",
+    "involution_export",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
@@ -276,7 +278,8 @@ def involution(
             block, then ``$REDNET_INVOLUTION_BACKEND``, then auto.
 
     Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
-    Under ``torch.compile`` the backend is chosen once, while tracing.
+    Under ``torch.compile`` the backend is chosen once, while tracing. Under ``torch.export``,
+    ``torch.onnx.export`` and ``torch.jit.trace`` a portable formulation is recorded instead.
     """
     if padding is None and kernel.dim() == 6:
         padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
@@ -287,6 +290,8 @@ def involution(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
+    if is_exporting():  # a few portable ops instead of a per-tap loop or a CuPy call (see _export.py)
+        return involution_export(x, kernel, stride, padding, dilation)
     if select_backend(x, backend) == "cupy" and _kernel_passes(
             x.device.type, x.device.index, x.dtype, backend, _forced, kernel.shape[2], stride, dilation,
             memory_format_of(x)):

@@ -1,0 +1,190 @@
+"""Deployment: the export formulation of the operator, torch.export, ONNX, TorchScript, tools/export.py."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import rednet
+from rednet.models import Bottleneck
+from rednet.ops import involution, involution_export, involution_output_size, involution_reference
+
+from .helpers import load_tool
+
+# torch.onnx.export(dynamo=True) needs onnx and onnxscript; the round trips need onnxruntime.
+_ONNX = ("onnx", "onnxscript", "onnxruntime")
+needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in _ONNX),
+                                reason=f"needs {', '.join(_ONNX)}")
+
+# (B, C, G, H, W, K, stride, dilation), as tests/test_ops.py: odd sizes, stride 2, dilation 2, G = 1 and G = C.
+SHAPES = [
+    (2, 4, 1, 7, 9, 3, 1, 1),
+    (1, 6, 6, 9, 7, 3, 2, 1),
+    (2, 8, 2, 11, 10, 5, 1, 2),
+    (1, 4, 4, 13, 9, 7, 2, 1),
+    (2, 6, 3, 5, 6, 1, 1, 1),
+    (2, 16, 1, 14, 14, 7, 2, 1),
+]
+
+
+def _model(name, **kwargs):
+    """An eval-mode model in which every block changes the output, yet outputs stay finite.
+
+    The residual branches are live but scaled down (last BN weight 0.1): a random involution
+    block is quadratic in its input, so at full scale the activations of a deep eval-mode
+    net overflow to inf and NaN (and NaN compares equal in numpy). BatchNorm statistics are
+    measured on one batch.
+    """
+    model = rednet.create_model(name, **kwargs)
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.constant_(m.bn3.weight, 0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 64, 64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_export_formulation_equals_reference(shape, dtype):
+    b, c, g, h, w, k, s, d = shape
+    p = d * (k - 1) // 2
+    ho, wo = involution_output_size(h, k, s, p, d), involution_output_size(w, k, s, p, d)
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    kernel = torch.randn(b, g, k, k, ho, wo, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(involution_export(x, kernel, s, p, d), involution_reference(x, kernel, s, p, d),
+                               rtol=tol, atol=tol)
+
+
+def test_front_door_records_the_export_formulation_under_torch_export():
+    x = torch.randn(2, 16, 12, 12)
+    kernel = torch.randn(2, 1, 7, 7, 6, 6)
+
+    class Op(torch.nn.Module):
+        def forward(self, x, kernel):
+            return involution(x, kernel, 2)
+
+    ep = torch.export.export(Op(), (x, kernel))
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.conv2d.default in ops and len(ops) < 12  # not 49 per-tap slices
+    torch.testing.assert_close(ep.module()(x, kernel), involution_reference(x, kernel, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_dynamic_batch():
+    model = _model("rednet26", num_classes=10)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
+    for n in (1, 3):
+        x = torch.randn(n, 3, 32, 32)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", ["rednet26", "rednet50"])
+def test_onnx_round_trip_dynamic_batch(name, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model = _model(name)
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), path, dynamo=True, external_data=False,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    n_inv = sum(isinstance(m, rednet.layers.Involution) for m in model.modules())
+    ops = [node.op_type for node in proto.graph.node]
+    # One tap convolution, one multiply and one sum per involution, not K*K slices: the whole
+    # network is under 20 nodes per involution layer (RedNet-26: 163 for 9).
+    assert ops.count("ReduceSum") == n_inv and "Slice" not in ops and len(ops) < 20 * n_inv
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert out.shape == ref.shape == (batch, 1000) and np.isfinite(ref).all() and ref.std() > 0.1
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torch_jit_script_eval_model():
+    model = _model("rednet26", num_classes=10)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# tools/export.py
+
+
+@pytest.fixture(scope="module")
+def export_tool():
+    return load_tool("export")
+
+
+@needs_onnx
+def test_tool_onnx_end_to_end(export_tool, tmp_path, capsys):
+    import onnxruntime as ort
+
+    model = _model("rednet26")
+    weights = tmp_path / "w.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "r26.onnx"
+    rc = export_tool.main(["--model", "rednet26", "--output", str(out), "--input-size", "64", "--pretrained",
+                           str(weights), "--check", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["output"] == str(out) and out.is_file() and result["input_size"] == [3, 64, 64]
+    assert result["max_abs_diff"] < 1e-4 and 0 < result["nodes"] < 250 and result["opset"] >= 18
+    assert "exporting to onnx" in captured.err and "check passed" in captured.err
+    # The file holds the given weights: ONNX Runtime agrees with the model they came from.
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], model(x).numpy(), rtol=0, atol=1e-4)
+
+
+def test_tool_torch_export_end_to_end(export_tool, tmp_path, capsys):
+    out = tmp_path / "r26.pt2"
+    rc = export_tool.main(["--model", "rednet26", "--format", "export", "--output", str(out), "--input-size", "32",
+                           "--num-classes", "5", "--check", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert out.is_file() and result["format"] == "export" and result["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "rednet27"], "unknown model 'rednet27'; choose one of rednet26"),
+    (["--model", "rednet26", "--input-size", "16"], "--input-size must be at least 32"),
+    (["--model", "rednet26", "--pretrained", "/nonexistent/w.pth"], "no such file"),
+    (["--model", "rednet26", "--output", "/nonexistent/dir/m.onnx"], "does not exist"),
+    (["--model", "rednet26", "--format", "export", "--opset", "17"], "--opset applies to --format onnx only"),
+])
+def test_tool_bad_input_is_one_error_line(export_tool, argv, message, capsys):
+    assert export_tool.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_tool_bad_weights_file_is_one_error_line(export_tool, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint" * 100)
+    argv = ["--model", "rednet26", "--format", "export", "--pretrained", str(bad), "--output", str(tmp_path / "m.pt2")]
+    assert export_tool.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: rednet26: ") and "Traceback" not in "\n".join(err)
+
+
+def test_tool_help(export_tool, capsys):
+    with pytest.raises(SystemExit) as e:
+        export_tool.main(["--help"])
+    assert e.value.code == 0 and "--format" in capsys.readouterr().out

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Export a RedNet for deployment: ONNX, or a torch.export program (.pt2).
+
+    python tools/export.py --model rednet50 --pretrained default --output rednet50.onnx --check
+    python tools/export.py --model rednet26 --format export --output rednet26.pt2 --check --json
+
+The graph is taken in eval mode with a dynamic batch dimension and a fixed image size.
+Involution is recorded as a one-hot tap convolution, a multiply and a sum (a few standard
+ops per layer, see ``rednet/ops/_export.py``), so the file runs anywhere ONNX does without
+this package. ``--check`` runs the result at batches 1 and 3 (ONNX Runtime for ONNX) and
+compares it with PyTorch's eager output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rednet.fileio import CheckpointError
+from rednet.models import create_model, list_models
+
+FORMATS = ("onnx", "export")
+SUFFIX = {"onnx": ".onnx", "export": ".pt2"}
+TOLERANCE = 1e-4  # |exported - eager| <= TOLERANCE * (1 + |eager|), elementwise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"model name: {', '.join(list_models())}")
+    p.add_argument("--format", default="onnx", choices=FORMATS,
+                   help="'onnx' (an .onnx file) or 'export' (a torch.export ExportedProgram, .pt2); default: onnx")
+    p.add_argument("--output", default=None, help="output file (default: <model>.onnx or <model>.pt2)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="image height and width in pixels (default: the model's pretrained config, 224)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's own)")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="weights: 'default' (the published ones), a local file or a URL; random weights if omitted")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--check", action="store_true", help="run the result at batches 1 and 3 and compare with PyTorch")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+    return p
+
+
+class UsageError(Exception):
+    """Bad input: reported as one ``error:`` line, exit status 2."""
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.model not in list_models():
+        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(list_models())}")
+    if args.input_size is not None and args.input_size < 32:
+        raise UsageError(f"--input-size must be at least 32 (the network downsamples by 32), got {args.input_size}")
+    if args.num_classes is not None and args.num_classes < 0:
+        raise UsageError(f"--num-classes must be >= 0, got {args.num_classes}")
+    if args.opset is not None and args.format != "onnx":
+        raise UsageError("--opset applies to --format onnx only")
+    parent = Path(args.output).resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"output directory {parent} does not exist")
+    if args.pretrained and args.pretrained != "default" and "://" not in args.pretrained \
+            and not os.path.isfile(args.pretrained):
+        raise UsageError(f"--pretrained {args.pretrained}: no such file (pass 'default', a file or a URL)")
+    needed = ["onnx", "onnxscript"] if args.format == "onnx" else []
+    if args.check and args.format == "onnx":
+        needed.append("onnxruntime")
+    for mod in needed:
+        try:
+            __import__(mod)
+        except ImportError:
+            raise UsageError(f"--format onnx{' --check' if mod == 'onnxruntime' else ''} needs the {mod} package "
+                             f"(pip install {mod})") from None
+
+
+def _build(args: argparse.Namespace) -> torch.nn.Module:
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    pretrained = True if args.pretrained == "default" else args.pretrained
+    return create_model(args.model, pretrained=pretrained or False, **kwargs).eval()
+
+
+def _export_onnx(model, x, args) -> int:
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        model, (x,), args.output, dynamo=True, external_data=False, opset_version=args.opset,
+        input_names=["input"], output_names=["output"], dynamic_shapes={"x": {0: batch}}, verbose=False,
+    )
+    import onnx
+
+    proto = onnx.load(args.output)
+    args.opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return len(proto.graph.node)
+
+
+def _export_program(model, x, args) -> int:
+    ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.export.save(ep, args.output)
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function")
+
+
+def _check(model, args, size) -> float:
+    """Largest |exported - eager| over batches 1 and 3; raises if beyond the tolerance."""
+    if args.format == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(args.output, providers=["CPUExecutionProvider"])
+        run = lambda x: sess.run(None, {"input": x.numpy()})[0]  # noqa: E731
+    else:
+        program = torch.export.load(args.output).module()
+        run = lambda x: program(x).numpy()  # noqa: E731
+    worst = 0.0
+    for batch in (1, 3):
+        x = torch.randn(batch, *size)
+        with torch.no_grad():
+            ref = model(x).numpy()
+            out = run(x)
+        if out.shape != ref.shape:
+            raise RuntimeError(f"exported output has shape {out.shape} at batch {batch}, PyTorch's is {ref.shape}")
+        diff = np.abs(out - ref)
+        worst = max(worst, float(diff.max()))
+        if (diff > TOLERANCE * (1 + np.abs(ref))).any():
+            raise RuntimeError(f"exported output differs from PyTorch's by up to {diff.max():.3g} at batch {batch}")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.output = args.output or f"{args.model}{SUFFIX[args.format]}"
+    try:
+        _validate(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    weights = f"with weights {args.pretrained}" if args.pretrained else "(random weights)"
+    _progress(f"building {args.model} {weights}")
+    try:
+        model = _build(args)
+    except (CheckpointError, OSError, ValueError) as e:  # a missing, unreadable or mismatched weights file
+        print(f"error: {args.model}: {e}", file=sys.stderr)
+        return 2
+    size = (model.pretrained_cfg["input_size"][0],
+            *((args.input_size,) * 2 if args.input_size else model.pretrained_cfg["input_size"][1:]))
+    x = torch.randn(2, *size)  # batch 2: an example batch of 1 would be specialised to a constant
+    _progress(f"exporting to {args.format} at {'x'.join(map(str, size))}, dynamic batch ...")
+    t0 = time.perf_counter()
+    nodes = (_export_onnx if args.format == "onnx" else _export_program)(model, x, args)
+    seconds = time.perf_counter() - t0
+    nbytes = os.path.getsize(args.output)
+    _progress(f"wrote {args.output}: {nodes} nodes, {nbytes / 2**20:.1f} MiB, in {seconds:.1f} s")
+    result = {"model": args.model, "format": args.format, "output": args.output, "input_size": list(size),
+              "pretrained": args.pretrained, "opset": args.opset, "nodes": nodes, "bytes": nbytes,
+              "export_seconds": round(seconds, 2)}
+    if args.check:
+        runner = "ONNX Runtime" if args.format == "onnx" else "the exported program"
+        _progress(f"checking {runner} against PyTorch at batches 1 and 3")
+        try:
+            result["max_abs_diff"] = _check(model, args, size)
+        except RuntimeError as e:
+            print(f"error: check failed: {e}", file=sys.stderr)
+            return 1
+        _progress(f"check passed: max abs diff {result['max_abs_diff']:.2e}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
