@@ -76,18 +76,24 @@ def test_unreadable_checkpoints_never_start_over_on_results(one_epoch, tmp_path,
     train = load_tool("train")
     capsys.readouterr()
     assert train.main(_args(out, "--resume", "auto")) == 2
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "error: " in log and "Traceback" not in log
     assert "holds results (1 rolling checkpoint, best.pt, last.pt, metrics.jsonl (1 epoch records))" in log
     assert "checkpoint-000000002.pt is truncated" in log and "--restart" in log and "--output" in log
     assert train.main(_args(out)) == 2  # no --resume: the same refusal
-    assert "pass --resume auto to continue that run" in capsys.readouterr().out
+    assert "pass --resume auto to continue that run" in _printed(capsys)
     assert _snapshot(out) == before  # nothing touched
     # --restart keeps every old byte, in previous-<time>/, and starts over.
     assert train.main(_args(out, "--restart")) == 0
     (previous,) = out.glob("previous-*")
     assert _snapshot(previous) == {k: v for k, v in before.items()}
     assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+def _printed(capsys) -> str:
+    # Log lines go to stdout, the one `error:` line of a refusal to stderr.
+    captured = capsys.readouterr()
+    return captured.out + captured.err
 
 
 def _foreign_checkpoint(state: dict, path, step: int):
@@ -109,7 +115,7 @@ def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, c
     foreign = (out / "checkpoint-000000009.pt").read_bytes()
     capsys.readouterr()
     assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "resume: skipping" in log and "model.num_classes: 3 -> 4" in log
     assert "resumed from " + str(out / "checkpoint-000000002.pt") in log
     # Set aside, byte for byte: the resumed run neither pruned nor overwrote it.
@@ -119,7 +125,7 @@ def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, c
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     # Going back to an older checkpoint of the same directory would leave two histories in it.
     assert load_tool("train").main(_args(out, "--resume", str(out / "checkpoint-000000002.pt"))) == 2
-    assert "holds checkpoints newer than checkpoint-000000002.pt" in capsys.readouterr().out
+    assert "holds checkpoints newer than checkpoint-000000002.pt" in _printed(capsys)
 
 
 def test_only_a_checkpoint_of_another_config_is_refused(one_epoch, tmp_path, capsys):
@@ -133,11 +139,11 @@ def test_only_a_checkpoint_of_another_config_is_refused(one_epoch, tmp_path, cap
     train = load_tool("train")
     capsys.readouterr()
     assert train.main(_args(out, "--resume", "auto")) == 2
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "written by another config (model.num_classes: 3 -> 4)" in log and "--allow-config-change" in log
     # Allowed, but the weights cannot fit a 4-class model: still a clear error, not a traceback.
     assert train.main(_args(out, "--resume", "auto", "--allow-config-change")) == 2
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "do not fit the model" in log and "Traceback" not in log
     assert _snapshot(out) == before
 
@@ -147,7 +153,7 @@ def test_resume_from_best_pt_or_an_older_checkpoint_is_a_clear_error(one_epoch, 
     train = load_tool("train")
     capsys.readouterr()
     assert train.main(_args(out, "--resume", str(out / "best.pt"))) == 2
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "holds no optimizer state" in log and "resume from last.pt or a checkpoint-*.pt" in log
     assert "KeyError" not in log
     with pytest.raises(SystemExit) as e:  # argparse: one or the other
@@ -186,5 +192,5 @@ def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monk
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     assert not list(out.glob(".*"))
     assert read_checkpoint(out / "last.pt")["global_step"] == 4
-    log = capsys.readouterr().out
+    log = _printed(capsys)
     assert "dropped 1 record(s) after epoch 1" in log and "removed 2 temporary file(s) (1.0 MB)" in log
