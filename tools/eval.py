@@ -22,7 +22,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", help="YAML config giving the model and data (see configs/)")
+    src.add_argument("--config", help="YAML config giving the model and data: a file, or the name of a bundled "
+                                      "config (see --list-configs)")
     src.add_argument("--model", help="any timm model name, e.g. rednet50 or resnet50")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key (repeatable)")
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's train.device")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (default: the config's)")
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--list-configs", action="store_true", help="print the bundled configs and exit")
     return p
 
 
@@ -118,8 +120,18 @@ def _check_json(path: str) -> None:
     check_output_dir(Path(path).parent, "the folder of --json")
 
 
+def _list_configs() -> int:
+    from rednet.engine.config import bundled_configs
+
+    for name, description in bundled_configs().items():
+        print(f"{name:<16} {description}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_configs:
+        return _list_configs()
     if not (args.checkpoint or args.pretrained is not None or args.config):
         build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
     try:

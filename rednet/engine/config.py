@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tempfile
 import types
 import typing
@@ -22,6 +23,7 @@ import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
+    "BUNDLED_CONFIG_DIR",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -29,10 +31,12 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "bundled_configs",
     "check_output_dir",
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "resolve_config_path",
 ]
 
 
@@ -513,6 +517,59 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+# The configs shipped with the package (package data), so that `--config rednet50` works
+# from any directory and from an installed wheel, not only from the root of a checkout.
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_SUFFIXES = (".yaml", ".yml")
+
+
+def _bundled(name: str) -> Optional[Path]:
+    """The bundled config a bare name (``rednet50``, ``rednet50.yaml``) means, or None."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        return None  # a path with folders names a file of the user's, never a bundled one
+    path = BUNDLED_CONFIG_DIR / (name if name.endswith(_SUFFIXES) else f"{name}.yaml")
+    return path if path.is_file() else None
+
+
+def bundled_configs() -> dict[str, str]:
+    """Name -> description of each bundled config; the description is the file's first comment line."""
+    found = {}
+    # Natural order: rednet26 before rednet101.
+    for path in sorted(BUNDLED_CONFIG_DIR.glob("*.yaml"), key=lambda p: [int(s) if s.isdigit() else s
+                                                                       for s in re.split(r"(\d+)", p.stem)]):
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "#")
+        found[path.stem] = first.lstrip("#").strip()
+    return found
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """The config file ``path`` names: the path itself where it exists, else the bundled config of that name.
+
+    Raises:
+        ConfigError: empty, a folder, or neither an existing file nor a bundled name (the message lists those).
+    """
+    if str(path) == "":
+        raise ConfigError("the config file name is empty")
+    given = Path(path)
+    if given.is_dir():
+        raise ConfigError(f"config file {given} is a folder; give a YAML file")
+    if given.is_file():
+        return given
+    bundled = _bundled(str(path))
+    if bundled is not None:
+        return bundled
+    names = list(bundled_configs())
+    if Path(str(path)).name != str(path):
+        # The old spelling configs/NAME.yaml (before the configs moved into the package) ends up here.
+        hint = f"; for the bundled one, give just its name: {given.stem}" if _bundled(given.name) else ""
+        raise ConfigError(f"config file {given} does not exist{hint}")
+    stem = given.stem if given.suffix in _SUFFIXES else str(path)
+    close = difflib.get_close_matches(stem, names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"config file {path} does not exist, nor is it a bundled config{hint} "
+                      f"(bundled: {', '.join(names)})")
+
+
 # A config file may name another as its base: its sections are merged over the base's,
 # key by key, so a variant states only what differs from the recipe it builds on.
 _BASE_KEY = "base"
@@ -556,6 +613,8 @@ def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"config file {path}: '{_BASE_KEY}' expects a file name, got {base!r}")
     base_path = path.parent / base
+    if not base_path.is_file() and _bundled(base) is not None:
+        base_path = _bundled(base)  # a user's file may build on a bundled recipe by name
     chain = (*including, path.resolve())
     if base_path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
@@ -571,19 +630,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
     Args:
         path: a YAML file with ``model``/``data``/``optim``/``train`` sections and optionally
-            ``base: FILE``, a config (path relative to this file) whose sections this one's
-            are merged over.
+            ``base: FILE``, a config (path relative to this file, or a bundled config's name)
+            whose sections this one's are merged over; or the name of a bundled config
+            (``rednet50`` or ``rednet50.yaml``, see ``bundled_configs``). A path that exists wins.
         overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
         values: dotted key -> value applied last, as given (no YAML parsing), e.g. paths from the command line.
     """
     data: dict = {}
     if path is not None:
-        if str(path) == "":
-            raise ConfigError("the config file name is empty")
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder; give a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = _read_config_file(path)
+        data = _read_config_file(resolve_config_path(path))
     return config_from_dict(apply_overrides(data, overrides or [], values))
