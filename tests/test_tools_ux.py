@@ -2,6 +2,8 @@
 that follows the command line, the precision and device a run uses, results that say what was scored."""
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -82,3 +84,88 @@ def test_the_bundled_configs_ship_in_the_package():
     for name in ("Makefile", "README.md", "docker/Dockerfile", "tools/train.py", "tools/eval.py",
                  *(f"rednet/configs/{n}.yaml" for n in BUNDLED)):
         assert not re.search(r"(?<![\w/])configs/", (ROOT / name).read_text()), name
+
+
+# --- evaluating a plain ImageFolder -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_and_weights(tmp_path_factory):
+    """``val/{a,b}/*.png`` (40x50 RGB) and a weights file of timm's test_resnet (pretrained config: 160 px,
+    crop_pct 0.95, mean/std 0.5), the smallest timm model with a full pretrained config."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import rednet
+
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        folder = root / "data" / "val" / c
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.save(rednet.create_model("test_resnet").state_dict(), root / "w.pth")
+    return root / "data", root / "w.pth"
+
+
+def _eval_argv(folder_and_weights, json_path, *extra):
+    data, weights = folder_and_weights
+    return ["--model", "test_resnet", "--pretrained", str(weights), "--data", str(data), "--batch-size", "6",
+            "--json", str(json_path), *extra]
+
+
+@pytest.fixture
+def loaders(monkeypatch):
+    """The evaluation loaders the tool builds, recorded as it builds them."""
+    import rednet.data
+
+    built = []
+    real = rednet.data.build_eval_loader
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(rednet.data, "build_eval_loader", recording)
+    return built
+
+
+def test_eval_results_say_which_folder_and_split(folder_and_weights, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert load_tool("eval").main(_eval_argv(folder_and_weights, out, "--workers", "0")) == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "imagenet" and result["split"] == "val" and result["count"] == 6
+    assert result["data_root"] == str(folder_and_weights[0].resolve())
+
+
+def test_default_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch):
+    from rednet.data import build_eval_loader, default_workers
+    from rednet.engine import load_config
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes share the two CPUs
+    assert default_workers() == 1
+    # Only the default is capped: a value in a file or on the command line is the user's.
+    assert load_config("rednet50").data.workers is None and load_config("digits").data.workers == 0
+    assert load_config(None, ["data.workers=12"]).data.workers == 12
+    with pytest.warns(UserWarning, match="12 worker processes"):  # torch's warning: the user's choice stands
+        assert build_eval_loader(list(range(4)), 2, workers=12).num_workers == 12
+
+
+def test_eval_on_a_small_machine_uses_no_more_workers_than_cpus(folder_and_weights, tmp_path, monkeypatch, loaders):
+    import warnings
+
+    # One CPU, as torch's DataLoader sees it too: 8 workers made it warn on every evaluation.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_tool("eval").main(_eval_argv(folder_and_weights, tmp_path / "r.json")) == 0
+    assert [loader.num_workers for loader in loaders] == [1]
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]

@@ -142,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform, eval_data_config
+    from rednet.data import (
+        DataError,
+        build_eval_dataset,
+        build_eval_loader,
+        build_eval_transform,
+        describe_eval_data,
+        eval_data_config,
+    )
     from rednet.engine import (
         AMP_DTYPES,
         CheckpointError,
@@ -178,7 +185,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, DataError) as e:
         return _error(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
-              "dataset": cfg.data.dataset, "world_size": dist_info.world_size, **result}
+              **describe_eval_data(cfg.data), "world_size": dist_info.world_size, **result}
     if dist_info.is_main:
         log.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
                  result["loss"], result["count"], result["images_per_s"])

@@ -7,7 +7,14 @@ from typing import Callable, Optional
 from torch.utils.data import Dataset
 
 from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
-from .loader import ResumableSampler, ShardSampler, build_eval_loader, build_train_loader, collate_skip
+from .loader import (
+    ResumableSampler,
+    ShardSampler,
+    build_eval_loader,
+    build_train_loader,
+    collate_skip,
+    default_workers,
+)
 from .transforms import build_eval_transform, build_train_transform, eval_data_config
 
 __all__ = [
@@ -24,6 +31,8 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "collate_skip",
+    "default_workers",
+    "describe_eval_data",
     "eval_data_config",
 ]
 
@@ -52,6 +61,18 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     if len(ds) == 0:
         raise DataError(f"the {data.dataset} validation split is empty")
     return ds
+
+
+def describe_eval_data(data) -> dict:
+    """What an evaluation of ``data`` (a ``DataConfig``) scores, for its results: a results file that
+    says only ``imagenet`` does not tell which folder it measured.
+
+    Returns:
+        ``dataset``; ``data_root``, the absolute ImageFolder root (None for ``digits`` and
+        ``synthetic``); ``split``, the folder under it (the held-out split's name otherwise).
+    """
+    root = str(Path(data.root).resolve()) if data.dataset == "imagenet" and data.root else None
+    return {"dataset": data.dataset, "data_root": root, "split": data.val_split}
 
 
 def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:

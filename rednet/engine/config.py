@@ -77,7 +77,9 @@ class DataConfig:
         img_size: training (and evaluation crop) size.
         batch_size: images per process per step (the global batch is this x processes x accum_steps).
         eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
-        workers: loader worker processes per process.
+        workers: loader worker processes per process; ``None`` (the default) takes
+            ``min(8, CPUs available / processes on this node)``, so a small machine is not asked
+            for more workers than it has CPUs. A number in a file or on the command line is kept.
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
@@ -95,7 +97,7 @@ class DataConfig:
     img_size: int = 224
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
-    workers: int = 8
+    workers: Optional[int] = None
     pin_memory: bool = True
     persistent_workers: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
@@ -342,7 +344,7 @@ def _validate(cfg: Config) -> None:
         ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
         ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1,
          "null or an integer >= 1"),
-        ("data.workers", cfg.data.workers >= 0, "an integer >= 0"),
+        ("data.workers", cfg.data.workers is None or cfg.data.workers >= 0, "null or an integer >= 0"),
         ("data.scale", 0.0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1.0, "[min, max] with 0 < min <= max <= 1"),
         ("data.ratio", 0.0 < cfg.data.ratio[0] <= cfg.data.ratio[1], "[min, max] with 0 < min <= max"),
         ("data.hflip", 0.0 <= cfg.data.hflip <= 1.0, "a probability in [0, 1]"),

@@ -221,7 +221,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
     train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
                                       cfg.train.seed, cfg.data.workers, cfg.data.pin_memory,
                                       cfg.data.persistent_workers)
-    if cfg.data.workers > 0:
+    if train_loader.num_workers > 0:  # data.workers may be null: the loader resolved it
         train_loader.worker_init_fn = _ignore_sigint
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
