@@ -169,3 +169,69 @@ def test_eval_on_a_small_machine_uses_no_more_workers_than_cpus(folder_and_weigh
         assert load_tool("eval").main(_eval_argv(folder_and_weights, tmp_path / "r.json")) == 0
     assert [loader.num_workers for loader in loaders] == [1]
     assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+
+
+# --- precision on a CPU -------------------------------------------------------------------
+
+
+def test_the_recipes_amp_applies_on_cuda_and_on_a_cpu_only_when_asked():
+    import torch
+
+    from rednet.engine import load_config
+    from rednet.engine.builder import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device type is read
+    recipe = load_config("rednet26")
+    assert (recipe.train.amp, recipe.train.amp_on_cpu) == ("bf16", False)
+    assert autocast_dtype(recipe, cuda) == torch.bfloat16 and autocast_dtype(recipe, cpu) is None
+    # train.amp named on the command line (--set, eval's --amp) is a request for this run, CPU included...
+    asked = load_config("rednet26", ["train.amp=bf16"])
+    assert asked.train.amp_on_cpu and autocast_dtype(asked, cpu) == torch.bfloat16
+    # ...unless the same command line says otherwise; and a file can ask for it by itself.
+    assert autocast_dtype(load_config("rednet26", ["train.amp=fp16", "train.amp_on_cpu=false"]), cpu) is None
+    assert autocast_dtype(load_config("rednet26", ["train.amp_on_cpu=true"]), cpu) == torch.bfloat16
+
+
+def _recipe_config(tmp_path: Path, folder_and_weights) -> Path:
+    """A user's config on top of the bundled RedNet-26 recipe (train.amp: bf16) that scores the test weights."""
+    data, weights = folder_and_weights
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"base: rednet26\nmodel:\n  name: test_resnet\n  pretrained: {weights}\n"
+                    f"data:\n  root: {data}\n  workers: 0\n  eval_batch_size: 6\n")
+    return path
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
+def test_eval_on_a_cpu_scores_fp32_unless_amp_is_asked_for(folder_and_weights, tmp_path, capsys):
+    config = _recipe_config(tmp_path, folder_and_weights)
+    results = {}
+    for name, extra in {"default": [], "none": ["--amp", "none"], "bf16": ["--amp", "bf16"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert load_tool("eval").main(["--config", str(config), "--json", str(out), *extra]) == 0
+        results[name] = json.loads(out.read_text())
+    log = capsys.readouterr().out
+    # The recipe's bf16 is a GPU setting: on a CPU the default scores exactly what fp32 scores.
+    assert [results["default"][k] for k in ("loss", "top1")] == [results["none"][k] for k in ("loss", "top1")]
+    assert results["bf16"]["loss"] != results["none"]["loss"]
+    assert results["default"]["execution"]["precision"].startswith("fp32 (train.amp bf16 applies on CUDA")
+    assert results["bf16"]["execution"]["precision"] == "bf16 autocast"
+    execution = [line for line in log.splitlines() if "execution:" in line]
+    assert len(execution) == 3 and "device cpu (" in execution[0] and "memory format contiguous" in execution[0]
+    assert "involution backend none (the model has no involution layers)" in execution[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
+def test_train_logs_how_it_runs_and_keeps_the_recipes_amp_off_a_cpu(tmp_path, capsys):
+    from rednet.engine.checkpoint import read_checkpoint
+
+    config = tmp_path / "mine.yaml"  # the recipe (train.amp: bf16, optim sgd) on a few synthetic images
+    config.write_text("base: rednet26\nmodel:\n  num_classes: 4\ndata:\n  dataset: synthetic\n  img_size: 16\n"
+                      "  batch_size: 4\n  workers: 0\n  synthetic_train_size: 8\n  synthetic_val_size: 4\n"
+                      "optim:\n  lr: 0.01\ntrain:\n  epochs: 1\n  max_iters_per_epoch: 1\n  amp: fp16\n")
+    assert load_tool("train").main(["--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "execution:" in line]
+    assert len(lines) == 1, lines
+    assert "precision fp32 (train.amp fp16 applies on CUDA" in lines[0] and "device cpu" in lines[0]
+    assert "memory format contiguous" in lines[0]
+    assert "involution backend reference (input is on cpu" in lines[0]  # RedNet-26 has involutions
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["scaler"] is None  # no fp16, so no loss scaling

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per-process batch size")
     p.add_argument("--workers", type=int, help="loader workers per process")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's train.device")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (default: the config's)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="autocast dtype, on a CPU too (default: the config's train.amp on CUDA, fp32 on a CPU)")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--list-configs", action="store_true", help="print the bundled configs and exit")
     return p
@@ -151,7 +152,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         eval_data_config,
     )
     from rednet.engine import (
-        AMP_DTYPES,
         CheckpointError,
         ConfigError,
         cleanup_distributed,
@@ -159,6 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         init_distributed,
         setup_logging,
     )
+    from rednet.engine.builder import autocast_dtype, execution_summary, format_summary
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
@@ -180,12 +181,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
         loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
-        result = evaluate(model, loader, dist_info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last,
-                          dist_info.is_main)
+        execution = execution_summary(model, cfg, dist_info.device)
+        log.info("execution: %s", format_summary(execution))
+        result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
+                          cfg.train.channels_last, dist_info.is_main)
     except (ConfigError, CheckpointError, DataError) as e:
         return _error(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
-              **describe_eval_data(cfg.data), "world_size": dist_info.world_size, **result}
+              **describe_eval_data(cfg.data), "world_size": dist_info.world_size, "execution": execution, **result}
     if dist_info.is_main:
         log.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
                  result["loss"], result["count"], result["images_per_s"])

@@ -158,7 +158,13 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         cpu_threads: intra-op CPU threads per process (``torch.set_num_threads``); ``None`` keeps
             torch's default. On a busy shared CPU one thread avoids OpenMP oversubscription.
-        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
+        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler): the autocast dtype on CUDA.
+            On a CPU it applies only with ``amp_on_cpu``.
+        amp_on_cpu: autocast on a CPU too. Off by default: a recipe's ``amp`` is a GPU setting
+            (the ImageNet recipe's bf16), and on a CPU it would silently change results (timm's
+            ``validate.py`` scores fp32 there). Naming ``train.amp`` in an override (``--set
+            train.amp=...``, eval's ``--amp``) is an explicit request and turns this on too,
+            unless the same overrides set ``train.amp_on_cpu`` themselves.
         channels_last: NHWC memory format.
         compile: wrap the model in ``torch.compile``.
         sync_bn: convert BatchNorm to SyncBatchNorm under distributed training.
@@ -181,6 +187,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: Optional[int] = None
     amp: Literal["none", "bf16", "fp16"] = "none"
+    amp_on_cpu: bool = False
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
@@ -478,13 +485,20 @@ def apply_overrides(data: dict, overrides: list[str], values: Optional[dict[str,
     Args:
         data: nested plain data (a parsed file or a checkpoint's config); not modified.
         overrides: ``key=value`` strings; each value is parsed as YAML (``1`` is a number, ``null`` is None).
+            One naming ``train.amp`` also sets ``train.amp_on_cpu`` (unless another one sets it).
         values: dotted key -> value, applied last and taken as they are, without YAML parsing: the
             tools pass paths this way, so that ``--output 2024`` is a folder and ``--data null`` one too.
     """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
     valid = _all_keys()
+    named = []
     for item in overrides:
-        _set_key(data, *_parse_override(item), valid)
+        key, value = _parse_override(item)
+        _set_key(data, key, value, valid)
+        named.append(key)
+    if "train.amp" in named and "train.amp_on_cpu" not in named:
+        # A precision typed for this run holds on any device; see TrainConfig.amp_on_cpu.
+        _set_key(data, "train.amp_on_cpu", True, valid)
     for key, value in (values or {}).items():
         _set_key(data, key, value, valid)
     return data
