@@ -235,3 +235,43 @@ def test_train_logs_how_it_runs_and_keeps_the_recipes_amp_off_a_cpu(tmp_path, ca
     assert "memory format contiguous" in lines[0]
     assert "involution backend reference (input is on cpu" in lines[0]  # RedNet-26 has involutions
     assert read_checkpoint(tmp_path / "run" / "last.pt")["scaler"] is None  # no fp16, so no loss scaling
+
+
+# --- the eval transform -------------------------------------------------------------------
+
+PRETRAINED = "the pretrained config"  # test_resnet's: 160 px, crop_pct 0.95, bilinear, mean/std 0.5
+
+
+@pytest.mark.parametrize("extra, size, crop_pct, interpolation, source", [
+    ([], 160, 0.95, "bilinear", PRETRAINED),
+    (["--set", "data.img_size=32"], 32, 0.95, "bilinear", f"{PRETRAINED}, data.img_size from the command line"),
+    (["--img-size", "48", "--crop-pct", "1.0", "--interpolation", "bicubic"], 48, 1.0, "bicubic",
+     f"{PRETRAINED}, data.img_size, data.eval_crop_pct, data.interpolation from the command line"),
+], ids=["pretrained-config", "set-img-size", "flags"])
+def test_eval_transform_the_command_line_gives_wins_over_the_pretrained_config(
+        folder_and_weights, tmp_path, capsys, loaders, extra, size, crop_pct, interpolation, source):
+    out = tmp_path / "r.json"
+    assert load_tool("eval").main(_eval_argv(folder_and_weights, out, "--workers", "0", *extra)) == 0
+    assert loaders[0].dataset[0][0].shape == (3, size, size)  # what the model was fed
+    transform = json.loads(out.read_text())["transform"]
+    assert transform == {"input_size": [3, size, size], "crop_pct": crop_pct, "interpolation": interpolation,
+                         "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_mode": "center", "source": source}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "eval transform" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"eval transform from {source}: input 3x{size}x{size}, crop_pct {crop_pct:g}, crop_mode center, "
+        f"interpolation {interpolation}, mean 0.5/0.5/0.5, std 0.5/0.5/0.5")
+
+
+def test_eval_transform_of_a_run_config_follows_its_overrides(folder_and_weights, tmp_path, loaders):
+    config = _recipe_config(tmp_path, folder_and_weights)  # the recipe: 224 px, crop_pct 0.875, ImageNet mean
+    out = tmp_path / "r.json"
+    assert load_tool("eval").main(["--config", str(config), "--json", str(out), "--img-size", "32"]) == 0
+    transform = json.loads(out.read_text())["transform"]
+    assert (transform["input_size"], transform["crop_pct"], transform["source"]) == ([3, 32, 32], 0.875,
+                                                                                     "the run config")
+    assert transform["mean"] == pytest.approx([0.485, 0.456, 0.406]) and loaders[0].dataset[0][0].shape[-1] == 32
+
+
+def test_eval_transform_flags_are_checked_like_the_config(folder_and_weights, tmp_path, capsys):
+    assert load_tool("eval").main(_eval_argv(folder_and_weights, tmp_path / "r.json", "--crop-pct", "1.5")) == 2
+    assert "'data.eval_crop_pct' expects a number in (0, 1], got 1.5" in _one_error(capsys)

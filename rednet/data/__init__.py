@@ -15,7 +15,13 @@ from .loader import (
     collate_skip,
     default_workers,
 )
-from .transforms import build_eval_transform, build_train_transform, eval_data_config
+from .transforms import (
+    build_eval_transform,
+    build_train_transform,
+    eval_data_config,
+    format_eval_transform,
+    resolve_eval_transform,
+)
 
 __all__ = [
     "DataError",
@@ -34,6 +40,8 @@ __all__ = [
     "default_workers",
     "describe_eval_data",
     "eval_data_config",
+    "format_eval_transform",
+    "resolve_eval_transform",
 ]
 
 
@@ -63,16 +71,22 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     return ds
 
 
-def describe_eval_data(data) -> dict:
+def describe_eval_data(data, transform: Optional[dict] = None) -> dict:
     """What an evaluation of ``data`` (a ``DataConfig``) scores, for its results: a results file that
-    says only ``imagenet`` does not tell which folder it measured.
+    says only ``imagenet`` does not tell which folder it measured, nor at which size.
+
+    Args:
+        data: the data section of the config.
+        transform: the eval transform's settings (``resolve_eval_transform``).
 
     Returns:
         ``dataset``; ``data_root``, the absolute ImageFolder root (None for ``digits`` and
-        ``synthetic``); ``split``, the folder under it (the held-out split's name otherwise).
+        ``synthetic``); ``split``, the folder under it (the held-out split's name otherwise);
+        ``transform``, None for ``synthetic`` (its tensors pass through no transform).
     """
     root = str(Path(data.root).resolve()) if data.dataset == "imagenet" and data.root else None
-    return {"dataset": data.dataset, "data_root": root, "split": data.val_split}
+    return {"dataset": data.dataset, "data_root": root, "split": data.val_split,
+            "transform": None if data.dataset == "synthetic" else transform}
 
 
 def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:

@@ -36,6 +36,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "overridden_keys",
     "resolve_config_path",
 ]
 
@@ -465,6 +466,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def overridden_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys ``overrides`` name, in order (``optim.lr`` of ``optim.lr=0.1``)."""
+    return [_parse_override(item)[0] for item in overrides]
 
 
 def _set_key(data: dict, key: str, value: Any, valid: list[str]) -> None:
