@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .helpers import CONFIGS, ROOT, load_tool
@@ -94,7 +95,6 @@ def folder_and_weights(tmp_path_factory):
     """``val/{a,b}/*.png`` (40x50 RGB) and a weights file of timm's test_resnet (pretrained config: 160 px,
     crop_pct 0.95, mean/std 0.5), the smallest timm model with a full pretrained config."""
     import numpy as np
-    import torch
     from PIL import Image
 
     import rednet
@@ -175,8 +175,6 @@ def test_eval_on_a_small_machine_uses_no_more_workers_than_cpus(folder_and_weigh
 
 
 def test_the_recipes_amp_applies_on_cuda_and_on_a_cpu_only_when_asked():
-    import torch
-
     from rednet.engine import load_config
     from rednet.engine.builder import autocast_dtype
 
@@ -201,7 +199,7 @@ def _recipe_config(tmp_path: Path, folder_and_weights) -> Path:
     return path
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
 def test_eval_on_a_cpu_scores_fp32_unless_amp_is_asked_for(folder_and_weights, tmp_path, capsys):
     config = _recipe_config(tmp_path, folder_and_weights)
     results = {}
@@ -220,7 +218,7 @@ def test_eval_on_a_cpu_scores_fp32_unless_amp_is_asked_for(folder_and_weights, t
     assert "involution backend none (the model has no involution layers)" in execution[0]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule: needs a machine without CUDA")
 def test_train_logs_how_it_runs_and_keeps_the_recipes_amp_off_a_cpu(tmp_path, capsys):
     from rednet.engine.checkpoint import read_checkpoint
 
