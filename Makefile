@@ -33,5 +33,5 @@ clean:
 # aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
 TRAIN_ARGS ?=
 train: env
-	$(PY) tools/train.py --config configs/digits.yaml --output runs/digits --resume auto $(TRAIN_ARGS)
+	$(PY) tools/train.py --config digits --output runs/digits --resume auto $(TRAIN_ARGS)
 	$(PY) tools/eval.py --checkpoint runs/digits/best.pt --json runs/digits/eval.json

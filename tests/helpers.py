@@ -7,6 +7,8 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bundled configs (package data; `--config NAME` finds them from any directory).
+CONFIGS = ROOT / "rednet" / "configs"
 
 # Blocks per stage of each released variant.
 DEPTHS = {

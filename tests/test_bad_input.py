@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import ROOT, load_tool
+from .helpers import CONFIGS, ROOT, load_tool
 
 
 def _fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
@@ -55,7 +55,7 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path, capsys):
 
 
 def test_duplicate_key_in_a_set_mapping(capsys):
-    _fails_cleanly(capsys, "train", ["--config", "configs/digits.yaml", "--set", "model.kwargs={a: 1, a: 2}",
+    _fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", "model.kwargs={a: 1, a: 2}",
                                      "--print-config"], r"--set model\.kwargs: duplicate key 'a'")
 
 
@@ -66,17 +66,17 @@ def test_command_line_paths_are_strings_not_yaml(tmp_path, monkeypatch, capsys):
     import yaml
 
     monkeypatch.chdir(tmp_path)  # nothing may be created in the checkout
-    config = str(ROOT / "configs" / "digits.yaml")
+    config = str(CONFIGS / "digits.yaml")
     assert load_tool("train").main(["--config", config, "--output", "2024", "--data", "null", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["output"] == "2024" and printed["data"]["root"] == "null"
 
 
 @pytest.mark.parametrize("tool, argv", [
-    ("train", ["--config", "configs/digits.yaml", "--output", "", "--print-config"]),
-    ("train", ["--config", "configs/digits.yaml", "--data", "", "--print-config"]),
+    ("train", ["--config", "digits.yaml", "--output", "", "--print-config"]),
+    ("train", ["--config", "digits.yaml", "--data", "", "--print-config"]),
     ("train", ["--config", "", "--print-config"]),
-    ("eval", ["--config", "configs/digits.yaml", "--json", ""]),
+    ("eval", ["--config", "digits.yaml", "--json", ""]),
 ], ids=["train-output", "train-data", "train-config", "eval-json"])
 def test_empty_path_is_an_error(capsys, tool, argv):
     option = argv[argv.index("") - 1]
@@ -92,7 +92,7 @@ TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic",
 
 
 def _train_argv(out, *sets: str) -> list[str]:
-    return ["--config", "configs/digits.yaml", "--output", str(out),
+    return ["--config", "digits.yaml", "--output", str(out),
             *[a for item in (*TINY, *sets) for a in ("--set", item)]]
 
 
@@ -111,7 +111,7 @@ def test_bad_config_values(tmp_path, capsys, item, pattern):
 def test_cuda_requested_without_cuda(tmp_path, capsys, tool):
     argv = _train_argv(tmp_path / "run", "train.device=cuda")
     if tool == "eval":
-        argv = ["--config", "configs/digits.yaml", *argv[4:]]
+        argv = ["--config", "digits.yaml", *argv[4:]]
     _fails_cleanly(capsys, tool, argv, r"train\.device is 'cuda' but torch sees no CUDA device")
     assert not (tmp_path / "run").exists()
 
@@ -154,7 +154,7 @@ def test_unusable_run_directory(tmp_path, capsys, case):
 
 def test_eval_results_file_that_cannot_be_written(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    argv = ["--config", "configs/digits.yaml", "--json", str(tmp_path / "file" / "r.json")]
+    argv = ["--config", "digits.yaml", "--json", str(tmp_path / "file" / "r.json")]
     _fails_cleanly(capsys, "eval", argv, r"the folder of --json .* is a file, not a folder")
 
 
@@ -196,7 +196,7 @@ def test_train_with_an_undecodable_split_stops_before_training(tmp_path, capsys,
 
 def test_eval_with_an_undecodable_val_split(tmp_path, capsys):
     data = _image_tree(tmp_path / "data", broken=("val",))
-    argv = ["--config", "configs/digits.yaml", "--data", str(data),
+    argv = ["--config", "digits.yaml", "--data", str(data),
             *[a for item in (*TINY, "model.num_classes=2") for a in ("--set", item)]]
     _fails_cleanly(capsys, "eval", argv, r"dataset split .*val: none of its 6 images can be decoded")
 

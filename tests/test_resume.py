@@ -7,7 +7,7 @@ import pytest
 
 from rednet.engine import load_config
 
-from .helpers import ROOT, load_tool
+from .helpers import CONFIGS, load_tool
 
 # timm's test_resnet (0.4 M parameters) on synthetic 16 px images: a step and a checkpoint cost milliseconds.
 TINY = ["model.name=test_resnet", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
@@ -43,7 +43,7 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
 
 def _args(out, *extra):
     sets = [a for item in TINY for a in ("--set", item)]
-    return ["--config", str(ROOT / "configs" / "digits.yaml"), "--output", str(out), *sets, *extra]
+    return ["--config", str(CONFIGS / "digits.yaml"), "--output", str(out), *sets, *extra]
 
 
 def _snapshot(run_dir) -> dict[str, bytes]:
@@ -101,7 +101,7 @@ def _foreign_checkpoint(state: dict, path, step: int):
     from rednet.engine import config_to_dict, save_checkpoint
     from rednet.engine.builder import build_model
 
-    cfg = load_config(ROOT / "configs" / "digits.yaml", [*TINY, "model.num_classes=3"])
+    cfg = load_config(CONFIGS / "digits.yaml", [*TINY, "model.num_classes=3"])
     save_checkpoint({**state, "config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
                      "global_step": step}, path)
 

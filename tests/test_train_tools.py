@@ -48,17 +48,17 @@ def test_help(name, option, capsys):
 
 def test_print_config_and_config_errors(capsys):
     train = load_tool("train")
-    assert train.main(["--config", "configs/digits.yaml", "--set", "optim.lr=0.2", "--print-config"]) == 0
+    assert train.main(["--config", "digits.yaml", "--set", "optim.lr=0.2", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "name: rednet26" in out and "lr: 0.2" in out
-    assert train.main(["--config", "configs/digits.yaml", "--set", "optim.lrr=0.2"]) == 2
+    assert train.main(["--config", "digits.yaml", "--set", "optim.lrr=0.2"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
 def test_print_config_shows_the_base_file_merged(capsys):
     import yaml
 
-    assert load_tool("train").main(["--config", "configs/rednet50.yaml", "--print-config"]) == 0
+    assert load_tool("train").main(["--config", "rednet50.yaml", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "base" not in printed and printed["model"]["name"] == "rednet50"
     assert printed["optim"]["base_lr"] == 0.8 and printed["train"]["amp"] == "bf16"  # from imagenet_recipe.yaml
@@ -68,7 +68,7 @@ def test_print_config_shows_the_base_file_merged(capsys):
 def torchrun_run(tmp_path_factory):
     """Two gloo processes train one epoch, then a second torchrun resumes and trains another."""
     out = tmp_path_factory.mktemp("ddp")
-    common = ["--config", "configs/digits.yaml", "--output", str(out),
+    common = ["--config", "digits.yaml", "--output", str(out),
               *_sets(TINY + ["train.max_iters_per_epoch=3", "train.ckpt_every_iters=2"])]
     first = _torchrun(2, "train.py", *common, "--set", "train.epochs=1")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -103,10 +103,10 @@ def torchrun_straight_and_resumed(tmp_path_factory):
     sets = _sets(TINY + ["model.name=test_resnet", "train.epochs=2", "train.max_iters_per_epoch=3",
                          "train.ckpt_every_iters=1", "train.keep_last=10", "train.mixup=0.2",
                          "train.deterministic=true"])
-    first = _torchrun(2, "train.py", "--config", "configs/digits.yaml", "--output", str(straight), *sets)
+    first = _torchrun(2, "train.py", "--config", "digits.yaml", "--output", str(straight), *sets)
     assert first.returncode == 0, first.stdout + first.stderr
     shutil.copy(straight / "checkpoint-000000002.pt", resumed / "checkpoint-000000002.pt")
-    second = _torchrun(2, "train.py", "--config", "configs/digits.yaml", "--output", str(resumed), *sets,
+    second = _torchrun(2, "train.py", "--config", "digits.yaml", "--output", str(resumed), *sets,
                        "--resume", "auto")
     assert second.returncode == 0, second.stdout + second.stderr
     return straight, resumed, second
@@ -148,7 +148,7 @@ def test_eval_tool_counts_exactly_under_torchrun(torchrun_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint(tmp_path):
-    args = [sys.executable, str(ROOT / "tools" / "train.py"), "--config", "configs/digits.yaml",
+    args = [sys.executable, str(ROOT / "tools" / "train.py"), "--config", "digits.yaml",
             "--output", str(tmp_path), *_sets(TINY + ["data.synthetic_train_size=100000", "train.epochs=1"])]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -191,7 +191,7 @@ def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
     # 2-core machine gloo intermittently failed to re-form a 2-process mesh after the
     # restart (connectFullMesh: Connection refused), which is not what this test is about.
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
-            str(ROOT / "tools" / "train.py"), "--config", "configs/digits.yaml", "--output", str(tmp_path),
+            str(ROOT / "tools" / "train.py"), "--config", "digits.yaml", "--output", str(tmp_path),
             *_sets(TINY + ["data.synthetic_train_size=100000", "train.max_iters_per_epoch=120",
                            "train.ckpt_every_iters=20", "train.keep_last=2", "train.epochs=1", "train.log_every=20"])]
     log = tmp_path / "torchrun.log"

@@ -26,7 +26,7 @@ from rednet.analysis.kernels import (
 from rednet.analysis.plot import denormalize, load_image, plot_kernel_maps
 from rednet.layers import Involution
 
-from .helpers import DEPTHS, ROOT, load_tool
+from .helpers import CONFIGS, DEPTHS, ROOT, load_tool
 
 visualize = load_tool("visualize")
 
@@ -349,7 +349,7 @@ def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
     run = tmp_path / "run"
     sets = ["data.dataset=synthetic", "data.synthetic_train_size=4", "data.synthetic_val_size=4",
             "data.batch_size=4", "data.eval_batch_size=4", "train.epochs=1", "train.log_every=1"]
-    argv = ["--config", str(ROOT / "configs" / "digits.yaml"), "--output", str(run)]
+    argv = ["--config", str(CONFIGS / "digits.yaml"), "--output", str(run)]
     assert load_tool("train").main(argv + [a for kv in sets for a in ("--set", kv)]) == 0
     capsys.readouterr()
     out = tmp_path / "k.png"

@@ -7,7 +7,9 @@
 
 With a checkpoint the data and eval transform come from its stored config; with
 --pretrained they follow the model's pretrained config (input size, crop_pct,
-interpolation, mean/std). Under torchrun every image is scored exactly once.
+interpolation, mean/std). What the command line gives (--img-size, --crop-pct,
+--interpolation, --set data.img_size=...) wins over either; the transform used is
+logged and stored in the --json file. Under torchrun every image is scored exactly once.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", help="YAML config giving the model and data (see configs/)")
+    src.add_argument("--config", help="YAML config giving the model and data: a file, or the name of a bundled "
+                                      "config (see --list-configs)")
     src.add_argument("--model", help="any timm model name, e.g. rednet50 or resnet50")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key (repeatable)")
@@ -32,11 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="published weights of the model, or a local file / URL")
     p.add_argument("--data", help="dataset root with a val/ folder per class (ImageNet layout)")
     p.add_argument("--split", default=None, help="split folder under --data (default: data.val_split, 'val')")
+    p.add_argument("--img-size", type=int, help="eval crop size (data.img_size), over the weights' pretrained config")
+    p.add_argument("--crop-pct", type=float, help="resize to img-size / crop-pct, then crop (data.eval_crop_pct)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
+                   help="resize filter (data.interpolation)")
     p.add_argument("--batch-size", type=int, help="per-process batch size")
     p.add_argument("--workers", type=int, help="loader workers per process")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's train.device")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast dtype (default: the config's)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help="autocast dtype, on a CPU too (default: the config's train.amp on CUDA, fp32 on a CPU)")
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--list-configs", action="store_true", help="print the bundled configs and exit")
     return p
 
 
@@ -45,6 +54,9 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if args.data is not None:
         overrides.append("data.dataset=imagenet")
+    for option, key in (("img_size", "img_size"), ("crop_pct", "eval_crop_pct"), ("interpolation", "interpolation")):
+        if getattr(args, option) is not None:
+            overrides.append(f"data.{key}={getattr(args, option)}")
     if args.batch_size:
         overrides.append(f"data.eval_batch_size={args.batch_size}")
     if args.workers is not None:
@@ -118,8 +130,18 @@ def _check_json(path: str) -> None:
     check_output_dir(Path(path).parent, "the folder of --json")
 
 
+def _list_configs() -> int:
+    from rednet.engine.config import bundled_configs
+
+    for name, description in bundled_configs().items():
+        print(f"{name:<16} {description}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.list_configs:
+        return _list_configs()
     if not (args.checkpoint or args.pretrained is not None or args.config):
         build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
     try:
@@ -130,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rednet.data import DataError, build_eval_dataset, build_eval_loader, build_eval_transform, eval_data_config
+    from rednet.data import (
+        DataError,
+        build_eval_dataset,
+        build_eval_loader,
+        build_eval_transform,
+        describe_eval_data,
+        format_eval_transform,
+        resolve_eval_transform,
+    )
     from rednet.engine import (
-        AMP_DTYPES,
         CheckpointError,
         ConfigError,
         cleanup_distributed,
@@ -140,6 +169,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         init_distributed,
         setup_logging,
     )
+    from rednet.engine.builder import autocast_dtype, execution_summary, format_summary
+    from rednet.engine.config import overridden_keys
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
@@ -149,24 +180,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         if args.json:
             _check_json(args.json)
-        model, cfg = _model_and_config(args, _config_overrides(args), _config_paths(args))
+        overrides = _config_overrides(args)
+        model, cfg = _model_and_config(args, overrides, _config_paths(args))
         dist_info = init_distributed(cfg.train.device)
         model = model.to(dist_info.device)
-        transform = None
-        if args.pretrained:
-            dc = eval_data_config(model)
-            transform = build_eval_transform(dc["input_size"][-1], dc["crop_pct"], dc["interpolation"], dc["mean"],
-                                             dc["std"], dc.get("crop_mode"))
-            log.info("eval transform from the pretrained config: %s", dc)
+        # With --pretrained the weights' own config sets the transform, but what the command line gives wins.
+        named = [key.split(".", 1)[1] for key in overridden_keys(overrides) if key.startswith("data.")]
+        settings = resolve_eval_transform(cfg.data, cfg.model.in_chans, model if args.pretrained else None, named)
+        transform = build_eval_transform(settings["input_size"][-1], settings["crop_pct"], settings["interpolation"],
+                                         settings["mean"], settings["std"], settings["crop_mode"])
+        log.info("%s", format_eval_transform(settings))
         dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
         loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
-        result = evaluate(model, loader, dist_info.device, AMP_DTYPES[cfg.train.amp], cfg.train.channels_last,
-                          dist_info.is_main)
+        execution = execution_summary(model, cfg, dist_info.device)
+        log.info("execution: %s", format_summary(execution))
+        result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
+                          cfg.train.channels_last, dist_info.is_main)
     except (ConfigError, CheckpointError, DataError) as e:
         return _error(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
-              "dataset": cfg.data.dataset, "world_size": dist_info.world_size, **result}
+              **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,
+              **result}
     if dist_info.is_main:
         log.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
                  result["loss"], result["count"], result["images_per_s"])

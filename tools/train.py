@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train any timm-registered model (RedNet by default) from a YAML config.
 
-Single process:  python tools/train.py --config configs/digits.yaml
-One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config configs/rednet50.yaml --data /data/imagenet
+Single process:  python tools/train.py --config digits
+One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config rednet50 --data /data/imagenet
+--config takes a YAML file or the name of a bundled config (--list-configs lists them).
 Exit status: 0 done; 2 bad config, data or checkpoint, or a run directory whose results the command would
 overwrite (see --resume, --restart); 3 non-finite loss; 128+N stopped by signal N after checkpointing.
 """
@@ -19,7 +20,8 @@ import yaml
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", help="a YAML file, or the name of a bundled config (e.g. rednet50, digits)")
+    p.add_argument("--list-configs", action="store_true", help="print the bundled configs and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted config key, e.g. --set optim.lr=0.1 (repeatable)")
     p.add_argument("--output", help="run directory (overrides train.output)")
@@ -70,8 +72,21 @@ def _error(message: object) -> int:
     return 2
 
 
+def _list_configs() -> int:
+    from rednet.engine.config import bundled_configs
+
+    for name, description in bundled_configs().items():
+        print(f"{name:<16} {description}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_configs:
+        return _list_configs()
+    if args.config is None:
+        parser.error("the following arguments are required: --config (or --list-configs)")
     try:
         return _train(args)
     except KeyboardInterrupt:

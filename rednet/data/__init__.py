@@ -7,8 +7,21 @@ from typing import Callable, Optional
 from torch.utils.data import Dataset
 
 from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
-from .loader import ResumableSampler, ShardSampler, build_eval_loader, build_train_loader, collate_skip
-from .transforms import build_eval_transform, build_train_transform, eval_data_config
+from .loader import (
+    ResumableSampler,
+    ShardSampler,
+    build_eval_loader,
+    build_train_loader,
+    collate_skip,
+    default_workers,
+)
+from .transforms import (
+    build_eval_transform,
+    build_train_transform,
+    eval_data_config,
+    format_eval_transform,
+    resolve_eval_transform,
+)
 
 __all__ = [
     "DataError",
@@ -24,7 +37,11 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "collate_skip",
+    "default_workers",
+    "describe_eval_data",
     "eval_data_config",
+    "format_eval_transform",
+    "resolve_eval_transform",
 ]
 
 
@@ -52,6 +69,24 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     if len(ds) == 0:
         raise DataError(f"the {data.dataset} validation split is empty")
     return ds
+
+
+def describe_eval_data(data, transform: Optional[dict] = None) -> dict:
+    """What an evaluation of ``data`` (a ``DataConfig``) scores, for its results: a results file that
+    says only ``imagenet`` does not tell which folder it measured, nor at which size.
+
+    Args:
+        data: the data section of the config.
+        transform: the eval transform's settings (``resolve_eval_transform``).
+
+    Returns:
+        ``dataset``; ``data_root``, the absolute ImageFolder root (None for ``digits`` and
+        ``synthetic``); ``split``, the folder under it (the held-out split's name otherwise);
+        ``transform``, None for ``synthetic`` (its tensors pass through no transform).
+    """
+    root = str(Path(data.root).resolve()) if data.dataset == "imagenet" and data.root else None
+    return {"dataset": data.dataset, "data_root": root, "split": data.val_split,
+            "transform": None if data.dataset == "synthetic" else transform}
 
 
 def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, Dataset]:

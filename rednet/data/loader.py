@@ -1,7 +1,8 @@
 """Samplers, collate and loaders: resumable training order, exact evaluation shards."""
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -10,7 +11,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .datasets import DataError
 
-__all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip"]
+__all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip",
+           "default_workers"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -75,7 +77,20 @@ def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     return images, targets, skipped
 
 
-def _loader_kwargs(workers: int, pin_memory: bool, persistent: bool, seed: int) -> dict:
+def default_workers(most: int = 8) -> int:
+    """Loader workers per process when the config names none: ``most``, capped by this process's share of the CPUs.
+
+    The CPUs are those this process may run on (``sched_getaffinity``: a container's or taskset's
+    limit, not the host's count), shared by torchrun's processes on this node. More workers than
+    CPUs only compete with each other, and torch's ``DataLoader`` warns about it on every run.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(most, per_process))
+
+
+def _loader_kwargs(workers: Optional[int], pin_memory: bool, persistent: bool, seed: int) -> dict:
+    workers = default_workers() if workers is None else workers
     kwargs = dict(
         num_workers=workers,
         collate_fn=collate_skip,
@@ -92,7 +107,8 @@ def _loader_kwargs(workers: int, pin_memory: bool, persistent: bool, seed: int) 
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                       workers: int = 0, pin_memory: bool = True, persistent_workers: bool = True) -> DataLoader:
+                       workers: Optional[int] = 0, pin_memory: bool = True,
+                       persistent_workers: bool = True) -> DataLoader:
     """Shuffled, sharded training loader with whole batches (``drop_last``); ``loader.sampler`` is resumable.
 
     Args:
@@ -100,7 +116,8 @@ def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, r
         batch_size: per-process batch.
         world_size / rank: the process group.
         seed: shuffling seed (same on all ranks).
-        workers / pin_memory / persistent_workers: ``DataLoader`` options.
+        workers: loader processes; None: ``default_workers()``.
+        pin_memory / persistent_workers: ``DataLoader`` options.
 
     Raises:
         DataError: the dataset is smaller than one batch per process.
@@ -115,15 +132,17 @@ def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, r
                       **_loader_kwargs(workers, pin_memory, persistent_workers, seed + rank))
 
 
-def build_eval_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0, workers: int = 0,
-                      pin_memory: bool = True, persistent_workers: bool = False) -> DataLoader:
+def build_eval_loader(dataset: Dataset, batch_size: int, world_size: int = 1, rank: int = 0,
+                      workers: Optional[int] = 0, pin_memory: bool = True,
+                      persistent_workers: bool = False) -> DataLoader:
     """Sequential loader over this rank's shard (no padding, no dropped tail).
 
     Args:
         dataset: the evaluation set.
         batch_size: per-process batch.
         world_size / rank: the process group.
-        workers / pin_memory / persistent_workers: ``DataLoader`` options.
+        workers: loader processes; None: ``default_workers()``.
+        pin_memory / persistent_workers: ``DataLoader`` options.
     """
     sampler = ShardSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,

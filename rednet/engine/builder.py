@@ -1,4 +1,5 @@
-"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``."""
+"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``, and a
+summary of how a run executes (device, precision, memory format, involution backend)."""
 from __future__ import annotations
 
 import difflib
@@ -14,24 +15,85 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import parse_model_name
 from timm.optim import create_optimizer_v2, list_optimizers
 
+from ..layers import Involution
 from ..models import create_model
+from ..ops import can_use_cuda_kernel, select_backend
 from .config import Config, ConfigError
 
 __all__ = [
     "AMP_DTYPES",
     "WarmupCosine",
+    "autocast_dtype",
     "build_loss_and_mixup",
     "build_model",
     "build_optimizer",
     "build_scheduler",
     "check_buildable",
     "check_device",
+    "execution_summary",
+    "format_summary",
     "global_batch_size",
     "peak_lr",
 ]
 
 # The autocast dtype of each ``train.amp`` name (None: fp32, no autocast).
 AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype a run uses on ``device``: ``train.amp`` on CUDA; on a CPU only with ``train.amp_on_cpu``."""
+    if device.type == "cpu" and not cfg.train.amp_on_cpu:
+        return None
+    return AMP_DTYPES[cfg.train.amp]
+
+
+def execution_summary(model: nn.Module, cfg: Config, device: torch.device) -> dict[str, str]:
+    """How ``model`` runs under ``cfg`` on ``device``, in words, as each run logs once at its start.
+
+    Returns:
+        ``device``, ``precision`` (with why a configured ``train.amp`` does not apply on a CPU),
+        ``memory_format`` and ``involution_backend`` (the backend ``rednet.ops`` picks for this
+        device and dtype, and why it declined the CUDA kernel).
+    """
+    dtype = autocast_dtype(cfg, device)
+    if dtype is not None:
+        precision = f"{cfg.train.amp} autocast"
+    elif cfg.train.amp != "none":
+        precision = (f"fp32 (train.amp {cfg.train.amp} applies on CUDA; on a CPU only with train.amp_on_cpu: true "
+                     "or train.amp given on the command line)")
+    else:
+        precision = "fp32"
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        where += f" ({threads} thread{'s' if threads != 1 else ''})"
+    return {
+        "device": where,
+        "precision": precision,
+        "memory_format": "channels_last" if cfg.train.channels_last else "contiguous (NCHW)",
+        "involution_backend": _involution_backend(model, device, dtype or torch.float32),
+    }
+
+
+def format_summary(summary: dict[str, str]) -> str:
+    """``execution_summary`` as one log line: ``device cpu (2 threads), precision fp32, ...``."""
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in summary.items())
+
+
+def _involution_backend(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
+    if not any(isinstance(m, Involution) for m in model.modules()):
+        return "none (the model has no involution layers)"
+    probe = torch.empty(0, device=device, dtype=dtype)
+    try:
+        backend = select_backend(probe)
+    except (RuntimeError, ValueError) as e:  # a backend forced by $REDNET_INVOLUTION_BACKEND that cannot run
+        return f"unavailable ({e})"
+    if backend != "reference":
+        return backend
+    ok, why = can_use_cuda_kernel(probe)
+    return f"reference ({why})" if not ok else "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)"
 
 
 def _nearest(name: str, choices: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tempfile
 import types
 import typing
@@ -22,6 +23,7 @@ import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
+    "BUNDLED_CONFIG_DIR",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -29,10 +31,13 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "bundled_configs",
     "check_output_dir",
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "overridden_keys",
+    "resolve_config_path",
 ]
 
 
@@ -77,7 +82,9 @@ class DataConfig:
         img_size: training (and evaluation crop) size.
         batch_size: images per process per step (the global batch is this x processes x accum_steps).
         eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
-        workers: loader worker processes per process.
+        workers: loader worker processes per process; ``None`` (the default) takes
+            ``min(8, CPUs available / processes on this node)``, so a small machine is not asked
+            for more workers than it has CPUs. A number in a file or on the command line is kept.
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
@@ -95,7 +102,7 @@ class DataConfig:
     img_size: int = 224
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
-    workers: int = 8
+    workers: Optional[int] = None
     pin_memory: bool = True
     persistent_workers: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
@@ -156,7 +163,13 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         cpu_threads: intra-op CPU threads per process (``torch.set_num_threads``); ``None`` keeps
             torch's default. On a busy shared CPU one thread avoids OpenMP oversubscription.
-        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler).
+        amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler): the autocast dtype on CUDA.
+            On a CPU it applies only with ``amp_on_cpu``.
+        amp_on_cpu: autocast on a CPU too. Off by default: a recipe's ``amp`` is a GPU setting
+            (the ImageNet recipe's bf16), and on a CPU it would silently change results (timm's
+            ``validate.py`` scores fp32 there). Naming ``train.amp`` in an override (``--set
+            train.amp=...``, eval's ``--amp``) is an explicit request and turns this on too,
+            unless the same overrides set ``train.amp_on_cpu`` themselves.
         channels_last: NHWC memory format.
         compile: wrap the model in ``torch.compile``.
         sync_bn: convert BatchNorm to SyncBatchNorm under distributed training.
@@ -179,6 +192,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: Optional[int] = None
     amp: Literal["none", "bf16", "fp16"] = "none"
+    amp_on_cpu: bool = False
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
@@ -344,7 +358,7 @@ def _validate(cfg: Config) -> None:
         ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
         ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1,
          "null or an integer >= 1"),
-        ("data.workers", cfg.data.workers >= 0, "an integer >= 0"),
+        ("data.workers", cfg.data.workers is None or cfg.data.workers >= 0, "null or an integer >= 0"),
         ("data.scale", 0.0 < cfg.data.scale[0] <= cfg.data.scale[1] <= 1.0, "[min, max] with 0 < min <= max <= 1"),
         ("data.ratio", 0.0 < cfg.data.ratio[0] <= cfg.data.ratio[1], "[min, max] with 0 < min <= max"),
         ("data.hflip", 0.0 <= cfg.data.hflip <= 1.0, "a probability in [0, 1]"),
@@ -460,6 +474,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def overridden_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys ``overrides`` name, in order (``optim.lr`` of ``optim.lr=0.1``)."""
+    return [_parse_override(item)[0] for item in overrides]
+
+
 def _set_key(data: dict, key: str, value: Any, valid: list[str]) -> None:
     if key not in valid:
         raise _unknown(key, valid)
@@ -478,13 +497,20 @@ def apply_overrides(data: dict, overrides: list[str], values: Optional[dict[str,
     Args:
         data: nested plain data (a parsed file or a checkpoint's config); not modified.
         overrides: ``key=value`` strings; each value is parsed as YAML (``1`` is a number, ``null`` is None).
+            One naming ``train.amp`` also sets ``train.amp_on_cpu`` (unless another one sets it).
         values: dotted key -> value, applied last and taken as they are, without YAML parsing: the
             tools pass paths this way, so that ``--output 2024`` is a folder and ``--data null`` one too.
     """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
     valid = _all_keys()
+    named = []
     for item in overrides:
-        _set_key(data, *_parse_override(item), valid)
+        key, value = _parse_override(item)
+        _set_key(data, key, value, valid)
+        named.append(key)
+    if "train.amp" in named and "train.amp_on_cpu" not in named:
+        # A precision typed for this run holds on any device; see TrainConfig.amp_on_cpu.
+        _set_key(data, "train.amp_on_cpu", True, valid)
     for key, value in (values or {}).items():
         _set_key(data, key, value, valid)
     return data
@@ -517,6 +543,59 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     except OSError as e:
         raise ConfigError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder") from None
     return path
+
+
+# The configs shipped with the package (package data), so that `--config rednet50` works
+# from any directory and from an installed wheel, not only from the root of a checkout.
+BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_SUFFIXES = (".yaml", ".yml")
+
+
+def _bundled(name: str) -> Optional[Path]:
+    """The bundled config a bare name (``rednet50``, ``rednet50.yaml``) means, or None."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        return None  # a path with folders names a file of the user's, never a bundled one
+    path = BUNDLED_CONFIG_DIR / (name if name.endswith(_SUFFIXES) else f"{name}.yaml")
+    return path if path.is_file() else None
+
+
+def bundled_configs() -> dict[str, str]:
+    """Name -> description of each bundled config; the description is the file's first comment line."""
+    found = {}
+    # Natural order: rednet26 before rednet101.
+    for path in sorted(BUNDLED_CONFIG_DIR.glob("*.yaml"), key=lambda p: [int(s) if s.isdigit() else s
+                                                                       for s in re.split(r"(\d+)", p.stem)]):
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "#")
+        found[path.stem] = first.lstrip("#").strip()
+    return found
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """The config file ``path`` names: the path itself where it exists, else the bundled config of that name.
+
+    Raises:
+        ConfigError: empty, a folder, or neither an existing file nor a bundled name (the message lists those).
+    """
+    if str(path) == "":
+        raise ConfigError("the config file name is empty")
+    given = Path(path)
+    if given.is_dir():
+        raise ConfigError(f"config file {given} is a folder; give a YAML file")
+    if given.is_file():
+        return given
+    bundled = _bundled(str(path))
+    if bundled is not None:
+        return bundled
+    names = list(bundled_configs())
+    if Path(str(path)).name != str(path):
+        # The old spelling configs/NAME.yaml (before the configs moved into the package) ends up here.
+        hint = f"; for the bundled one, give just its name: {given.stem}" if _bundled(given.name) else ""
+        raise ConfigError(f"config file {given} does not exist{hint}")
+    stem = given.stem if given.suffix in _SUFFIXES else str(path)
+    close = difflib.get_close_matches(stem, names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"config file {path} does not exist, nor is it a bundled config{hint} "
+                      f"(bundled: {', '.join(names)})")
 
 
 # A config file may name another as its base: its sections are merged over the base's,
@@ -562,6 +641,8 @@ def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"config file {path}: '{_BASE_KEY}' expects a file name, got {base!r}")
     base_path = path.parent / base
+    if not base_path.is_file() and _bundled(base) is not None:
+        base_path = _bundled(base)  # a user's file may build on a bundled recipe by name
     chain = (*including, path.resolve())
     if base_path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
@@ -577,19 +658,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
     Args:
         path: a YAML file with ``model``/``data``/``optim``/``train`` sections and optionally
-            ``base: FILE``, a config (path relative to this file) whose sections this one's
-            are merged over.
+            ``base: FILE``, a config (path relative to this file, or a bundled config's name)
+            whose sections this one's are merged over; or the name of a bundled config
+            (``rednet50`` or ``rednet50.yaml``, see ``bundled_configs``). A path that exists wins.
         overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
         values: dotted key -> value applied last, as given (no YAML parsing), e.g. paths from the command line.
     """
     data: dict = {}
     if path is not None:
-        if str(path) == "":
-            raise ConfigError("the config file name is empty")
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder; give a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = _read_config_file(path)
+        data = _read_config_file(resolve_config_path(path))
     return config_from_dict(apply_overrides(data, overrides or [], values))

@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader
 from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
 from ..fileio import atomic_write
 from .builder import (
-    AMP_DTYPES,
+    autocast_dtype,
     build_loss_and_mixup,
     build_model,
     build_optimizer,
     build_scheduler,
+    execution_summary,
+    format_summary,
     global_batch_size,
     peak_lr,
 )
@@ -131,7 +133,9 @@ class _Run:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         optimizer = build_optimizer(cfg, model, peak_lr(cfg, dist_info.world_size))
         scheduler = build_scheduler(cfg, optimizer, steps)
-        scaler = torch.amp.GradScaler(dist_info.device.type) if cfg.train.amp == "fp16" else None
+        # The precision that applies on this device (train.amp is for CUDA unless train.amp_on_cpu).
+        fp16 = autocast_dtype(cfg, dist_info.device) == torch.float16
+        scaler = torch.amp.GradScaler(dist_info.device.type) if fp16 else None
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         return cls(cfg, run_dir, dist_info, model, optimizer, scheduler, scaler, ema)
 
@@ -221,7 +225,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
     train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
                                       cfg.train.seed, cfg.data.workers, cfg.data.pin_memory,
                                       cfg.data.persistent_workers)
-    if cfg.data.workers > 0:
+    if train_loader.num_workers > 0:  # data.workers may be null: the loader resolved it
         train_loader.worker_init_fn = _ignore_sigint
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
@@ -298,11 +302,12 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
     loss_fn, mixup = build_loss_and_mixup(cfg)
     resumed_at = run.state.global_step or None
     logger = RunLogger(run.run_dir, dist_info.is_main, purge_step=resumed_at and resumed_at + 1)
-    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    amp_dtype = autocast_dtype(cfg, device)
     _logger.info("%s: %d train / %d val images, %d processes on %s, global batch %d, peak lr %.4g, %d steps x %d "
                  "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
                  device, global_batch_size(cfg, dist_info.world_size), peak_lr(cfg, dist_info.world_size), steps,
                  cfg.train.epochs)
+    _logger.info("execution: %s", format_summary(execution_summary(run.model, cfg, device)))
 
     def on_step(state: TrainState) -> None:
         every = cfg.train.ckpt_every_iters
