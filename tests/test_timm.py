@@ -275,3 +275,15 @@ def test_regularisation_keys_in_the_yaml_schema():
         load_config(None, ["model.drop_path_rate=1.0"])
     with pytest.raises(ConfigError, match="model.drop_block_rate"):
         load_config(None, ["model.drop_block_rate=-0.1"])
+
+
+def test_regularisation_keys_reach_the_model():
+    from rednet.engine import build_model, load_config
+
+    cfg = load_config(None, ["model.name=rednet26", "model.drop_path_rate=0.1", "model.drop_block_rate=0.1"])
+    model = build_model(cfg)
+    assert model.layer4[0].drop_path is not None and model.layer4[0].drop_path.drop_prob > 0
+    assert model.layer3[0].drop_block is not None
+    # A timm model that takes no drop_block_rate still builds when the key is left at 0.
+    assert build_model(load_config(None, ["model.name=vit_tiny_patch16_224", "model.num_classes=2",
+                                          "model.drop_path_rate=0.1"])) is not None

@@ -167,6 +167,10 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
         # and RedNet's (foreign layouts) honour, so any registered model accepts one.
         key = "url" if "://" in source else "file"
         kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), key: source}
+    for key in ("drop_path_rate", "drop_block_rate"):
+        rate = getattr(cfg.model, key)
+        if rate:  # only when set: some timm models take no drop_block_rate
+            kwargs[key] = rate
     try:
         return create_model(
             cfg.model.name,
