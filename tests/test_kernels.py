@@ -10,15 +10,15 @@ The real kernels on a GPU are tested in ``test_ops_gpu.py``.
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
 from rednet.ops import _cupy, _plan, involution_reference
+
+from . import cuda_emu
 
 REDNET_WINDOWS = [(3, 1, 1), (7, 1, 1), (7, 2, 1)]  # (K, stride, dilation): stem and blocks
 GENERIC_WINDOWS = [(1, 2, 1), (5, 2, 2), (11, 2, 3), (15, 1, 3)]  # last two: windows too big for smem tiles
@@ -77,45 +77,13 @@ def test_nvrtc_compiles_every_instantiation():
 
 
 # ----------------------------------------------------------------------------------------
-# Host emulation of the kernels.
+# Host emulation of the kernels (tests/cuda_emu.h): every RedNet window in every reduced
+# precision, and the generic paths (tiled and not) in double.
 
-_SHIM = r"""
-#include <barrier>
-#include <cstring>
-#include <functional>
-#include <thread>
-#include <vector>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static  /* one block runs at a time, so a static is its shared memory */
-struct emu_dim3 { unsigned x, y, z; };
-static thread_local emu_dim3 threadIdx, blockIdx;
-static emu_dim3 gridDim;
-static std::barrier<>* emu_bar;
-inline void __syncthreads() { emu_bar->arrive_and_wait(); }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-#define REDNET_HOST_EMULATION
-#include "SOURCE"
-static void emu_launch(unsigned grid, const std::function<void()>& body) {
-  gridDim = {grid, 1, 1};
-  for (unsigned b = 0; b < grid; ++b) {
-    std::barrier<> bar(THREADS);
-    emu_bar = &bar;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < THREADS; ++t)
-      ts.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; body(); });
-    for (auto& th : ts) th.join();
-  }
-}
-"""
-_EMU_TYPES = {torch.float64: "double", torch.float32: "float", torch.bfloat16: "bf16_t"}
-_EMU_CASES = [  # (dtype, K, S, D): every path of the kernels, tiled and not
+_EMU_CASES = [  # (dtype, K, S, D)
+    *[(dt, *w) for dt in (torch.float32, torch.bfloat16, torch.float16) for w in REDNET_WINDOWS],
     (torch.float64, 3, 1, 1), (torch.float64, 3, 2, 1), (torch.float64, 5, 1, 2), (torch.float64, 7, 2, 1),
     (torch.float64, 1, 2, 1), (torch.float64, 11, 2, 3), (torch.float64, 15, 1, 3),
-    (torch.float32, 7, 1, 1), (torch.bfloat16, 3, 2, 1),
 ]
 
 
@@ -124,32 +92,24 @@ def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
     names = [n for dt, k, s, d in _EMU_CASES for n in _plan.name_expressions(dt, k, s, d)]
-    lines = [_SHIM.replace("SOURCE", str(_cupy.SOURCE_PATH))]
-    for i, n in enumerate(names):
-        t = _EMU_TYPES[next(dt for dt, name in _plan.TYPE_NAMES.items() if name == n.split("<")[1].split(",")[0])]
-        tail = "int tw, int nt" if "_nchw<" in n else "long long n"
-        call = "tw, nt" if "_nchw<" in n else "n"
-        lines.append(
-            f'extern "C" void emu_{i}(unsigned grid, const void* a, const void* b, void* o, '
-            f"int C, int H, int W, int G, int Ho, int Wo, int pad, {tail}) {{ emu_launch(grid, [=] {{ "
-            f"{n}((const {t}*)a, (const {t}*)b, ({t}*)o, C, H, W, G, Ho, Wo, pad, {call}); }}); }}"
-        )
-    d = tmp_path_factory.mktemp("emu")
-    (d / "emu.cpp").write_text("\n".join(lines))
-    res = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", str(d / "emu.cpp"),
-                          "-o", str(d / "emu.so")], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    lib = ctypes.CDLL(str(d / "emu.so"))
-    return {n: getattr(lib, f"emu_{i}") for i, n in enumerate(names)}
+    return cuda_emu.build(names, tmp_path_factory.mktemp("emu"), _cupy.SOURCE_PATH)
+
+
+def test_emulated_half_conversions_match_torch(emulator):
+    """The shim's fp16 stand-ins round as torch (and the device's cvt.rn.f16.f32) do."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    finite = bits.isfinite()
+    got = torch.tensor([emulator.lib.emu_half_to_float(i) for i in range(65536)])
+    torch.testing.assert_close(got[finite], bits.float()[finite], rtol=0, atol=0)
+    vals = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 5, (2000,)), torch.tensor([65504.0, 65520.0])])
+    got = torch.tensor([emulator.lib.emu_float_to_half(float(v)) for v in vals], dtype=torch.int32)
+    assert torch.equal(got.to(torch.int16).view(torch.float16).float(), vals.half().float())
 
 
 def _emulate(emulator, plan: _plan.Launch | None) -> None:
-    if plan is None:
-        return
-    grid = plan.grid if "_nchw<" in plan.name else min(plan.grid, 3)  # few blocks: exercise grid-stride loops
-    conv = {np.uint64: ctypes.c_void_p, np.int32: ctypes.c_int, np.int64: ctypes.c_longlong}
-    args = [conv[type(a)](int(a)) for a in plan.args]
-    emulator[plan.name](ctypes.c_uint(grid), *args)
+    if plan is not None and "_nhwc<" in plan.name:
+        plan = plan._replace(grid=min(plan.grid, 3))  # few blocks: exercise the grid-stride loops
+    emulator.launch(plan, _plan.THREADS)
 
 
 def _emulated_involution(emulator, x, kernel, stride, padding, dilation, grad_out):
@@ -188,7 +148,7 @@ def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d):
 
     y, gx, gw = _emulated_involution(emulator, x, kernel, s, pad, d, grad_out)
     ry, rgx, rgw = _reference_with_grads(x, kernel, s, pad, d, grad_out)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for got, ref in ((y, ry), (gx, rgx), (gw, rgw)):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))

@@ -4,9 +4,9 @@
 //
 // Compiled at run time by NVRTC through cupy.RawModule (rednet/ops/_cupy.py), one module
 // per (dtype, K, S, D) and device, and in CI by nvcc and NVRTC without a GPU
-// (tests/test_kernels.py). The file is header-free so both compilers take it as is:
-// NVRTC has no default include path, and the half conversions below are one PTX
-// instruction each.
+// (tests/test_kernels.py), which also runs it on the host (tests/cuda_emu.h). The file is
+// header-free so both compilers take it as is: NVRTC has no default include path, and the
+// half conversions below are one PTX instruction each.
 //
 // Memory formats. "nchw": x, y (B, C, H, W) contiguous and w (B, G, K, K, Ho, Wo) contiguous.
 // "nhwc" (channels_last): x, y stored as (B, H, W, C) and w stored as (B, Ho, Wo, G, K, K),
@@ -32,24 +32,52 @@ struct bf16_t { unsigned short bits; };  // bfloat16, layout of torch.bfloat16
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
 
+// The host emulation (tests/cuda_emu.h) supplies its own half conversions and counts every
+// global access through the two trace hooks, which are empty on the device.
 #ifndef REDNET_HOST_EMULATION
-__device__ __forceinline__ float load(const half_t* p) {
+#define REDNET_TRACE_LOAD(p, bytes)
+#define REDNET_TRACE_STORE(p, bytes)
+__device__ __forceinline__ float half_to_float(unsigned short h) {
   float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
 }
-__device__ __forceinline__ void store(half_t* p, float v) {
+__device__ __forceinline__ unsigned short float_to_half(float v) {
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  p->bits = h;
+  return h;
 }
 #endif
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const bf16_t* p) { return __uint_as_float(((unsigned int)p->bits) << 16); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ float load(const half_t* p) {
+  REDNET_TRACE_LOAD(p, 2);
+  return half_to_float(p->bits);
+}
+__device__ __forceinline__ void store(half_t* p, float v) {
+  REDNET_TRACE_STORE(p, 2);
+  p->bits = float_to_half(v);
+}
+__device__ __forceinline__ float load(const float* p) {
+  REDNET_TRACE_LOAD(p, 4);
+  return *p;
+}
+__device__ __forceinline__ double load(const double* p) {
+  REDNET_TRACE_LOAD(p, 8);
+  return *p;
+}
+__device__ __forceinline__ float load(const bf16_t* p) {
+  REDNET_TRACE_LOAD(p, 2);
+  return __uint_as_float(((unsigned int)p->bits) << 16);
+}
+__device__ __forceinline__ void store(float* p, float v) {
+  REDNET_TRACE_STORE(p, 4);
+  *p = v;
+}
+__device__ __forceinline__ void store(double* p, double v) {
+  REDNET_TRACE_STORE(p, 8);
+  *p = v;
+}
 __device__ __forceinline__ void store(bf16_t* p, float v) {
+  REDNET_TRACE_STORE(p, 2);
   // Round to nearest even, as torch's float -> bfloat16 cast; NaN stays a quiet NaN.
   unsigned int u = __float_as_uint(v);
   if ((u & 0x7fffffffu) > 0x7f800000u) {
