@@ -76,6 +76,7 @@ inline void wait(State s) {
 struct Stats {  // totals over the traced blocks; the layout is mirrored by ctypes in the tests
   unsigned long long requests[2];       // [load, store] warp-level requests
   unsigned long long sectors[2];        // 32-byte sectors those requests touch (summed per request)
+  unsigned long long used_bytes[2];     // distinct bytes those requests access (summed per request)
   unsigned long long accesses[2][5];    // thread-level accesses of 1, 2, 4, 8, 16 bytes
   unsigned long long block_sectors[2][4];  // distinct sectors per block, by tensor (args 0, 1, 2, other)
 };
@@ -83,7 +84,8 @@ inline bool tracing = false;
 inline Stats stats;
 inline const char* ranges[3][2];  // [begin, end) of the kernel's three tensors
 inline std::vector<unsigned> seq[2];  // per thread: accesses so far in this block
-inline std::unordered_map<unsigned long long, std::vector<unsigned long long>> groups[2];
+// (warp, sequence number) -> the accesses of one warp-level request: (address, bytes)
+inline std::unordered_map<unsigned long long, std::vector<std::pair<unsigned long long, unsigned>>> groups[2];
 inline std::unordered_set<unsigned long long> block_set[2][4];
 
 inline void trace(const void* p, unsigned bytes, int st) {
@@ -91,23 +93,24 @@ inline void trace(const void* p, unsigned bytes, int st) {
   const unsigned t = threadIdx.x;
   const unsigned long long key = ((unsigned long long)(t / 32) << 40) | seq[st][t]++;
   const unsigned long long a = (unsigned long long)p, s0 = a / 32, s1 = (a + bytes - 1) / 32;
-  auto& g = groups[st][key];
+  groups[st][key].emplace_back(a, bytes);
   int tensor = 3;
   for (int i = 0; i < 3; ++i)
     if ((const char*)p >= ranges[i][0] && (const char*)p < ranges[i][1]) tensor = i;
-  for (unsigned long long s = s0; s <= s1; ++s) {
-    g.push_back(s);
-    block_set[st][tensor].insert(s);
-  }
+  for (unsigned long long s = s0; s <= s1; ++s) block_set[st][tensor].insert(s);
   stats.accesses[st][bytes == 1 ? 0 : bytes == 2 ? 1 : bytes == 4 ? 2 : bytes == 8 ? 3 : 4] += 1;
 }
 
 inline void flush_block() {
   for (int st = 0; st < 2; ++st) {
+    std::unordered_map<unsigned long long, unsigned> mask;  // sector -> bytes used, one bit each
     for (auto& [key, v] : groups[st]) {
-      std::sort(v.begin(), v.end());
+      mask.clear();
+      for (auto [a, n] : v)
+        for (unsigned long long b = a; b < a + n; ++b) mask[b / 32] |= 1u << (b % 32);
       stats.requests[st] += 1;
-      stats.sectors[st] += std::unique(v.begin(), v.end()) - v.begin();
+      stats.sectors[st] += mask.size();
+      for (auto& [sector, m] : mask) stats.used_bytes[st] += __builtin_popcount(m);
     }
     groups[st].clear();
     for (int i = 0; i < 4; ++i) {

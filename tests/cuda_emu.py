@@ -26,6 +26,7 @@ class Stats(ctypes.Structure):
     _fields_ = [
         ("requests", ctypes.c_ulonglong * 2),
         ("sectors", ctypes.c_ulonglong * 2),
+        ("used_bytes", ctypes.c_ulonglong * 2),
         ("accesses", (ctypes.c_ulonglong * 5) * 2),
         ("block_sectors", (ctypes.c_ulonglong * 4) * 2),
     ]
@@ -36,6 +37,7 @@ class Stats(ctypes.Structure):
             out[kind] = {
                 "requests": self.requests[st],
                 "sectors": self.sectors[st],
+                "used_bytes": self.used_bytes[st],
                 "accesses_by_bytes": {b: self.accesses[st][i] for i, b in enumerate((1, 2, 4, 8, 16))},
                 "block_sectors": list(self.block_sectors[st]),  # by argument: 0, 1, 2 (tensors), other
             }
