@@ -29,6 +29,7 @@
 #include <vector>
 
 #define __global__
+#define __host__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
@@ -45,8 +46,21 @@ inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline double __hiloint2double(int hi, int lo) {
+  const unsigned long long u = ((unsigned long long)(unsigned)hi << 32) | (unsigned)lo;
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+}
+inline int __double2hiint(double d) { unsigned long long u; std::memcpy(&u, &d, 8); return (int)(u >> 32); }
+inline int __double2loint(double d) { unsigned long long u; std::memcpy(&u, &d, 8); return (int)(unsigned)u; }
 inline float half_to_float(unsigned short h) { _Float16 f; std::memcpy(&f, &h, 2); return (float)f; }
-inline unsigned short float_to_half(float v) { _Float16 f = (_Float16)v; unsigned short h; std::memcpy(&h, &f, 2); return h; }
+inline unsigned short float_to_half(float v) {
+  _Float16 f = (_Float16)v;
+  unsigned short h;
+  std::memcpy(&h, &f, 2);
+  return h;
+}
 
 namespace emu {
 
@@ -135,7 +149,11 @@ inline bool run_block(unsigned nthreads) {
     f.state = RUNNABLE;
   }
   for (;;) {
-    for (unsigned t = 0; t < nthreads; ++t) {
+    // Odd blocks run their threads in reverse order, so a missing barrier shows up whichever
+    // side of a shared-memory race the kernel gets wrong.
+    const bool reverse = blockIdx.x & 1;
+    for (unsigned k = 0; k < nthreads; ++k) {
+      const unsigned t = reverse ? nthreads - 1 - k : k;
       if (fibers[t].state != RUNNABLE) continue;
       current = t;
       threadIdx = {t, 0, 0};

@@ -41,8 +41,9 @@ def test_nvcc_compiles_every_instantiation(tmp_path):
     src = _cupy.source() + '\nextern "C" void* const rednet_instantiations[] = {\n' + addresses + "\n};\n"
     cu = tmp_path / "involution_all.cu"
     cu.write_text(src)
-    cmd = ["nvcc", "-c", "-std=c++17", "-Werror", "all-warnings", "-gencode", "arch=compute_80,code=sm_80",
-           str(cu), "-o", str(tmp_path / "involution_all.o")]
+    # One front-end pass, SASS for A100 and H100 (ptxas for both, in parallel): what CuPy builds there.
+    cmd = ["nvcc", "-c", "-std=c++17", "-Werror", "all-warnings", "-gencode", "arch=compute_80,code=[sm_80,sm_90]",
+           "-t", "2", str(cu), "-o", str(tmp_path / "involution_all.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]
 
@@ -80,18 +81,30 @@ def test_nvrtc_compiles_every_instantiation():
 # Host emulation of the kernels (tests/cuda_emu.h): every RedNet window in every reduced
 # precision, and the generic paths (tiled and not) in double.
 
-_EMU_CASES = [  # (dtype, K, S, D)
-    *[(dt, *w) for dt in (torch.float32, torch.bfloat16, torch.float16) for w in REDNET_WINDOWS],
-    (torch.float64, 3, 1, 1), (torch.float64, 3, 2, 1), (torch.float64, 5, 1, 2), (torch.float64, 7, 2, 1),
-    (torch.float64, 1, 2, 1), (torch.float64, 11, 2, 3), (torch.float64, 15, 1, 3),
+# (B, C, G, H, W) and what each shape exercises.
+EMU_SHAPES = {
+    "odd": (2, 6, 2, 11, 37),  # C/G = 3: the nhwc_scalar kernels; several partly filled 32x8 nchw tiles
+    "g16": (2, 32, 2, 14, 13),  # C/G = 16 as in RedNet: the nhwc vector kernels; 16x8 (and 8x8) nchw tiles
+    "7x7": (3, 48, 3, 7, 7),  # RedNet's last stage: 8x8 nchw tiles, 4 planes a block, the last block part empty
+    "g32": (1, 64, 2, 9, 10),  # C/G = 32: 4 (bf16) to 16 (fp64) threads per item summing by shuffles
+}
+_F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+_EMU_CASES = [  # (dtype, K, S, D, shape)
+    *[(dt, *w, sh) for dt in (_F32, _BF16, _F16) for w in REDNET_WINDOWS for sh in ("g16", "7x7")],
+    *[(_F64, *w, "odd") for w in [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 2, 1), (1, 2, 1), (11, 2, 3), (15, 1, 3)]],
+    (_F32, 5, 2, 2, "odd"), (_BF16, 3, 2, 1, "odd"), (_F16, 7, 1, 1, "odd"),  # scalar nhwc in reduced precision
+    (_BF16, 7, 2, 1, "g32"), (_F64, 3, 1, 1, "g16"),
+    (_F32, 11, 2, 3, "g16"),  # the largest window the nhwc vector kernels stage; nchw reads global memory
+    (_F64, 15, 1, 3, "g16"),  # K > 11 with C/G = 16: nhwc_scalar
 ]
+_EMU_MODULES = sorted({(dt, k, s, d) for dt, k, s, d, _ in _EMU_CASES}, key=str)
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    names = [n for dt, k, s, d in _EMU_CASES for n in _plan.name_expressions(dt, k, s, d)]
+    names = [n for m in _EMU_MODULES for n in _plan.name_expressions(*m)]
     return cuda_emu.build(names, tmp_path_factory.mktemp("emu"), _cupy.SOURCE_PATH)
 
 
@@ -107,7 +120,7 @@ def test_emulated_half_conversions_match_torch(emulator):
 
 
 def _emulate(emulator, plan: _plan.Launch | None) -> None:
-    if plan is not None and "_nhwc<" in plan.name:
+    if plan is not None and "_nhwc_scalar<" in plan.name:
         plan = plan._replace(grid=min(plan.grid, 3))  # few blocks: exercise the grid-stride loops
     emulator.launch(plan, _plan.THREADS)
 
@@ -131,10 +144,12 @@ def _reference_with_grads(x, kernel, stride, padding, dilation, grad_out):
 
 
 @pytest.mark.parametrize("memory_format", _plan.MEMORY_FORMATS)
-@pytest.mark.parametrize("dtype,k,s,d", _EMU_CASES, ids=lambda v: str(v).replace("torch.", ""))
-def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d):
-    # Odd sizes larger than a 32x8 tile, C/G = 3 channels per group, "same" padding.
-    b, c, g, h, w = 2, 6, 2, 11 if k < 11 else 9, 37
+@pytest.mark.parametrize("dtype,k,s,d,shape", _EMU_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d, shape):
+    # Odd sizes, several group widths (EMU_SHAPES), "same" padding.
+    b, c, g, h, w = EMU_SHAPES[shape]
+    if shape == "odd" and k >= 11:
+        h = 9
     pad = d * (k - 1) // 2
     if (k, s, d) == (5, 1, 2):
         pad = 1  # a padding smaller than "same": output smaller than the input
