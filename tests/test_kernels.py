@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,43 @@ def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d, shape):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
     assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+
+
+def test_plan_picks_tiles_and_paths():
+    assert [_plan.nchw_tile(n) for n in (7, 8, 14, 16, 28, 56, 112)] == [(8, 8)] * 2 + [(16, 8)] * 2 + [(32, 8)] * 3
+    x = torch.empty(2, 64, 9, 9, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    tpi = _plan.nhwc_threads_per_item
+    assert tpi(64, 4, 7, torch.bfloat16, (x,)) == 2  # RedNet's C/G = 16: two 16-byte threads per item
+    assert tpi(64, 4, 7, torch.float32, (x,)) == 4 and tpi(64, 2, 7, torch.float64, (x,)) == 16
+    assert tpi(48, 16, 7, torch.bfloat16, (x,)) is None  # C/G = 3
+    assert tpi(64, 4, 15, torch.bfloat16, (x,)) is None  # kernel rows too long for the shared-memory chunk
+    assert tpi(96, 2, 7, torch.bfloat16, (x,)) is None  # 48 channels: 6 threads per item, not a power of two
+    assert tpi(64, 4, 7, torch.bfloat16, (x.flatten()[1:],)) is None  # not 16-byte aligned
+
+
+def test_kernels_host_emulation_misaligned_nhwc(emulator):
+    """A channels_last tensor 2 bytes off 16-byte alignment takes the scalar kernels, correctly."""
+    b, c, g, h, w = EMU_SHAPES["g16"]
+    k, pad = 7, 3
+    buf = torch.randn(b * h * w * c + 1).to(torch.bfloat16)
+    x = buf[1:].view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last, data_ptr % 16 == 2
+    kernel = torch.randn(b, g * k * k, h, w).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    kernel = kernel.view(b, g, k, k, h, w)
+    grad_out = torch.randn(b, c, h, w).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert _plan.plan_forward(x, kernel, 1, pad, 1)[1].name.startswith("involution_fwd_nhwc_scalar<")
+    y, gx, gw = _emulated_involution(emulator, x, kernel, 1, pad, 1, grad_out)
+    for got, ref in zip((y, gx, gw), _reference_with_grads(x, kernel, 1, pad, 1, grad_out)):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_emulator_reports_a_barrier_not_every_thread_reaches(tmp_path):
+    """The shim's check that makes the emulation also prove the kernels' barriers uniform."""
+    src = tmp_path / "diverge.cu"
+    src.write_text("__global__ void diverge(int* out) {\n"
+                   "  if (threadIdx.x < 128) __syncthreads();\n"
+                   "  out[threadIdx.x] = 1;\n}\n")
+    emu = cuda_emu.build(["diverge"], tmp_path, src)
+    out = torch.zeros(_plan.THREADS, dtype=torch.int32)
+    launch = _plan.Launch("diverge", None, 1, (np.uint64(out.data_ptr()),), (out,))
+    with pytest.raises(RuntimeError, match="barrier is not reached by every thread"):
+        emu.launch(launch, _plan.THREADS)
