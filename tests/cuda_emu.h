@@ -102,7 +102,23 @@ inline std::vector<unsigned> seq[2];  // per thread: accesses so far in this blo
 inline std::unordered_map<unsigned long long, std::vector<std::pair<unsigned long long, unsigned>>> groups[2];
 inline std::unordered_set<unsigned long long> block_set[2][4];
 
+inline bool checking = false;  // every access must fall inside one of the three tensors
+
 inline void trace(const void* p, unsigned bytes, int st) {
+  if (checking) {
+    const char* q = (const char*)p;
+    bool inside = false;
+    for (int i = 0; i < 3; ++i) inside = inside || (q >= ranges[i][0] && q + bytes <= ranges[i][1]);
+    if (!inside) {  // report, and end this thread before the access happens
+      if (error.empty()) {
+        error = std::string("block ") + std::to_string(blockIdx.x) + " thread " + std::to_string(threadIdx.x) +
+                ": global " + (st ? "store" : "load") + " of " + std::to_string(bytes) +
+                " bytes outside every tensor argument";
+      }
+      fibers[current].state = DONE;
+      swapcontext(&fibers[current].ctx, &scheduler);
+    }
+  }
   if (!tracing) return;
   const unsigned t = threadIdx.x;
   const unsigned long long key = ((unsigned long long)(t / 32) << 40) | seq[st][t]++;
@@ -164,6 +180,7 @@ inline bool run_block(unsigned nthreads) {
       done += fibers[t].state == DONE;
       at_block += fibers[t].state == AT_BLOCK_BARRIER;
     }
+    if (!error.empty()) return false;
     if (done == nthreads) break;
     bool released = false;
     if (at_block == nthreads) {
@@ -249,6 +266,13 @@ extern "C" void emu_trace_begin(const char* a, size_t na, const char* b, size_t 
   const char* r[3][2] = {{a, a + na}, {b, b + nb}, {o, o + no}};
   std::memcpy(emu::ranges, r, sizeof(r));
   emu::tracing = true;
+}
+
+// Check that the following launches access only these three tensors (null: stop checking).
+extern "C" void emu_bounds(const char* a, size_t na, const char* b, size_t nb, const char* o, size_t no) {
+  const char* r[3][2] = {{a, a + na}, {b, b + nb}, {o, o + no}};
+  std::memcpy(emu::ranges, r, sizeof(r));
+  emu::checking = a != nullptr;
 }
 
 extern "C" void emu_trace_end(emu::Stats* out) {

@@ -57,9 +57,18 @@ class Emulator:
         lib.emu_float_to_half.restype = ctypes.c_ushort
         lib.emu_float_to_half.argtypes = [ctypes.c_float]
 
-    def launch(self, plan, threads: int, blocks: list[int] | None = None) -> None:
-        """Run ``plan`` (a ``_plan.Launch``) on all its blocks, or only on ``blocks``."""
+    def launch(self, plan, threads: int, blocks: list[int] | None = None,
+               tensors: tuple[torch.Tensor, ...] | None = None) -> None:
+        """Run ``plan`` (a ``_plan.Launch``) on all its blocks, or only on ``blocks``; with
+        ``tensors`` (its three pointer arguments), any access outside them is an error."""
         if plan is None:
+            return
+        if tensors is not None:
+            self.lib.emu_bounds(*_ranges(tensors))
+            try:
+                self.launch(plan, threads, blocks)
+            finally:
+                self.lib.emu_bounds(None, ctypes.c_size_t(0), None, ctypes.c_size_t(0), None, ctypes.c_size_t(0))
             return
         vals = [_CTYPES[type(a)](int(a)) for a in plan.args]
         args = (ctypes.c_void_p * len(vals))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals))
@@ -71,16 +80,23 @@ class Emulator:
 
     def trace(self, plan, threads: int, tensors: tuple[torch.Tensor, ...], blocks: list[int] | None = None) -> dict:
         """Run ``plan`` and count its global accesses; ``tensors`` are its three pointer arguments."""
-        ranges = []
-        for t in tensors:
-            ranges += [ctypes.c_void_p(t.data_ptr()), ctypes.c_size_t(t.untyped_storage().nbytes())]
-        self.lib.emu_trace_begin(*ranges)
+        self.lib.emu_trace_begin(*_ranges(tensors))
         stats = Stats()
         try:
             self.launch(plan, threads, blocks)
         finally:
             self.lib.emu_trace_end(ctypes.byref(stats))
         return stats.as_dict()
+
+
+def _ranges(tensors: tuple[torch.Tensor, ...]) -> list:
+    """(start, bytes) of each tensor's memory from its data pointer to the end of its storage."""
+    out = []
+    for t in tensors:
+        start = t.data_ptr()
+        end = t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
+        out += [ctypes.c_void_p(start), ctypes.c_size_t(end - start)]
+    return out
 
 
 def build(names: list[str], workdir: Path, source: Path, opt: str = "-O1") -> Emulator:
