@@ -120,19 +120,21 @@ def test_emulated_half_conversions_match_torch(emulator):
     assert torch.equal(got.to(torch.int16).view(torch.float16).float(), vals.half().float())
 
 
-def _emulate(emulator, plan: _plan.Launch | None) -> None:
-    if plan is not None and "_nhwc_scalar<" in plan.name:
+def _emulate(emulator, plan: _plan.Launch | None, out: torch.Tensor) -> None:
+    if plan is None:
+        return
+    if "_nhwc_scalar<" in plan.name:
         plan = plan._replace(grid=min(plan.grid, 3))  # few blocks: exercise the grid-stride loops
-    emulator.launch(plan, _plan.THREADS)
+    emulator.launch(plan, _plan.THREADS, tensors=(*plan.keep, out))  # and no access outside the tensors
 
 
 def _emulated_involution(emulator, x, kernel, stride, padding, dilation, grad_out):
     y, plan = _plan.plan_forward(x, kernel, stride, padding, dilation)
-    _emulate(emulator, plan)
+    _emulate(emulator, plan, y)
     gx, plan = _plan.plan_backward_input(grad_out, x, kernel, stride, padding, dilation)
-    _emulate(emulator, plan)
+    _emulate(emulator, plan, gx)
     gw, plan = _plan.plan_backward_kernel(grad_out, x, kernel, stride, padding, dilation)
-    _emulate(emulator, plan)
+    _emulate(emulator, plan, gw)
     return y, gx, gw
 
 
@@ -181,6 +183,8 @@ def test_plan_picks_tiles_and_paths():
     assert tpi(64, 4, 15, torch.bfloat16, (x,)) is None  # kernel rows too long for the shared-memory chunk
     assert tpi(96, 2, 7, torch.bfloat16, (x,)) is None  # 48 channels: 6 threads per item, not a power of two
     assert tpi(64, 4, 7, torch.bfloat16, (x.flatten()[1:],)) is None  # not 16-byte aligned
+    # 8x8 pixel patches: two groups for bf16 at C/G = 16 when G is even, else one (8x16 pixels).
+    assert [_plan.nhwc_groups_per_block(t, g) for t, g in ((2, 4), (2, 3), (4, 4), (8, 2))] == [2, 1, 1, 1]
 
 
 def test_kernels_host_emulation_misaligned_nhwc(emulator):

@@ -15,6 +15,8 @@ __all__ = [
     "KINDS",
     "MEMORY_FORMATS",
     "NCHW_TILES",
+    "NHWC_MAX_STAGED_K",
+    "NHWC_PATCH_W",
     "PATHS",
     "THREADS",
     "TYPE_NAMES",
@@ -26,6 +28,7 @@ __all__ = [
     "memory_format_of",
     "name_expressions",
     "nchw_tile",
+    "nhwc_groups_per_block",
     "nhwc_threads_per_item",
     "plan_backward_input",
     "plan_backward_kernel",
@@ -39,11 +42,13 @@ MEMORY_FORMATS = ("nchw", "nhwc")
 # Kernel families: 'nchw'; 'nhwc', 128-bit accesses, for group widths of 16 bytes times a power of
 # two; 'nhwc_scalar', any group width, alignment or window.
 PATHS = ("nchw", "nhwc", "nhwc_scalar")
-# As in involution.cu: the block size, the NCHW tile shapes (width, height), widest first, and
-# the largest window whose kernel rows the NHWC vector kernels stage in shared memory.
+# As in involution.cu: the block size, the NCHW tile shapes (width, height), widest first, the
+# largest window whose kernel rows the NHWC vector kernels stage in shared memory, and the
+# width of their pixel patches.
 THREADS = 256
 NCHW_TILES = ((32, 8), (16, 8), (8, 8))
 NHWC_MAX_STAGED_K = 11
+NHWC_PATCH_W = 8
 _MAX_BLOCKS = 1 << 20  # grid-stride kernels cover the rest with their loop
 _INT_MAX = 2**31 - 1
 
@@ -79,6 +84,14 @@ def nchw_tile(width: int) -> tuple[int, int]:
         if width <= tw:
             return tw, th
     return NCHW_TILES[0]
+
+
+def nhwc_groups_per_block(tpi: int, groups: int) -> int:
+    """Groups side by side in an NHWC vector block: two for bf16/fp16 at C/G = 16 (when G is
+    even), so a block is an 8x8 patch, else one; the patch is NHWC_PATCH_W pixels wide and
+    THREADS / (tpi * groups_per_block * NHWC_PATCH_W) high."""
+    gb = max(1, 4 // tpi)
+    return gb if groups % gb == 0 else 1
 
 
 def nhwc_threads_per_item(channels: int, groups: int, k: int, dtype: torch.dtype,
@@ -182,10 +195,15 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
                       args + tuple(np.int32(v) for v in geometry), ins)
     items = b * rows * cols * g  # (pixel, group) rows, in storage order
     tpi = nhwc_threads_per_item(c, g, k, out.dtype, (*ins, out))
-    if tpi is not None and items <= _INT_MAX:
-        grid = _cdiv(items, THREADS // tpi)
-        return Launch(kernel_name(kind, "nhwc", out.dtype, k, stride, dilation), module, grid,
-                      args + (np.int32(tpi), np.int32(items)), ins)
+    if tpi is not None:
+        gb = nhwc_groups_per_block(tpi, g)
+        ph = THREADS // (tpi * gb * NHWC_PATCH_W)
+        tiles_w = _cdiv(cols, NHWC_PATCH_W)
+        tiles = _cdiv(rows, ph) * tiles_w
+        grid = b * (g // gb) * tiles
+        if grid <= _INT_MAX:
+            return Launch(kernel_name(kind, "nhwc", out.dtype, k, stride, dilation), module, grid,
+                          args + tuple(np.int32(v) for v in (tpi, gb, tiles_w, tiles, g // gb)), ins)
     grid = min(_cdiv(items, THREADS), _MAX_BLOCKS)
     return Launch(kernel_name(kind, "nhwc_scalar", out.dtype, k, stride, dilation), module, grid,
                   args + (np.int64(items),), ins)

@@ -157,7 +157,6 @@ __device__ __forceinline__ int floor_div(int a, int b) {  // b > 0
 }
 __host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------------------
 // NCHW. A block is `planes` (b, g) planes side by side, each a TW x TH tile of pixels at the
@@ -476,81 +475,109 @@ __global__ void __launch_bounds__(THREADS, 2) involution_bwd_input_nchw(
 }
 
 // ---------------------------------------------------------------------------------------
-// NHWC, vector path (the plan takes it when C/G * sizeof(T) is 16 * a power of two <= 32, C/G >= 16,
-// K <= NHWC_MAX_STAGED_K and every pointer is 16-byte aligned). Thread = (item, slice): an item is
-// a (b, pixel, g) row in the order the tensors store them, (B, Ho, Wo, G) or (B, H, W, G); its
-// tpi = C/G / V16<T>::N threads each own 16 bytes of the group's channels. A block's
-// THREADS / tpi items are consecutive, so their kernel rows (K*K values each, the (B, Ho, Wo, G,
-// K*K) storage) form one contiguous chunk of items * K*K values, moved through shared memory with
-// coalesced 128-bit accesses instead of each thread reading its 98-byte row 2 bytes at a time.
+// NHWC, vector path (the plan takes it when C/G * sizeof(T) is 16 bytes times a power of two
+// <= 32, C/G >= 16, K <= NHWC_MAX_STAGED_K and every pointer is 16-byte aligned).
+//
+// A block is a patch of PATCH_W x ph pixels of one image times gb groups; each (pixel, group)
+// item has tpi = C/G / V16<T>::N threads, each owning 16 bytes of the group's channels, so every
+// x, y and grad access is one 128-bit load or store. Lanes run slice, then group, then pixel
+// along the patch row: a warp's request is the gb groups' 32 * gb contiguous bytes at each of
+// 32 / (tpi * gb) neighbouring pixels, every fetched sector fully used. The patch (8x8 pixels
+// for bf16/fp16 with two groups, or fp32) shares its K x K window halo between its pixels, so
+// a block fetches (8 + K - 1)^2 / 8^2 of its pixels' x rather than a strip's K * (n + K - 1) / n.
+// The kernel rows of the block (gb * K*K contiguous values per pixel in the (B, Ho, Wo, G, K*K)
+// storage) move between global and shared memory a warp per pixel, 32 bits per lane when the
+// rows are 4-byte aligned: each value is loaded once and used for the N channels of 16 bytes.
+// fwd and bwd_kernel ask for four and six blocks per SM (at most 64 and 40 registers): left to
+// itself, ptxas picks 32 registers for some instantiations and spills.
 
 constexpr int NHWC_MAX_STAGED_K = 11;  // (_plan.NHWC_MAX_STAGED_K)
-// The chunk: at most 256 * K*K bytes, which C/G >= 16 guarantees (items * sizeof(T) <= THREADS).
+constexpr int PATCH_W = 8;  // (_plan.NHWC_PATCH_W)
+// A block's kernel rows: at most THREADS * K*K bytes, which C/G >= 16 guarantees
+// (pixels * gb * K*K * sizeof(T) = THREADS / tpi * K*K * sizeof(T), tpi >= sizeof(T)).
 template <int K> struct Chunk {
-  static constexpr int BYTES = K <= NHWC_MAX_STAGED_K ? THREADS * K * K : 16;
-  static constexpr int VECS = BYTES / 16;
+  static constexpr int VECS = K <= NHWC_MAX_STAGED_K ? THREADS * K * K / 16 : 1;
 };
 
-// Copies count values of T at src (16-byte aligned) into the chunk, 128 bits at a time.
-template <typename T> __device__ __forceinline__ void chunk_in(uint4* chunk, const T* src, int count) {
-  constexpr int N = 16 / (int)sizeof(T);
-  const int vecs = count / N;
-  for (int e = threadIdx.x; e < vecs; e += THREADS) chunk[e] = load16(src + e * N);
-  T* tail = reinterpret_cast<T*>(chunk);
-  for (int e = vecs * N + (int)threadIdx.x; e < count; e += THREADS) tail[e] = load_raw(src + e);
-}
+// What each thread of an NHWC vector block is: its slice, group and pixel.
+struct Patch {
+  int slice, gl, px, pr, pc;  // 16-byte slice, group in the block, pixel (index, row, column) in the patch
+  int npx, g0, r0, c0;
+  long long b;
 
-template <typename T> __device__ __forceinline__ void chunk_out(T* dst, const uint4* chunk, int count) {
-  constexpr int N = 16 / (int)sizeof(T);
-  const int vecs = count / N;
-  for (int e = threadIdx.x; e < vecs; e += THREADS) store16(dst + e * N, chunk[e]);
-  const T* tail = reinterpret_cast<const T*>(chunk);
-  for (int e = vecs * N + (int)threadIdx.x; e < count; e += THREADS) store_raw(dst + e, tail[e]);
-}
-
-// The item index decomposed once per thread: item = ((b * rows + r) * cols + c) * G + g.
-struct Item {
-  int g, c, r, b;
-  __device__ __forceinline__ Item(int n, int G, int cols, int rows) {
-    g = n % G;
-    int p = n / G;
-    c = p % cols;
-    p /= cols;
-    r = p % rows;
-    b = p / rows;
+  __device__ __forceinline__ Patch(int tpi, int gb, int tiles_w, int tiles, int gblocks) {
+    const int per_px = tpi * gb;  // lanes per pixel
+    npx = THREADS / per_px;
+    slice = threadIdx.x % tpi, gl = (threadIdx.x / tpi) % gb, px = threadIdx.x / per_px;
+    pr = px / PATCH_W, pc = px % PATCH_W;
+    const int t = blockIdx.x % tiles, rest = blockIdx.x / tiles;
+    g0 = (rest % gblocks) * gb, b = rest / gblocks;
+    r0 = (t / tiles_w) * (npx / PATCH_W), c0 = (t % tiles_w) * PATCH_W;
   }
 };
 
+// Copies the block's kernel rows between global memory (the (B, rows, cols, G, K*K) tensor at
+// base; GT is const T when reading it) and shared memory ([pixel][gb * K*K]): one warp per patch
+// pixel, lanes along its row, 32 bits a lane when the rows are 4-byte aligned.
+template <bool TO_SHARED, typename T, typename GT>
+__device__ __forceinline__ void kernel_rows(T* rows_sm, GT* base, const Patch& pt, int rows, int cols, int G, int gb,
+                                            int kk) {
+  const int n = gb * kk;  // values per pixel
+  const bool words = (n * (int)sizeof(T)) % 4 == 0 && (G * kk * (int)sizeof(T)) % 4 == 0;
+  const int lane = threadIdx.x % 32;
+  for (int px = threadIdx.x / 32; px < pt.npx; px += THREADS / 32) {
+    const int r = pt.r0 + px / PATCH_W, c = pt.c0 + px % PATCH_W;
+    if (r >= rows || c >= cols) continue;
+    GT* gl = base + ((pt.b * rows + r) * cols + c) * G * kk + (i64)pt.g0 * kk;
+    T* sm = rows_sm + px * n;
+    if constexpr (TO_SHARED) {
+      if (words) {
+        for (int e = lane; e < n * (int)sizeof(T) / 4; e += 32) {
+          reinterpret_cast<unsigned*>(sm)[e] = load_raw(reinterpret_cast<const unsigned*>(gl) + e);
+        }
+      } else {
+        for (int e = lane; e < n; e += 32) sm[e] = load_raw(gl + e);
+      }
+    } else {
+      if (words) {
+        for (int e = lane; e < n * (int)sizeof(T) / 4; e += 32) {
+          store_raw(reinterpret_cast<unsigned*>(gl) + e, reinterpret_cast<const unsigned*>(sm)[e]);
+        }
+      } else {
+        for (int e = lane; e < n; e += 32) store_raw(gl + e, sm[e]);
+      }
+    }
+  }
+}
+
 template <typename T, int K, int S, int D>
-__global__ void __launch_bounds__(THREADS) involution_fwd_nhwc(
+__global__ void __launch_bounds__(THREADS, 4) involution_fwd_nhwc(
     const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int items) {
+    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int gb, int tiles_w, int tiles, int gblocks) {
   typedef typename Acc<T>::type A;
   typedef V16<T> V;
   constexpr int KK = K * K, N = V::N;
-  __shared__ uint4 chunk[Chunk<K>::VECS];  // this block's kernel rows, [item][K*K] as stored
+  __shared__ uint4 chunk[Chunk<K>::VECS];  // the block's kernel rows, [pixel][gb * K*K]
+  T* rows_sm = reinterpret_cast<T*>(chunk);
 
-  const int per_block = THREADS / tpi;
-  const int n0 = blockIdx.x * per_block, local = threadIdx.x / tpi, slice = threadIdx.x % tpi;
-  chunk_in(chunk, w + (i64)n0 * KK, imin(items - n0, per_block) * KK);
+  const Patch pt(tpi, gb, tiles_w, tiles, gblocks);
+  kernel_rows<true>(rows_sm, w, pt, Ho, Wo, G, gb, KK);
   __syncthreads();
-  const int n = n0 + local;
-  if (n >= items) return;
-  const Item it(n, G, Wo, Ho);
-  const int cg = C / G;
-  const int ch = it.g * cg + slice * N;  // first channel of this thread's 16 bytes
-  const T* xb = x + (i64)it.b * H * W * C + ch;
-  const T* kr = reinterpret_cast<const T*>(chunk) + local * KK;
+  const int i = pt.r0 + pt.pr, j = pt.c0 + pt.pc;
+  if (i >= Ho || j >= Wo) return;
+  const int ch = (pt.g0 + pt.gl) * (C / G) + pt.slice * N;  // first channel of this thread's 16 bytes
+  const T* xb = x + pt.b * H * W * C + ch;
+  const T* kr = rows_sm + (pt.px * gb + pt.gl) * KK;
 
   A acc[N];
 #pragma unroll
   for (int e = 0; e < N; ++e) acc[e] = A(0);
 #pragma unroll
   for (int u = 0; u < K; ++u) {
-    const int yy = it.r * S - pad + u * D;
+    const int yy = i * S - pad + u * D;
 #pragma unroll
     for (int v = 0; v < K; ++v) {
-      const int xx = it.c * S - pad + v * D;
+      const int xx = j * S - pad + v * D;
       if (yy >= 0 && yy < H && xx >= 0 && xx < W) {
         const A kv = to_acc(kr[u * K + v]);  // one kernel value for the N channels
         A xv[N];
@@ -560,45 +587,42 @@ __global__ void __launch_bounds__(THREADS) involution_fwd_nhwc(
       }
     }
   }
-  store16(y + (i64)(n / G) * C + ch, V::pack(acc));
+  store16(y + ((pt.b * Ho + i) * Wo + j) * C + ch, V::pack(acc));
 }
 
-// grad_w[item, u, v] = sum over the group's channels of grad_y[pixel] * x[tap pixel]: each
-// thread's 16-byte dot product, summed over the item's tpi threads by xor shuffles (an item's
-// threads are consecutive lanes of one warp), written into the chunk and stored 128 bits at a time.
-// (Six blocks per SM: 40 registers; left to itself ptxas picks 32 for the fp32 7x7 stride-2 case and spills.)
+// grad_w[pixel, g, u, v] = sum over the group's channels of grad_y[pixel] * x[tap pixel]: each
+// thread's 16-byte dot product, summed over the item's tpi threads by xor shuffles (consecutive
+// lanes of one warp), kept in shared memory and stored as the block's kernel rows.
 template <typename T, int K, int S, int D>
 __global__ void __launch_bounds__(THREADS, 6) involution_bwd_kernel_nhwc(
     const T* __restrict__ gy, const T* __restrict__ x, T* __restrict__ gw,
-    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int items) {
+    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int gb, int tiles_w, int tiles, int gblocks) {
   typedef typename Acc<T>::type A;
   typedef V16<T> V;
   constexpr int KK = K * K, N = V::N;
   __shared__ uint4 chunk[Chunk<K>::VECS];
+  T* rows_sm = reinterpret_cast<T*>(chunk);
 
-  const int per_block = THREADS / tpi;
-  const int n0 = blockIdx.x * per_block, local = threadIdx.x / tpi, slice = threadIdx.x % tpi;
-  const int n = n0 + local;
-  const bool live = n < items;  // every lane takes part in the shuffles and the barrier
-  const Item it(live ? n : n0, G, Wo, Ho);
-  const int cg = C / G;
-  const int ch = it.g * cg + slice * N;
-  const T* xb = x + (i64)it.b * H * W * C + ch;
-  T* kr = reinterpret_cast<T*>(chunk) + local * KK;
+  const Patch pt(tpi, gb, tiles_w, tiles, gblocks);
+  const int i = pt.r0 + pt.pr, j = pt.c0 + pt.pc;
+  const bool live = i < Ho && j < Wo;  // every lane takes part in the shuffles and the barrier
+  const int ch = (pt.g0 + pt.gl) * (C / G) + pt.slice * N;
+  const T* xb = x + pt.b * H * W * C + ch;
+  T* kr = rows_sm + (pt.px * gb + pt.gl) * KK;
 
   A gv[N];
   if (live) {
-    V::unpack(load16(gy + (i64)(n / G) * C + ch), gv);
+    V::unpack(load16(gy + ((pt.b * Ho + i) * Wo + j) * C + ch), gv);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e) gv[e] = A(0);
   }
 #pragma unroll
   for (int u = 0; u < K; ++u) {
-    const int yy = it.r * S - pad + u * D;
+    const int yy = i * S - pad + u * D;
 #pragma unroll
     for (int v = 0; v < K; ++v) {
-      const int xx = it.c * S - pad + v * D;
+      const int xx = j * S - pad + v * D;
       A part = 0;
       if (live && yy >= 0 && yy < H && xx >= 0 && xx < W) {
         A xv[N];
@@ -607,42 +631,42 @@ __global__ void __launch_bounds__(THREADS, 6) involution_bwd_kernel_nhwc(
         for (int e = 0; e < N; ++e) part += gv[e] * xv[e];
       }
       for (int m = tpi >> 1; m > 0; m >>= 1) part += __shfl_xor_sync(FULL_MASK, part, m);
-      if (slice == ((u * K + v) & (tpi - 1))) kr[u * K + v] = from_acc<T>(part);  // spread the shared stores
+      if (pt.slice == ((u * K + v) & (tpi - 1))) kr[u * K + v] = from_acc<T>(part);  // spread the shared stores
     }
   }
   __syncthreads();
-  if (n0 < items) chunk_out(gw + (i64)n0 * KK, chunk, imin(items - n0, per_block) * KK);
+  kernel_rows<false>(rows_sm, gw, pt, Ho, Wo, G, gb, KK);
 }
 
-// grad_x: the gather over output pixels, per input-pixel item. Each tap's kernel value belongs
-// to another pixel's row, so it is one scalar load (shared by the item's tpi threads); grad_y is
-// one 128-bit load per tap.
+// grad_x: the gather over output pixels, per input-pixel item, the patch over input pixels.
+// Each tap's kernel value belongs to another pixel's row, so it is one scalar load (shared by
+// the item's tpi threads); grad_y is one 128-bit load per tap.
 template <typename T, int K, int S, int D>
 __global__ void __launch_bounds__(THREADS) involution_bwd_input_nhwc(
     const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
-    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int items) {
+    int C, int H, int W, int G, int Ho, int Wo, int pad, int tpi, int gb, int tiles_w, int tiles, int gblocks) {
   typedef typename Acc<T>::type A;
   typedef V16<T> V;
   constexpr int KK = K * K, N = V::N;
 
-  const int n = blockIdx.x * (THREADS / tpi) + (int)threadIdx.x / tpi, slice = threadIdx.x % tpi;
-  if (n >= items) return;
-  const Item it(n, G, W, H);
-  const int cg = C / G;
-  const int ch = it.g * cg + slice * N;
+  const Patch pt(tpi, gb, tiles_w, tiles, gblocks);
+  const int yy = pt.r0 + pt.pr, xx = pt.c0 + pt.pc;
+  if (yy >= H || xx >= W) return;
+  const int g = pt.g0 + pt.gl;
+  const int ch = g * (C / G) + pt.slice * N;
   A acc[N];
 #pragma unroll
   for (int e = 0; e < N; ++e) acc[e] = A(0);
 #pragma unroll
   for (int u = 0; u < K; ++u) {
-    const int a = it.r + pad - u * D;
+    const int a = yy + pad - u * D;
     const bool row = a >= 0 && a % S == 0 && a / S < Ho;
 #pragma unroll
     for (int v = 0; v < K; ++v) {
-      const int c = it.c + pad - v * D;
+      const int c = xx + pad - v * D;
       if (row && c >= 0 && c % S == 0 && c / S < Wo) {
-        const i64 pix = ((i64)it.b * Ho + a / S) * Wo + c / S;
-        const A kv = load(w + (pix * G + it.g) * KK + u * K + v);
+        const i64 pix = (pt.b * Ho + a / S) * Wo + c / S;
+        const A kv = load(w + (pix * G + g) * KK + u * K + v);
         A gv[N];
         V::unpack(load16(gy + pix * C + ch), gv);
 #pragma unroll
@@ -650,7 +674,7 @@ __global__ void __launch_bounds__(THREADS) involution_bwd_input_nhwc(
       }
     }
   }
-  store16(gx + (i64)(n / G) * C + ch, V::pack(acc));
+  store16(gx + ((pt.b * H + yy) * W + xx) * C + ch, V::pack(acc));
 }
 
 // ---------------------------------------------------------------------------------------
