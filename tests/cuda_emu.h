@@ -93,6 +93,7 @@ struct Stats {  // totals over the traced blocks; the layout is mirrored by ctyp
   unsigned long long used_bytes[2];     // distinct bytes those requests access (summed per request)
   unsigned long long accesses[2][5];    // thread-level accesses of 1, 2, 4, 8, 16 bytes
   unsigned long long block_sectors[2][4];  // distinct sectors per block, by tensor (args 0, 1, 2, other)
+  unsigned long long threads, storing_threads;  // threads run, and those that stored anything
 };
 inline bool tracing = false;
 inline Stats stats;
@@ -132,6 +133,8 @@ inline void trace(const void* p, unsigned bytes, int st) {
 }
 
 inline void flush_block() {
+  stats.threads += seq[1].size();
+  for (unsigned n : seq[1]) stats.storing_threads += n > 0;
   for (int st = 0; st < 2; ++st) {
     std::unordered_map<unsigned long long, unsigned> mask;  // sector -> bytes used, one bit each
     for (auto& [key, v] : groups[st]) {

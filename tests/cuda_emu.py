@@ -29,10 +29,12 @@ class Stats(ctypes.Structure):
         ("used_bytes", ctypes.c_ulonglong * 2),
         ("accesses", (ctypes.c_ulonglong * 5) * 2),
         ("block_sectors", (ctypes.c_ulonglong * 4) * 2),
+        ("threads", ctypes.c_ulonglong),
+        ("storing_threads", ctypes.c_ulonglong),
     ]
 
     def as_dict(self) -> dict:
-        out = {}
+        out = {"threads": self.threads, "storing_threads": self.storing_threads}
         for st, kind in enumerate(("load", "store")):
             out[kind] = {
                 "requests": self.requests[st],

@@ -248,6 +248,8 @@ def trace_side(side: Side, emu: cuda_emu.Emulator, samples: int) -> list[dict]:
 
 
 def _accumulate(total: dict, stats: dict, scale: float) -> None:
+    for key in ("threads", "storing_threads"):
+        total[key] = total.get(key, 0.0) + stats[key] * scale
     for kind in ("load", "store"):
         t = total.setdefault(kind, {"requests": 0.0, "sectors": 0.0, "used": 0.0, "accesses": 0.0,
                                     "block_sectors": [0.0] * 4, "by_width": {}})
@@ -275,6 +277,7 @@ def _row(s: dict, fmt: str, pas: str, t: dict, elem: int) -> dict:
         "load_sector_use": t["load"]["used"] / (32 * t["load"]["sectors"]) if t["load"]["sectors"] else None,
         "store_sector_use": t["store"]["used"] / (32 * t["store"]["sectors"]) if t["store"]["sectors"] else None,
         "load_requests_per_elem": t["load"]["requests"] / t["out_elems"],
+        "storing_threads": t["storing_threads"] / t["threads"],
     }
 
 
@@ -294,8 +297,35 @@ def _sass_str(sass: dict, op: str) -> str:
     return " ".join(parts) or "-"
 
 
+def _resource_summary(report: dict, labels: list[str]) -> list[str]:
+    """Per kernel family and side: register range, worst spill, fewest blocks/SM, load widths."""
+    out = ["| kernel | side | registers | spill B (max) | blocks/SM (min) | LDG widths (bits) |",
+           "|---|---|---|---|---|---|"]
+    fams: dict = {}
+    for side in labels:
+        for name, v in report["resources"][side].items():
+            kind, path, _, _ = _kernel_key(name)
+            fams.setdefault((kind, path), {}).setdefault(side, []).append(v)
+    for (kind, path), sides in sorted(fams.items()):
+        for side in labels:
+            vs = sides.get(side)
+            if not vs:
+                continue
+            regs = [v["registers"] for v in vs]
+            widths = sorted({int(k.split(".")[1]) for v in vs for k in v.get("sass", {}) if k.startswith("LDG.")})
+            out.append(f"| {kind}_{path} | {side} | {min(regs)}-{max(regs)} | "
+                       f"{max(v.get('spill_stores', 0) + v.get('spill_loads', 0) for v in vs)} | "
+                       f"{min(v['blocks_per_sm'] for v in vs)} | {', '.join(map(str, widths))} |")
+    return out
+
+
 def markdown(report: dict) -> str:
     labels = list(report["sides"])
+    acc = {lb: {(r["shape"], r["layout"], r["pass"]): r for r in report["access"][lb]} for lb in labels}
+    keys = list(acc[labels[-1]])
+
+    def cols(name):
+        return " | ".join(f"{name} {lb}" for lb in labels)
     out = [f"# Static kernel evidence, {report['date']}", "",
            "No GPU was used. Kernel sources: " + ", ".join(f"{k} = `{v['rev']}`" for k, v in report["sides"].items())
            + f". Command: `{report['command']}`.", "",
@@ -303,8 +333,25 @@ def markdown(report: dict) -> str:
            f"{report['nvcc']}, sm_90); SASS counts are static instruction counts in each kernel's "
            "code (a loop the compiler unrolled appears once per copy, a loop it kept appears once); "
            "blocks/SM is what registers, shared memory and the 2048-thread limit allow on an H100 SM "
-           "(256-thread blocks).", ""]
-    out += ["## Kernel resources (sm_90)", "",
+           "(256-thread blocks). Byte counts are estimates from the host emulation (see below).", ""]
+    out += ["## Summary", "", f"RedNet-50, bf16, batch {BATCH}, 224 px: each involution shape times its count "
+            "in the network; est. is the L2 -> SM estimate defined below.", "",
+            f"| layout | pass | floor MB | {cols('est. MB')} |", "|" + "---|" * (3 + len(labels))]
+    for fmt in ("nchw", "nhwc"):
+        for pas in PASSES:
+            sel = [k for k in keys if k[1] == fmt and k[2] == pas]
+            fl = sum(acc[labels[-1]][k]["floor_mb"] * acc[labels[-1]][k]["count"] for k in sel)
+            ests = [sum(acc[lb][k]["est_mb"] * acc[lb][k]["count"] for k in sel if k in acc[lb]) for lb in labels]
+            out.append(f"| {fmt} | {pas} | {fl:.0f} | " + " | ".join(f"{e:.0f}" for e in ests) + " |")
+    if keys:
+        bwd = sum(acc[labels[-1]][k]["floor_mb"] * acc[labels[-1]][k]["count"] for k in keys if k[2] != "fwd") / 2
+        both = sum(_floor_bytes(sh, "bwd", 2) / 1e6 * sh["count"] for sh in involution_shapes("rednet50", 224))
+        out += ["", f"Backward floor with both gradients from one kernel: {both:.0f} MB per layout; as two kernels "
+                f"(bwd_input + bwd_kernel): {bwd:.0f} MB, the difference being grad_y read twice "
+                f"({100 * (bwd - both) / both:.0f}% of the fused floor)."]
+    out += ["", "Kernel families over the RedNet instantiations (fp32, bf16, fp16 x three windows):", ""]
+    out += _resource_summary(report, labels)
+    out += ["", "## Kernel resources (sm_90)", "",
             "| kernel | dtype | K,S,D | side | regs | spill B | smem B | blocks/SM | LDG (count x bits) | "
             "STG | LDS | STS | SHFL | BAR |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [(_kernel_key(name), labels.index(side), side, v) for side, res in report["resources"].items()
@@ -322,15 +369,11 @@ def markdown(report: dict) -> str:
             "from sampled blocks on the host emulation; below the floor where a pass never reads the kernel "
             "taps that fall in the padding). loads/elem: thread-level global load instructions per output "
             "element. sector use: of the sectors a warp-level load request touches, the share of bytes it "
-            "uses (1.0: fully used; lanes reading the same bytes count once).", ""]
-
-    def cols(name):
-        return " | ".join(f"{name} {lb}" for lb in labels)
+            "uses (1.0: fully used; lanes reading the same bytes count once). threads storing: the share of "
+            "launched threads that write any output (the rest only stage data or idle past the map's edge).", ""]
     out += [f"| shape | stage | layout | pass | floor MB | {cols('est. MB')} | {cols('x floor')} | "
-            f"{cols('loads/elem')} | {cols('sector use')} |",
-            "|" + "---|" * (5 + 4 * len(labels))]
-    acc = {lb: {(r["shape"], r["layout"], r["pass"]): r for r in report["access"][lb]} for lb in labels}
-    keys = list(acc[labels[-1]])
+            f"{cols('loads/elem')} | {cols('sector use')} | {cols('threads storing')} |",
+            "|" + "---|" * (5 + 5 * len(labels))]
 
     def f(lb, key, field, fmt):
         v = acc[lb].get(key, {}).get(field)
@@ -340,21 +383,7 @@ def markdown(report: dict) -> str:
         out.append(f"| {r['shape']} | {r['name']} | {r['layout']} | {r['pass']} | {r['floor_mb']:.1f} | "
                    + " | ".join(" | ".join(f(lb, key, field, fmt) for lb in labels)
                                 for field, fmt in (("est_mb", ".1f"), ("x_floor", ".2f"), ("loads_per_elem", ".2f"),
-                                                   ("load_sector_use", ".2f"))) + " |")
-    out += ["", "### Whole network (each shape times its count in RedNet-50)", "",
-            f"| layout | pass | floor MB | {cols('est. MB')} |", "|" + "---|" * (3 + len(labels))]
-    for fmt in ("nchw", "nhwc"):
-        for pas in PASSES:
-            sel = [k for k in keys if k[1] == fmt and k[2] == pas]
-            fl = sum(acc[labels[-1]][k]["floor_mb"] * acc[labels[-1]][k]["count"] for k in sel)
-            ests = [sum(acc[lb][k]["est_mb"] * acc[lb][k]["count"] for k in sel if k in acc[lb]) for lb in labels]
-            out.append(f"| {fmt} | {pas} | {fl:.0f} | " + " | ".join(f"{e:.0f}" for e in ests) + " |")
-    bwd = {lb: sum(acc[lb][k]["floor_mb"] * acc[lb][k]["count"] for k in keys if k[2] != "fwd") for lb in labels}
-    both = sum(_floor_bytes(s, "bwd", 2) / 1e6 * s["count"] for s in involution_shapes("rednet50", 224))
-    out += ["", f"Backward floor with both gradients from one kernel: {both:.0f} MB per layout; as two kernels "
-            f"(bwd_input + bwd_kernel): {bwd[labels[-1]] / 2:.0f} MB, the difference being grad_y read twice "
-            f"({100 * (bwd[labels[-1]] / 2 - both) / both:.0f}% of the fused floor)."]
-    out += [""] + report.get("notes", [])
+                                                   ("load_sector_use", ".2f"), ("storing_threads", ".2f"))) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -366,7 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "compare, e.g. --side before=<rev> --side after=worktree")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (default: print the markdown)")
     p.add_argument("--samples", type=int, default=24, help="blocks emulated per launch (evenly spaced)")
-    p.add_argument("--notes", type=Path, help="a markdown file appended to the report")
     p.add_argument("--no-access", action="store_true", help="compiler evidence only (skip the emulation)")
     return p
 
@@ -393,8 +421,6 @@ def main(argv: list[str] | None = None) -> int:
                 d.mkdir()
                 emu = cuda_emu.build(side.names([torch.bfloat16]), d, side.source, opt="-O1")
                 report["access"][side.label] = trace_side(side, emu, args.samples)
-    if args.notes:
-        report["notes"] = args.notes.read_text().splitlines()
     md = markdown(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
