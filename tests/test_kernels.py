@@ -2,9 +2,13 @@
 
 - every kernel instantiation RedNet uses (all dtypes, both memory formats, three passes),
   plus generic window shapes, is compiled by nvcc and by NVRTC from the source CuPy compiles;
-- the kernels' index arithmetic runs on the host: ``involution.cu`` is compiled by g++ with
-  a thin emulation of blocks, threads, shared memory and ``__syncthreads`` (one OS thread
-  per CUDA thread), launched with the plans ``_plan`` computes, and compared to the reference.
+- the kernels run on the host: ``involution.cu`` is compiled by g++ with an emulation of
+  blocks, threads (fibers), shared memory, ``__syncthreads``, warp shuffles, 128-bit vectors
+  and the half conversions (``cuda_emu.h``), launched with the plans ``_plan`` computes and
+  compared to the reference: every dtype on RedNet's windows in both memory formats and all
+  three passes, generic windows up to K = 15, group widths of 3, 16 and 32 channels, 7x7 and
+  14x14 maps, a misaligned tensor. A barrier some thread cannot reach, or an access outside
+  the tensors, fails the test.
 
 The real kernels on a GPU are tested in ``test_ops_gpu.py``.
 """
