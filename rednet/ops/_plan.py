@@ -188,8 +188,8 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
         tiles = _cdiv(rows, th) * tiles_w
         planes = b * g
         grid = tiles * _cdiv(planes, THREADS // (tw * th))
-        if grid > _INT_MAX:
-            raise ValueError(f"involution: grid of {grid} blocks is too large for one launch")
+        if max(grid, planes) > _INT_MAX:
+            raise ValueError(f"involution: grid of {grid} blocks ({planes} planes) is too large for one launch")
         geometry = (tw, th, tiles_w, tiles, planes)
         return Launch(kernel_name(kind, "nchw", out.dtype, k, stride, dilation), module, grid,
                       args + tuple(np.int32(v) for v in geometry), ins)
