@@ -14,6 +14,10 @@ import torch
 __all__ = [
     "KINDS",
     "MEMORY_FORMATS",
+    "NCHW_TILES",
+    "NHWC_MAX_STAGED_K",
+    "NHWC_PATCH_W",
+    "PATHS",
     "THREADS",
     "TYPE_NAMES",
     "Launch",
@@ -23,6 +27,9 @@ __all__ = [
     "kernel_name",
     "memory_format_of",
     "name_expressions",
+    "nchw_tile",
+    "nhwc_groups_per_block",
+    "nhwc_threads_per_item",
     "plan_backward_input",
     "plan_backward_kernel",
     "plan_forward",
@@ -32,8 +39,18 @@ TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "h
 KINDS = ("fwd", "bwd_input", "bwd_kernel")
 # The memory formats the kernels are written for: 'nchw' (contiguous) and 'nhwc' (channels_last).
 MEMORY_FORMATS = ("nchw", "nhwc")
-TILE_W, TILE_H, THREADS = 32, 8, 256  # as in involution.cu
+# Kernel families: 'nchw'; 'nhwc', 128-bit accesses, for group widths of 16 bytes times a power of
+# two; 'nhwc_scalar', any group width, alignment or window.
+PATHS = ("nchw", "nhwc", "nhwc_scalar")
+# As in involution.cu: the block size, the NCHW tile shapes (width, height), widest first, the
+# largest window whose kernel rows the NHWC vector kernels stage in shared memory, and the
+# width of their pixel patches.
+THREADS = 256
+NCHW_TILES = ((32, 8), (16, 8), (8, 8))
+NHWC_MAX_STAGED_K = 11
+NHWC_PATCH_W = 8
 _MAX_BLOCKS = 1 << 20  # grid-stride kernels cover the rest with their loop
+_INT_MAX = 2**31 - 1
 
 
 class Launch(NamedTuple):
@@ -46,13 +63,54 @@ class Launch(NamedTuple):
     keep: tuple  # tensors the pointers refer to, alive until the launch is queued
 
 
-def kernel_name(kind: str, memory_format: str, dtype: torch.dtype, k: int, stride: int, dilation: int) -> str:
-    return f"involution_{kind}_{memory_format}<{TYPE_NAMES[dtype]}, {k}, {stride}, {dilation}>"
+def kernel_name(kind: str, path: str, dtype: torch.dtype, k: int, stride: int, dilation: int) -> str:
+    return f"involution_{kind}_{path}<{TYPE_NAMES[dtype]}, {k}, {stride}, {dilation}>"
 
 
 def name_expressions(dtype: torch.dtype, k: int, stride: int, dilation: int) -> list[str]:
-    """The kernels of one module: every kind and memory format for one (dtype, K, S, D)."""
-    return [kernel_name(kind, fmt, dtype, k, stride, dilation) for fmt in MEMORY_FORMATS for kind in KINDS]
+    """The kernels of one module: every kind and path for one (dtype, K, S, D); the NHWC vector
+    kernels only where they can run (K <= NHWC_MAX_STAGED_K)."""
+    paths = [p for p in PATHS if p != "nhwc" or k <= NHWC_MAX_STAGED_K]
+    return [kernel_name(kind, path, dtype, k, stride, dilation) for path in paths for kind in KINDS]
+
+
+def nchw_tile(width: int) -> tuple[int, int]:
+    """The narrowest NCHW tile (width, height) covering ``width`` pixels, else the widest tile.
+
+    A 7x7 map in a 32x8 tile keeps 49 of 256 threads busy; in 8x8 tiles, four planes per
+    block, 49 of 64.
+    """
+    for tw, th in reversed(NCHW_TILES):
+        if width <= tw:
+            return tw, th
+    return NCHW_TILES[0]
+
+
+def nhwc_groups_per_block(tpi: int, groups: int) -> int:
+    """Groups side by side in an NHWC vector block: two for bf16/fp16 at C/G = 16 (when G is
+    even), so a block is an 8x8 patch, else one; the patch is NHWC_PATCH_W pixels wide and
+    THREADS / (tpi * groups_per_block * NHWC_PATCH_W) high."""
+    gb = max(1, 4 // tpi)
+    return gb if groups % gb == 0 else 1
+
+
+def nhwc_threads_per_item(channels: int, groups: int, k: int, dtype: torch.dtype,
+                          tensors: tuple[torch.Tensor, ...]) -> int | None:
+    """Threads per (pixel, group) of the NHWC vector kernels (16 bytes of channels each), or
+    None when they cannot run: the scalar kernels take the case.
+
+    The vector kernels need 16-byte aligned tensors, a group width of 16 bytes times a power of
+    two (the item's threads are lanes of one warp that sum by xor shuffles), at least 16
+    channels per group (so a block's kernel rows fit its shared-memory chunk) and K <=
+    NHWC_MAX_STAGED_K.
+    """
+    cg, size = channels // groups, dtype.itemsize
+    if cg < 16 or (cg * size) % 16 or k > NHWC_MAX_STAGED_K:
+        return None
+    tpi = cg * size // 16
+    if tpi > 32 or tpi & (tpi - 1) or any(t.data_ptr() % 16 for t in tensors):
+        return None
+    return tpi
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,22 +174,39 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
             stride: int, padding: int, dilation: int, memory_format: str) -> Launch:
     b, c, h, w = x_shape
     _, g, k, _, ho, wo = kernel_shape
-    dims = tuple(np.int32(v) for v in (c, h, w, g, ho, wo, padding))
-    name = kernel_name(kind, memory_format, out.dtype, k, stride, dilation)
     module = (out.dtype, k, stride, dilation)
     # Raw pointers address the storage as laid out by the plan; the NHWC grad_w output is a
     # permuted view whose storage is (B, Ho, Wo, G, K, K) contiguous, which data_ptr() still is.
-    args = (_ptr(ins[0]), _ptr(ins[1]), _ptr(out)) + dims
+    args = (_ptr(ins[0]), _ptr(ins[1]), _ptr(out)) + tuple(np.int32(v) for v in (c, h, w, g, ho, wo, padding))
+    # grad_x runs over input pixels, the other passes over output pixels.
+    rows, cols = (h, w) if kind == "bwd_input" else (ho, wo)
     if memory_format == "nchw":
-        rows, cols = (h, w) if kind == "bwd_input" else (ho, wo)  # bwd_input tiles input pixels
-        tiles_w = _cdiv(cols, TILE_W)
-        tiles = _cdiv(rows, TILE_H) * tiles_w
-        grid = tiles * b * g
-        if grid >= 2**31:
-            raise ValueError(f"involution: grid of {grid} blocks is too large for one launch")
-        return Launch(name, module, grid, args + (np.int32(tiles_w), np.int32(tiles)), ins)
-    n = out.numel()
-    return Launch(name, module, min(_cdiv(n, THREADS), _MAX_BLOCKS), args + (np.int64(n),), ins)
+        if max(h * w, ho * wo) > _INT_MAX:
+            raise ValueError(f"involution: a {h}x{w} plane is too large for the kernels' 32-bit plane offsets")
+        tw, th = nchw_tile(cols)
+        tiles_w = _cdiv(cols, tw)
+        tiles = _cdiv(rows, th) * tiles_w
+        planes = b * g
+        grid = tiles * _cdiv(planes, THREADS // (tw * th))
+        if max(grid, planes) > _INT_MAX:
+            raise ValueError(f"involution: grid of {grid} blocks ({planes} planes) is too large for one launch")
+        geometry = (tw, th, tiles_w, tiles, planes)
+        return Launch(kernel_name(kind, "nchw", out.dtype, k, stride, dilation), module, grid,
+                      args + tuple(np.int32(v) for v in geometry), ins)
+    items = b * rows * cols * g  # (pixel, group) rows, in storage order
+    tpi = nhwc_threads_per_item(c, g, k, out.dtype, (*ins, out))
+    if tpi is not None:
+        gb = nhwc_groups_per_block(tpi, g)
+        ph = THREADS // (tpi * gb * NHWC_PATCH_W)
+        tiles_w = _cdiv(cols, NHWC_PATCH_W)
+        tiles = _cdiv(rows, ph) * tiles_w
+        grid = b * (g // gb) * tiles
+        if grid <= _INT_MAX:
+            return Launch(kernel_name(kind, "nhwc", out.dtype, k, stride, dilation), module, grid,
+                          args + tuple(np.int32(v) for v in (tpi, gb, tiles_w, tiles, g // gb)), ins)
+    grid = min(_cdiv(items, THREADS), _MAX_BLOCKS)
+    return Launch(kernel_name(kind, "nhwc_scalar", out.dtype, k, stride, dilation), module, grid,
+                  args + (np.int64(items),), ins)
 
 
 def plan_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
