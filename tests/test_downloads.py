@@ -259,5 +259,5 @@ def test_convert_weights_sha256_and_timeout_flags(tmp_path, capsys, files):
             tool.main([f"{base}/w.safetensors", str(tmp_path / "out.safetensors"), flag, value])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"error: argument {flag}" in err and "Traceback" not in err
-    assert tool.main([f"{base}/w.safetensors", str(tmp_path / "out.safetensors"), "--sha256", "0" * 64]) == 1
+    assert tool.main([f"{base}/w.safetensors", str(tmp_path / "out.safetensors"), "--sha256", "0" * 64]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err and not os.path.exists(tmp_path / "out.safetensors")
