@@ -25,6 +25,44 @@ PARAMS = {"rednet26": 9_233_166, "rednet38": 12_386_986, "rednet50": 15_540_806,
 PAPER_GMACS = {"rednet26": 1.73, "rednet38": 2.22, "rednet50": 2.71, "rednet101": 4.74, "rednet152": 6.79}
 
 
+# Operator test shapes (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2,
+# K = 1..7, G = 1 and G = C.
+OP_SHAPES = [
+    (2, 4, 1, 7, 9, 3, 1, 1),
+    (1, 6, 6, 9, 7, 3, 2, 1),
+    (2, 8, 2, 11, 10, 5, 1, 2),
+    (1, 4, 4, 13, 9, 7, 2, 1),
+    (2, 6, 3, 5, 6, 1, 1, 1),
+    (1, 8, 1, 9, 11, 7, 1, 1),
+    (2, 4, 2, 10, 9, 5, 2, 2),
+]
+
+
+def live_eval_model(name: str, **kwargs):
+    """An eval-mode RedNet in which every block changes the output, yet outputs stay finite.
+
+    The residual branches are live but scaled down (last BN weight 0.1): a random involution
+    block is quadratic in its input, so at full scale the activations of a deep eval-mode
+    net overflow to inf and NaN (and NaN compares equal in numpy). BatchNorm statistics are
+    measured on one batch.
+    """
+    import torch
+    import torch.nn as nn
+
+    import rednet
+    from rednet.models import Bottleneck
+
+    model = rednet.create_model(name, **kwargs)
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.constant_(m.bn3.weight, 0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 64, 64))
+    return model.eval()
+
+
 def load_tool(name: str) -> ModuleType:
     """Import ``tools/<name>.py`` (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")

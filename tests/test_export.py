@@ -5,47 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import rednet
-from rednet.models import Bottleneck
 from rednet.ops import involution, involution_export, involution_output_size, involution_reference
 
-from .helpers import load_tool
+from .helpers import OP_SHAPES, live_eval_model, load_tool
 
 # torch.onnx.export(dynamo=True) needs onnx and onnxscript; the round trips need onnxruntime.
 _ONNX = ("onnx", "onnxscript", "onnxruntime")
 needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in _ONNX),
                                 reason=f"needs {', '.join(_ONNX)}")
 
-# (B, C, G, H, W, K, stride, dilation), as tests/test_ops.py: odd sizes, stride 2, dilation 2, G = 1 and G = C.
-SHAPES = [
-    (2, 4, 1, 7, 9, 3, 1, 1),
-    (1, 6, 6, 9, 7, 3, 2, 1),
-    (2, 8, 2, 11, 10, 5, 1, 2),
-    (1, 4, 4, 13, 9, 7, 2, 1),
-    (2, 6, 3, 5, 6, 1, 1, 1),
-    (2, 16, 1, 14, 14, 7, 2, 1),
-]
-
-
-def _model(name, **kwargs):
-    """An eval-mode model in which every block changes the output, yet outputs stay finite.
-
-    The residual branches are live but scaled down (last BN weight 0.1): a random involution
-    block is quadratic in its input, so at full scale the activations of a deep eval-mode
-    net overflow to inf and NaN (and NaN compares equal in numpy). BatchNorm statistics are
-    measured on one batch.
-    """
-    model = rednet.create_model(name, **kwargs)
-    for m in model.modules():
-        if isinstance(m, Bottleneck):
-            nn.init.constant_(m.bn3.weight, 0.1)
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # a cumulative average: one batch sets the statistics
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, 64, 64))
-    return model.eval()
+# The operator shapes of tests/test_ops.py, and a stride-2 K=7 window over a 16-channel group.
+SHAPES = [*OP_SHAPES[:5], (2, 16, 1, 14, 14, 7, 2, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -76,7 +48,7 @@ def test_front_door_records_the_export_formulation_under_torch_export():
 
 
 def test_torch_export_dynamic_batch():
-    model = _model("rednet26", num_classes=10)
+    model = live_eval_model("rednet26", num_classes=10)
     batch = torch.export.Dim("batch")
     ep = torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes={"x": {0: batch}})
     for n in (1, 3):
@@ -90,7 +62,7 @@ def test_onnx_round_trip_dynamic_batch(name, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    model = _model(name)
+    model = live_eval_model(name)
     path = tmp_path / f"{name}.onnx"
     torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), path, dynamo=True, external_data=False,
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
@@ -113,7 +85,7 @@ def test_onnx_round_trip_dynamic_batch(name, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torch_jit_script_eval_model():
-    model = _model("rednet26", num_classes=10)
+    model = live_eval_model("rednet26", num_classes=10)
     scripted = torch.jit.script(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -133,7 +105,7 @@ def export_tool():
 def test_tool_onnx_end_to_end(export_tool, tmp_path, capsys):
     import onnxruntime as ort
 
-    model = _model("rednet26")
+    model = live_eval_model("rednet26")
     weights = tmp_path / "w.pth"
     torch.save(model.state_dict(), weights)
     out = tmp_path / "r26.onnx"

@@ -19,16 +19,9 @@ from rednet.ops import (
     use_backend,
 )
 
-# (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2, K = 1..7, G = 1 and G = C.
-SHAPES = [
-    (2, 4, 1, 7, 9, 3, 1, 1),
-    (1, 6, 6, 9, 7, 3, 2, 1),
-    (2, 8, 2, 11, 10, 5, 1, 2),
-    (1, 4, 4, 13, 9, 7, 2, 1),
-    (2, 6, 3, 5, 6, 1, 1, 1),
-    (1, 8, 1, 9, 11, 7, 1, 1),
-    (2, 4, 2, 10, 9, 5, 2, 2),
-]
+from .helpers import OP_SHAPES
+
+SHAPES = OP_SHAPES
 
 
 def _inputs(b, c, g, h, w, k, s, d, dtype=torch.float64, pad=None):

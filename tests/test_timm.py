@@ -15,29 +15,10 @@ import rednet
 from rednet.models import Bottleneck, RedNet
 from rednet.models.rednet import POOL_TYPES
 
-from .helpers import DEPTHS, PARAMS
+from .helpers import DEPTHS, PARAMS, live_eval_model
 
 MODELS = list(DEPTHS)
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
-
-
-def _model(name, **kwargs):
-    """An eval-mode model in which every block changes the output, yet outputs stay finite.
-
-    The residual branches are live but scaled down (last BN weight 0.1): a random involution
-    block is quadratic in its input, so at full scale the activations of a deep eval-mode
-    net overflow to inf and NaN (and NaN compares equal in numpy). BatchNorm statistics are
-    measured on one batch.
-    """
-    model = rednet.create_model(name, **kwargs)
-    for m in model.modules():
-        if isinstance(m, Bottleneck):
-            nn.init.constant_(m.bn3.weight, 0.1)
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # a cumulative average: one batch sets the statistics
-    with torch.no_grad():
-        model.train()(torch.randn(4, 3, 64, 64))
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------
@@ -61,7 +42,7 @@ def test_forward_intermediates_match_features_only(name):
 
 
 def test_forward_intermediates_indices_stop_early_and_format():
-    model = _model("rednet26")
+    model = live_eval_model("rednet26")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         full = model.forward_intermediates(x, intermediates_only=True)
@@ -96,7 +77,7 @@ def test_getter_features_equal_features_only(name, out_indices):
     assert getter.feature_info.channels() == listed.feature_info.channels()
     assert getter.feature_info.reduction() == listed.feature_info.reduction()
     # The same (calibrated) weights in both; pruning left the getter only the stages it needs.
-    weights = _model(name).state_dict()
+    weights = live_eval_model(name).state_dict()
     for net in (listed, getter.model):
         net.load_state_dict({k: v for k, v in weights.items() if k in net.state_dict()}, strict=True)
     if max(out_indices) < 3:
@@ -108,7 +89,7 @@ def test_getter_features_equal_features_only(name, out_indices):
 
 
 def test_prune_intermediate_layers():
-    model = _model("rednet26")
+    model = live_eval_model("rednet26")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = model.forward_intermediates(x, intermediates_only=True)
@@ -118,7 +99,7 @@ def test_prune_intermediate_layers():
         assert model.forward_head(model.forward_features(x)).shape == (1, 1024, 2, 2)  # no pool left
         got = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[2])
-    keep_all = _model("rednet26")
+    keep_all = live_eval_model("rednet26")
     keep_all.prune_intermediate_layers(4, prune_head=False)
     assert isinstance(keep_all.fc, nn.Linear) and keep_all.num_features == 2048
 
@@ -129,7 +110,7 @@ def test_prune_intermediate_layers():
 
 @pytest.mark.parametrize("name", ["rednet26", "rednet50"])
 def test_torchvision_fx_feature_extractor(name):
-    model = _model(name)
+    model = live_eval_model(name)
     nodes = {"layer1": "c2", "layer2.0.conv2.conv2.conv": "kernel", "layer3": "c4", "fc": "logits"}
     extractor = create_feature_extractor(model, return_nodes=nodes)
     x = torch.randn(2, 3, 32, 32)
@@ -143,7 +124,7 @@ def test_torchvision_fx_feature_extractor(name):
 
 
 def test_fx_symbolic_trace_whole_model_and_timm_fx_features():
-    model = _model("rednet26", num_classes=10)
+    model = live_eval_model("rednet26", num_classes=10)
     x = torch.randn(2, 3, 48, 48)
     gm = torch.fx.symbolic_trace(model)
     fx_feats = timm.create_model("rednet26", features_only=True, feature_cls="fx", out_indices=(1, 2, 3))
@@ -163,7 +144,7 @@ def test_fx_symbolic_trace_whole_model_and_timm_fx_features():
 
 
 def test_default_pool_is_exactly_the_mean():
-    model = _model("rednet26", num_classes=0)
+    model = live_eval_model("rednet26", num_classes=0)
     feats = torch.randn(3, 2048, 5, 4)
     assert torch.equal(model.forward_head(feats), feats.mean((2, 3)))
     cl = feats.to(memory_format=torch.channels_last)
@@ -236,8 +217,8 @@ def test_drop_block_in_stages_3_and_4_as_timm_resnet():
 
 
 def test_regularisation_is_off_in_eval_and_active_in_train():
-    model = _model("rednet26", num_classes=4, drop_path_rate=0.5, drop_block_rate=0.5, drop_rate=0.5)
-    plain = _model("rednet26", num_classes=4)
+    model = live_eval_model("rednet26", num_classes=4, drop_path_rate=0.5, drop_block_rate=0.5, drop_rate=0.5)
+    plain = live_eval_model("rednet26", num_classes=4)
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
