@@ -80,19 +80,6 @@ def _config_paths(args: argparse.Namespace) -> dict[str, str]:
     return paths
 
 
-def _empty_path(args: argparse.Namespace) -> str | None:
-    for option in ("config", "checkpoint", "pretrained", "data", "split", "json"):
-        if getattr(args, option) == "":
-            return f"--{option} is empty; give a path"
-    return None
-
-
-def _error(message: object) -> int:
-    """Say what to fix on one line of stderr (no traceback) and return exit status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
 def _model_and_config(args: argparse.Namespace, overrides: list[str], paths: dict[str, str]):
     """The model to score and the config of the run: a checkpoint's own, unless --config gives one."""
     from rednet.engine import (
@@ -165,7 +152,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         CheckpointError,
         ConfigError,
         cleanup_distributed,
+        empty_path_option,
         evaluate,
+        fail,
         init_distributed,
         setup_logging,
     )
@@ -174,9 +163,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
-    empty = _empty_path(args)
+    empty = empty_path_option(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
     if empty:
-        return _error(empty)
+        return fail(empty)
     try:
         if args.json:
             _check_json(args.json)
@@ -198,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
                           cfg.train.channels_last, dist_info.is_main)
     except (ConfigError, CheckpointError, DataError) as e:
-        return _error(e)
+        return fail(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
               **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,
               **result}

@@ -59,19 +59,6 @@ def _config_paths(args: argparse.Namespace) -> dict[str, str]:
     return paths
 
 
-def _empty_path(args: argparse.Namespace) -> str | None:
-    for option in ("config", "output", "data", "resume"):
-        if getattr(args, option) == "":
-            return f"--{option} is empty; give a path"
-    return None
-
-
-def _error(message: object) -> int:
-    """Say what to fix on one line of stderr (no traceback) and return exit status 2."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
-
-
 def _list_configs() -> int:
     from rednet.engine.config import bundled_configs
 
@@ -104,6 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         NonFiniteLossError,
         TrainingInterrupted,
         config_to_dict,
+        empty_path_option,
+        fail,
         fit,
         load_config,
         setup_logging,
@@ -113,13 +102,13 @@ def _train(args: argparse.Namespace) -> int:
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
-    empty = _empty_path(args)
+    empty = empty_path_option(args, ("config", "output", "data", "resume"))
     if empty:
-        return _error(empty)
+        return fail(empty)
     try:
         cfg = load_config(args.config, _config_overrides(args), _config_paths(args))
     except ConfigError as e:
-        return _error(e)
+        return fail(e)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
@@ -129,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         check_output_dir(cfg.train.output, "the run directory train.output (--output)")
         result = fit(cfg, resume=args.resume, restart=args.restart, allow_config_change=args.allow_config_change)
     except (ConfigError, DataError, CheckpointError) as e:
-        return _error(e)
+        return fail(e)
     except NonFiniteLossError as e:
         log.error("error: %s", e)
         return 3

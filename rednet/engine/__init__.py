@@ -14,6 +14,8 @@ _EXPORTS = {
     "AMP_DTYPES": "builder",
     "build_model": "builder",
     "CheckpointError": "checkpoint",
+    "empty_path_option": "cli",
+    "fail": "cli",
     "load_model_from_checkpoint": "checkpoint",
     "read_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
