@@ -4,7 +4,14 @@ import logging
 import pytest
 import torch
 
-from rednet.ops import involution, involution_output_size, involution_reference, involution_unfold, select_backend
+from rednet.ops import (
+    can_use_native_kernel,
+    involution,
+    involution_output_size,
+    involution_reference,
+    involution_unfold,
+    select_backend,
+)
 
 # (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2, K = 1..7, G = 1 and G = C.
 SHAPES = [
@@ -163,6 +170,8 @@ def test_backend_selection(monkeypatch, caplog):
     with pytest.raises(ValueError, match="unknown involution backend 'fast'"):
         involution(x, k)
     monkeypatch.delenv("REDNET_INVOLUTION_BACKEND")
+    # auto sends CPU tensors to the native kernel when it is built, and says why when it declines.
+    assert select_backend(x) == ("native" if can_use_native_kernel(x)[0] else "reference")
     with caplog.at_level(logging.DEBUG, logger="rednet.ops"):
-        assert select_backend(x) == "reference"
-    assert "CUDA kernel declined" in caplog.text and "input is on cpu" in caplog.text
+        assert select_backend(x.half()) == "reference"
+    assert "native CPU kernel declined" in caplog.text and "float16" in caplog.text

@@ -1,9 +1,10 @@
 """The involution operator: one front door, several backends.
 
 ``involution(x, kernel)`` validates its inputs, then dispatches to the CUDA kernel
-(compiled through CuPy) when it can run and to the pure-PyTorch reference otherwise.
-``REDNET_INVOLUTION_BACKEND=reference|cupy`` forces a backend; ``auto`` (the
-default) chooses. Importing this package never imports CuPy.
+(compiled through CuPy) for CUDA tensors and to the native C++ kernel (compiled at first
+use, ``_cpu``) for CPU tensors when they can run, and to the pure-PyTorch reference
+otherwise. ``REDNET_INVOLUTION_BACKEND=reference|cupy|native`` forces a backend; ``auto``
+(the default) chooses. Importing this package never imports CuPy or builds anything.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import os
 
 import torch
 
-from . import _cupy  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from . import _cpu, _cupy  # cheap: CuPy is imported, and the C++ built, only when a kernel is checked or runs
 from ._reference import involution_reference, involution_unfold
 
 __all__ = [
     "BACKENDS",
     "can_use_cuda_kernel",
+    "can_use_native_kernel",
     "involution",
     "involution_output_size",
     "involution_reference",
@@ -27,7 +29,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cupy")
+BACKENDS = ("auto", "reference", "cupy", "native")
 _ENV = "REDNET_INVOLUTION_BACKEND"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 is left alone, as autocast does
@@ -43,8 +45,13 @@ def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
     return _cupy.can_run_on(x.device.type, x.device.index, x.dtype)
 
 
+def can_use_native_kernel(x: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native CPU kernel can run on ``x`` (building it on first call), and if not, why."""
+    return _cpu.can_run_on(x.device.type, x.dtype)
+
+
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    """Resolve ``backend`` (or the environment variable) to ``'reference'`` or ``'cupy'``."""
+    """Resolve ``backend`` (or the environment variable) to ``'reference'``, ``'cupy'`` or ``'native'``."""
     return _select_backend(x.device.type, x.device.index, x.dtype, backend)
 
 
@@ -57,6 +64,8 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
         raise ValueError(f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}")
     if backend == "reference":
         return backend
+    if backend == "native" or (backend == "auto" and device_type == "cpu"):
+        return _select_native(device_type, dtype, backend)
     ok, why = _cupy.can_run_on(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. Unset ${_ENV} or set it to 'reference'.")
@@ -66,6 +75,19 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
     from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)
 
     return "cupy"
+
+
+def _select_native(device_type: str, dtype: torch.dtype, backend: str) -> str:
+    ok, why = _cpu.can_run_on(device_type, dtype)
+    if backend == "native" and not ok:
+        raise RuntimeError(f"involution backend 'native' was forced but cannot run: {why}. Unset ${_ENV} or set it to "
+                           "'reference'.")
+    if not ok:
+        _logger.debug("involution: native CPU kernel declined, using the reference: %s", why)
+        return "reference"
+    from . import _custom_op  # noqa: F401  (registers rednet::involution, whose CPU kernel is the native one)
+
+    return "native"
 
 
 def _check(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> None:
@@ -126,7 +148,8 @@ def involution(
         stride: output stride s.
         padding: zero padding p; defaults to the "same" padding ``dilation * (K - 1) // 2``.
         dilation: spacing d between taps.
-        backend: ``'auto'``, ``'reference'`` or ``'cupy'``; defaults to ``$REDNET_INVOLUTION_BACKEND`` or auto.
+        backend: ``'auto'``, ``'reference'``, ``'cupy'`` or ``'native'``; defaults to ``$REDNET_INVOLUTION_BACKEND``
+            or auto.
 
     Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
     Under ``torch.compile`` the backend is chosen once, while tracing.
@@ -140,8 +163,11 @@ def involution(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, kernel = x.to(dtype), kernel.to(dtype)
     _check(x, kernel, stride, padding, dilation)
-    if select_backend(x, backend) == "cupy":
+    chosen = select_backend(x, backend)
+    if chosen == "cupy":
         from ._cupy import involution_cupy
 
         return involution_cupy(x, kernel, stride, padding, dilation)
+    if chosen == "native":
+        return torch.ops.rednet.involution(x, kernel, stride, padding, dilation)
     return involution_reference(x, kernel, stride, padding, dilation)
