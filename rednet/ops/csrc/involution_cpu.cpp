@@ -306,48 +306,78 @@ template <class S> void bwd_input_nhwc_vec(const S* go, const S* w, S* gx, const
 }
 
 // Grad-kernel: one 16-channel dot product per (pixel, group, tap), reduced 16 at a time by
-// hsum16 over the pixel's G*K*K kernel values in storage order.
-template <class S> void bwd_kernel_nhwc_vec(const S* go, const S* x, S* gw, const Dims& D, int nt) {
+// hsum16 over the pixel's G*K*K kernel values in storage order. Entry n = (g, u, v) reads
+// go at channel offset goff[n] = g*cg and x through the pointer xp[n]: x + off[n] for a
+// pixel whose taps are all inside the image (off[n] is the same for every such pixel), a
+// block of zeros for taps outside it. The tables keep the unrolled loop free of index math.
+template <class S, bool ONE>
+inline void bwd_kernel_nhwc_pixel(const S* gop, const S* const* xp, const i64* goff, S* gwp, i64 GKK, i64 nv) {
   typedef Traits<S> T;
   typedef typename T::V V;
-  const i64 C = D.C, cg = D.cg(), K = D.K, KK = D.kk(), GKK = D.G * KK;
+  for (i64 n0 = 0; n0 < GKK; n0 += 16) {
+    V P[16];
+    if (n0 + 16 <= GKK) {
+      for (int m = 0; m < 16; ++m) {
+        const i64 n = n0 + m;
+        P[m] = T::load(gop + goff[n]) * T::load(xp[n]);
+        if (!ONE)
+          for (i64 h = 1; h < nv; ++h) P[m] += T::load(gop + goff[n] + 16 * h) * T::load(xp[n] + 16 * h);
+      }
+      T::store(gwp + n0, hsum16(P));
+    } else {
+      const int m_end = int(GKK - n0);
+      for (int m = 0; m < 16; ++m) {
+        P[m] = V{};
+        if (m >= m_end) continue;
+        const i64 n = n0 + m;
+        for (i64 h = 0; h < nv; ++h) P[m] += T::load(gop + goff[n] + 16 * h) * T::load(xp[n] + 16 * h);
+      }
+      const V sums = hsum16(P);
+      for (int m = 0; m < m_end; ++m) T::put(gwp + n0 + m, sums[m]);
+    }
+  }
+}
+
+template <class S> void bwd_kernel_nhwc_vec(const S* go, const S* x, S* gw, const Dims& D, int nt) {
+  const i64 C = D.C, cg = D.cg(), K = D.K, KK = D.kk(), GKK = D.G * KK, nv = cg / 16;
+  std::vector<i64> goff(GKK), off(GKK);
+  for (i64 n = 0; n < GKK; ++n) {
+    const i64 g = n / KK, u = n % KK / K, v = n % K;
+    goff[n] = g * cg;
+    off[n] = ((u * D.d - D.p) * D.W + v * D.d - D.p) * C + g * cg;  // from x at (i*s, j*s)
+  }
+  i64 jlo, jhi, ilo, ihi;
+  interior(D.W, D.Wo, K, D.s, D.p, D.d, &jlo, &jhi);
+  interior(D.H, D.Ho, K, D.s, D.p, D.d, &ilo, &ihi);
   const std::vector<S> zeros(C);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<const S*> tap(KK);  // per pixel: where tap t reads x (zeros outside the image)
+    std::vector<const S*> xp(GKK);
     REDNET_PARALLEL_FOR
     for (i64 bi = 0; bi < D.B * D.Ho; ++bi) {
       const i64 b = bi / D.Ho, i = bi % D.Ho;
       const S* xb = x + b * D.H * D.W * C;
       for (i64 j = 0; j < D.Wo; ++j) {
-        for (i64 u = 0; u < K; ++u) {
-          const i64 r = i * D.s - D.p + u * D.d;
-          for (i64 v = 0; v < K; ++v) {
-            const i64 q = j * D.s - D.p + v * D.d;
-            tap[u * K + v] = r >= 0 && r < D.H && q >= 0 && q < D.W ? xb + (r * D.W + q) * C : zeros.data();
+        if (i >= ilo && i < ihi && j >= jlo && j < jhi) {
+          const S* base = xb + (i * D.s * D.W + j * D.s) * C;
+          for (i64 n = 0; n < GKK; ++n) xp[n] = base + off[n];
+        } else {
+          for (i64 u = 0; u < K; ++u) {
+            const i64 r = i * D.s - D.p + u * D.d;
+            for (i64 v = 0; v < K; ++v) {
+              const i64 q = j * D.s - D.p + v * D.d;
+              const bool in = r >= 0 && r < D.H && q >= 0 && q < D.W;
+              const S* tap = xb + (r * D.W + q) * C;
+              for (i64 g = 0; g < D.G; ++g) xp[g * KK + u * K + v] = in ? tap + g * cg : zeros.data();
+            }
           }
         }
         const S* gop = go + (bi * D.Wo + j) * C;
         S* gwp = gw + (bi * D.Wo + j) * GKK;
-        i64 g = 0, t = 0;  // entry n of the pixel's G*K*K values, advanced in storage order
-        for (i64 n0 = 0; n0 < GKK; n0 += 16) {
-          const int m_end = GKK - n0 < 16 ? int(GKK - n0) : 16;
-          V P[16];
-          for (int m = 0; m < 16; ++m) {
-            V prod = V{};
-            if (m < m_end) {
-              for (i64 c0 = g * cg; c0 < (g + 1) * cg; c0 += 16) prod += T::load(gop + c0) * T::load(tap[t] + c0);
-              if (++t == KK) t = 0, ++g;
-            }
-            P[m] = prod;
-          }
-          const V sums = hsum16(P);
-          if (m_end == 16) {
-            T::store(gwp + n0, sums);
-          } else {
-            for (int m = 0; m < m_end; ++m) T::put(gwp + n0 + m, sums[m]);
-          }
-        }
+        if (nv == 1)
+          bwd_kernel_nhwc_pixel<S, true>(gop, xp.data(), goff.data(), gwp, GKK, nv);
+        else
+          bwd_kernel_nhwc_pixel<S, false>(gop, xp.data(), goff.data(), gwp, GKK, nv);
       }
     }
   }
