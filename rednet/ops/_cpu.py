@@ -13,7 +13,7 @@ Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one 
 process makes each spin against the other (2 threads ran 3x slower than 1). The library
 names ``libgomp.so.1``, and the dynamic loader reuses the one PyTorch already loaded
 under that name; ``openmp_runtimes`` lists what is mapped so tests can check. Each call
-passes ``torch.get_num_threads()`` explicitly.
+passes ``torch.get_num_threads()`` explicitly (fewer for small calls).
 
 When there is no compiler, the build fails or the library does not load, ``available``
 says why (one WARNING per process) and callers use the reference instead.
@@ -61,6 +61,10 @@ _ABI = 1  # rednet_involution_abi() of the source this module speaks to
 _LAYOUTS = {"nchw": 0, "nhwc": 1}
 _FWD, _BWD_INPUT, _BWD_KERNEL = 0, 1, 2
 _COMPILE_TIMEOUT_S = 300
+# Multiply-adds per thread below which more threads cost more than they save (PyTorch's own
+# ops have a grain size for the same reason): on a busy machine a second OpenMP thread that
+# is not scheduled makes a 0.3 ms call take 20+ ms at the barrier.
+_GRAIN = 1 << 17
 
 
 def cache_dir() -> Path:
@@ -207,8 +211,9 @@ def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.
     bsz, c, h, w = x_shape
     _, g, k, _, ho, wo = kernel_shape
     dims = (ctypes.c_int64 * 11)(bsz, c, h, w, g, k, ho, wo, stride, padding, dilation)
+    threads = max(1, min(torch.get_num_threads(), bsz * c * ho * wo * k * k // _GRAIN))
     rc = _state["lib"].rednet_involution(pass_, _LAYOUTS[layout], DTYPES[out.dtype], a.data_ptr(), b.data_ptr(),
-                                         out.data_ptr(), dims, torch.get_num_threads())
+                                         out.data_ptr(), dims, threads)
     if rc != 0:
         raise RuntimeError(f"involution (native): library returned {rc} for pass {pass_}, {layout}, {out.dtype}")
 
