@@ -199,13 +199,15 @@ inline void fwd_nhwc_block(const S* xb, const S* wp, S* yp, i64 i, i64 j, i64 u0
   }
 }
 
-template <class S> void fwd_nhwc_vec(const S* x, const S* w, S* y, const Dims& D, int nt) {
-  const i64 C = D.C, GKK = D.G * D.kk();
-  i64 jlo, jhi;
-  interior(D.W, D.Wo, D.K, D.s, D.p, D.d, &jlo, &jhi);
-  const std::vector<S> zeros(16);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (i64 bi = 0; bi < D.B * D.Ho; ++bi) {
+// Forward rows bi = b*Ho + i of one call, with what every row shares computed once.
+template <class S> struct FwdRows {
+  Dims D;
+  i64 jlo, jhi;  // output columns whose taps are all inside the image
+  std::vector<S> zeros;
+  explicit FwdRows(const Dims& dims) : D(dims), zeros(16) { interior(D.W, D.Wo, D.K, D.s, D.p, D.d, &jlo, &jhi); }
+
+  void operator()(const S* x, const S* w, S* y, i64 bi) const {
+    const i64 C = D.C, GKK = D.G * D.kk();
     const i64 b = bi / D.Ho, i = bi % D.Ho;
     i64 u0, u1;
     tap_range(i, D.s, D.p, D.d, D.K, D.H, &u0, &u1);
@@ -221,6 +223,12 @@ template <class S> void fwd_nhwc_vec(const S* x, const S* w, S* y, const Dims& D
     }
     for (; j < D.Wo; ++j) fwd_nhwc_block<S, 1, true>(xb, wrow + j * GKK, yrow + j * C, i, j, u0, u1, zeros.data(), D);
   }
+};
+
+template <class S> void fwd_nhwc_vec(const S* x, const S* w, S* y, const Dims& D, int nt) {
+  const FwdRows<S> rows(D);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (i64 bi = 0; bi < D.B * D.Ho; ++bi) rows(x, w, y, bi);
 }
 
 // The taps t < K of input position n that an output position o reads, with that o:
@@ -262,27 +270,28 @@ inline void bwd_input_nhwc_block(const S* gob, const S* wb, S* gxp, int nu, cons
   }
 }
 
-template <class S> void bwd_input_nhwc_vec(const S* go, const S* w, S* gx, const Dims& D, int nt) {
-  const i64 C = D.C, K = D.K, GKK = D.G * D.kk(), s = D.s;
-  // Per input column q: its taps v and their output columns j, and whether all taps of
-  // q's residue mod s reach an output column (then q and q+s, q+2s, ... share them).
-  std::vector<int> nv(D.W), vs(D.W * K);
-  std::vector<i64> js(D.W * K);
-  std::vector<char> full(D.W);
-  for (i64 q = 0; q < D.W; ++q) {
-    nv[q] = taps_reading(q, K, s, D.p, D.d, D.Wo, &vs[q * K], &js[q * K]);
-    int all = 0;
-    for (i64 t = 0; t < K; ++t) all += (q + D.p - t * D.d) % s == 0;  // C++ %: 0 also for negatives
-    full[q] = nv[q] == all;
+// Grad-input rows br = b*H + r of one call. Per input column q: its taps v and their output
+// columns j, and whether all taps of q's residue mod s reach an output column (then q and
+// q+s, q+2s, ... share them and go through one block).
+template <class S> struct BwdInputRows {
+  Dims D;
+  std::vector<int> nv, vs;
+  std::vector<i64> js;
+  std::vector<char> full;
+  explicit BwdInputRows(const Dims& dims) : D(dims), nv(D.W), vs(D.W * D.K), js(D.W * D.K), full(D.W) {
+    for (i64 q = 0; q < D.W; ++q) {
+      nv[q] = taps_reading(q, D.K, D.s, D.p, D.d, D.Wo, &vs[q * D.K], &js[q * D.K]);
+      int all = 0;
+      for (i64 t = 0; t < D.K; ++t) all += (q + D.p - t * D.d) % D.s == 0;  // C++ %: 0 also for negatives
+      full[q] = nv[q] == all;
+    }
   }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<int> us(K);  // per input row r: its taps u and their output rows i
-    std::vector<i64> is(K);
-    REDNET_PARALLEL_FOR
-    for (i64 br = 0; br < D.B * D.H; ++br) {
+
+  // us, is: scratch for K taps (the row's taps u and output rows i).
+  void operator()(const S* go, const S* w, S* gx, i64 br, int* us, i64* is) const {
+    const i64 C = D.C, K = D.K, GKK = D.G * D.kk(), s = D.s;
     const i64 b = br / D.H, r = br % D.H;
-    const int nu = taps_reading(r, K, s, D.p, D.d, D.Ho, us.data(), is.data());
+    const int nu = taps_reading(r, K, s, D.p, D.d, D.Ho, us, is);
     const S* gob = go + b * D.Ho * D.Wo * C;
     const S* wb = w + b * D.Ho * D.Wo * GKK;
     S* gxrow = gx + br * D.W * C;
@@ -291,17 +300,25 @@ template <class S> void bwd_input_nhwc_vec(const S* go, const S* w, S* gx, const
       while (q < D.W) {
         const i64 last = q + (JB - 1) * s;
         if (last < D.W && full[q] && full[last] && nv[q] == nv[last]) {
-          bwd_input_nhwc_block<S, JB>(gob, wb, gxrow + q * C, nu, us.data(), is.data(), nv[q], &vs[q * K],
-                                      &js[q * K], D);
+          bwd_input_nhwc_block<S, JB>(gob, wb, gxrow + q * C, nu, us, is, nv[q], &vs[q * K], &js[q * K], D);
           q += JB * s;
         } else {
-          bwd_input_nhwc_block<S, 1>(gob, wb, gxrow + q * C, nu, us.data(), is.data(), nv[q], &vs[q * K],
-                                     &js[q * K], D);
+          bwd_input_nhwc_block<S, 1>(gob, wb, gxrow + q * C, nu, us, is, nv[q], &vs[q * K], &js[q * K], D);
           q += s;
         }
       }
     }
-    }
+  }
+};
+
+template <class S> void bwd_input_nhwc_vec(const S* go, const S* w, S* gx, const Dims& D, int nt) {
+  const BwdInputRows<S> rows(D);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<int> us(D.K);
+    std::vector<i64> is(D.K);
+    REDNET_PARALLEL_FOR
+    for (i64 br = 0; br < D.B * D.H; ++br) rows(go, w, gx, br, us.data(), is.data());
   }
 }
 
@@ -338,48 +355,60 @@ inline void bwd_kernel_nhwc_pixel(const S* gop, const S* const* xp, const i64* g
   }
 }
 
-template <class S> void bwd_kernel_nhwc_vec(const S* go, const S* x, S* gw, const Dims& D, int nt) {
-  const i64 C = D.C, cg = D.cg(), K = D.K, KK = D.kk(), GKK = D.G * KK, nv = cg / 16;
-  std::vector<i64> goff(GKK), off(GKK);
-  for (i64 n = 0; n < GKK; ++n) {
-    const i64 g = n / KK, u = n % KK / K, v = n % K;
-    goff[n] = g * cg;
-    off[n] = ((u * D.d - D.p) * D.W + v * D.d - D.p) * C + g * cg;  // from x at (i*s, j*s)
+// Grad-kernel rows bi = b*Ho + i of one call.
+template <class S> struct BwdKernelRows {
+  Dims D;
+  std::vector<i64> goff, off;  // per entry n = (g, u, v) of a pixel's G*K*K values
+  i64 ilo, ihi, jlo, jhi;      // output rows and columns whose taps are all inside the image
+  std::vector<S> zeros;
+  explicit BwdKernelRows(const Dims& dims) : D(dims), goff(D.G * D.kk()), off(D.G * D.kk()), zeros(D.C) {
+    const i64 K = D.K, KK = D.kk(), cg = D.cg();
+    for (i64 n = 0; n < D.G * KK; ++n) {
+      const i64 g = n / KK, u = n % KK / K, v = n % K;
+      goff[n] = g * cg;
+      off[n] = ((u * D.d - D.p) * D.W + v * D.d - D.p) * D.C + g * cg;  // from x at (i*s, j*s)
+    }
+    interior(D.W, D.Wo, K, D.s, D.p, D.d, &jlo, &jhi);
+    interior(D.H, D.Ho, K, D.s, D.p, D.d, &ilo, &ihi);
   }
-  i64 jlo, jhi, ilo, ihi;
-  interior(D.W, D.Wo, K, D.s, D.p, D.d, &jlo, &jhi);
-  interior(D.H, D.Ho, K, D.s, D.p, D.d, &ilo, &ihi);
-  const std::vector<S> zeros(C);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<const S*> xp(GKK);
-    REDNET_PARALLEL_FOR
-    for (i64 bi = 0; bi < D.B * D.Ho; ++bi) {
-      const i64 b = bi / D.Ho, i = bi % D.Ho;
-      const S* xb = x + b * D.H * D.W * C;
-      for (i64 j = 0; j < D.Wo; ++j) {
-        if (i >= ilo && i < ihi && j >= jlo && j < jhi) {
-          const S* base = xb + (i * D.s * D.W + j * D.s) * C;
-          for (i64 n = 0; n < GKK; ++n) xp[n] = base + off[n];
-        } else {
-          for (i64 u = 0; u < K; ++u) {
-            const i64 r = i * D.s - D.p + u * D.d;
-            for (i64 v = 0; v < K; ++v) {
-              const i64 q = j * D.s - D.p + v * D.d;
-              const bool in = r >= 0 && r < D.H && q >= 0 && q < D.W;
-              const S* tap = xb + (r * D.W + q) * C;
-              for (i64 g = 0; g < D.G; ++g) xp[g * KK + u * K + v] = in ? tap + g * cg : zeros.data();
-            }
+
+  // xp: scratch for G*K*K pointers.
+  void operator()(const S* go, const S* x, S* gw, i64 bi, const S** xp) const {
+    const i64 C = D.C, cg = D.cg(), K = D.K, KK = D.kk(), GKK = D.G * KK, nv = cg / 16;
+    const i64 b = bi / D.Ho, i = bi % D.Ho;
+    const S* xb = x + b * D.H * D.W * C;
+    for (i64 j = 0; j < D.Wo; ++j) {
+      if (i >= ilo && i < ihi && j >= jlo && j < jhi) {
+        const S* base = xb + (i * D.s * D.W + j * D.s) * C;
+        for (i64 n = 0; n < GKK; ++n) xp[n] = base + off[n];
+      } else {
+        for (i64 u = 0; u < K; ++u) {
+          const i64 r = i * D.s - D.p + u * D.d;
+          for (i64 v = 0; v < K; ++v) {
+            const i64 q = j * D.s - D.p + v * D.d;
+            const bool in = r >= 0 && r < D.H && q >= 0 && q < D.W;
+            const S* tap = xb + (r * D.W + q) * C;
+            for (i64 g = 0; g < D.G; ++g) xp[g * KK + u * K + v] = in ? tap + g * cg : zeros.data();
           }
         }
-        const S* gop = go + (bi * D.Wo + j) * C;
-        S* gwp = gw + (bi * D.Wo + j) * GKK;
-        if (nv == 1)
-          bwd_kernel_nhwc_pixel<S, true>(gop, xp.data(), goff.data(), gwp, GKK, nv);
-        else
-          bwd_kernel_nhwc_pixel<S, false>(gop, xp.data(), goff.data(), gwp, GKK, nv);
       }
+      const S* gop = go + (bi * D.Wo + j) * C;
+      S* gwp = gw + (bi * D.Wo + j) * GKK;
+      if (nv == 1)
+        bwd_kernel_nhwc_pixel<S, true>(gop, xp, goff.data(), gwp, GKK, nv);
+      else
+        bwd_kernel_nhwc_pixel<S, false>(gop, xp, goff.data(), gwp, GKK, nv);
     }
+  }
+};
+
+template <class S> void bwd_kernel_nhwc_vec(const S* go, const S* x, S* gw, const Dims& D, int nt) {
+  const BwdKernelRows<S> rows(D);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<const S*> xp(D.G * D.kk());
+    REDNET_PARALLEL_FOR
+    for (i64 bi = 0; bi < D.B * D.Ho; ++bi) rows(go, x, gw, bi, xp.data());
   }
 }
 
@@ -480,6 +509,91 @@ template <class S> void bwd_kernel_nhwc_any(const S* go, const S* x, S* gw, cons
           }
         }
       }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// NCHW, groups of 16k channels: through channels_last tiles. Each (b, g) slab is transposed
+// into the thread's buffers (x: (C/G, H, W) -> (H, W, C/G); kernel: (K*K, Ho, Wo) ->
+// (Ho, Wo, K*K)), run by the channels_last rows above as a one-group problem, and the result
+// transposed back. The copies are per group and stay in cache at RedNet's sizes, instead of
+// whole-tensor copies; vectorising along the width instead left 7- and 14-wide rows scalar.
+
+// dst[n * P + p] = src[p * N + n]: P planes of N values -> N interleaved groups of P.
+template <class S> void interleave(const S* src, S* dst, i64 P, i64 N) {
+  for (i64 n0 = 0; n0 < N; n0 += 64) {
+    const i64 n1 = n0 + 64 < N ? n0 + 64 : N;
+    for (i64 p = 0; p < P; ++p)
+      for (i64 n = n0; n < n1; ++n) dst[n * P + p] = src[p * N + n];
+  }
+}
+
+// The inverse: dst[p * N + n] = src[n * P + p].
+template <class S> void deinterleave(const S* src, S* dst, i64 P, i64 N) {
+  for (i64 n0 = 0; n0 < N; n0 += 64) {
+    const i64 n1 = n0 + 64 < N ? n0 + 64 : N;
+    for (i64 p = 0; p < P; ++p)
+      for (i64 n = n0; n < n1; ++n) dst[p * N + n] = src[n * P + p];
+  }
+}
+
+inline Dims one_group(const Dims& D) {
+  Dims g = D;
+  g.B = 1, g.C = D.cg(), g.G = 1;
+  return g;
+}
+
+template <class S> void fwd_nchw_tiled(const S* x, const S* w, S* y, const Dims& D, int nt) {
+  const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
+  const FwdRows<S> rows(one_group(D));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<S> xt(cg * HW), wt(KK * HoWo), yt(cg * HoWo);
+    REDNET_PARALLEL_FOR
+    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+      const i64 c0 = bg / D.G * D.C + bg % D.G * cg;  // first channel of the slab, counting over b
+      interleave(x + c0 * HW, xt.data(), cg, HW);
+      interleave(w + bg * KK * HoWo, wt.data(), KK, HoWo);
+      for (i64 i = 0; i < D.Ho; ++i) rows(xt.data(), wt.data(), yt.data(), i);
+      deinterleave(yt.data(), y + c0 * HoWo, cg, HoWo);
+    }
+  }
+}
+
+template <class S> void bwd_input_nchw_tiled(const S* go, const S* w, S* gx, const Dims& D, int nt) {
+  const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
+  const BwdInputRows<S> rows(one_group(D));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<S> gt(cg * HoWo), wt(KK * HoWo), xt(cg * HW);
+    std::vector<int> us(D.K);
+    std::vector<i64> is(D.K);
+    REDNET_PARALLEL_FOR
+    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+      const i64 c0 = bg / D.G * D.C + bg % D.G * cg;
+      interleave(go + c0 * HoWo, gt.data(), cg, HoWo);
+      interleave(w + bg * KK * HoWo, wt.data(), KK, HoWo);
+      for (i64 r = 0; r < D.H; ++r) rows(gt.data(), wt.data(), xt.data(), r, us.data(), is.data());
+      deinterleave(xt.data(), gx + c0 * HW, cg, HW);
+    }
+  }
+}
+
+template <class S> void bwd_kernel_nchw_tiled(const S* go, const S* x, S* gw, const Dims& D, int nt) {
+  const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
+  const BwdKernelRows<S> rows(one_group(D));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<S> gt(cg * HoWo), xt(cg * HW), wt(KK * HoWo);
+    std::vector<const S*> xp(KK);
+    REDNET_PARALLEL_FOR
+    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+      const i64 c0 = bg / D.G * D.C + bg % D.G * cg;
+      interleave(go + c0 * HoWo, gt.data(), cg, HoWo);
+      interleave(x + c0 * HW, xt.data(), cg, HW);
+      for (i64 i = 0; i < D.Ho; ++i) rows(gt.data(), xt.data(), wt.data(), i, xp.data());
+      deinterleave(wt.data(), gw + bg * KK * HoWo, KK, HoWo);
     }
   }
 }
@@ -616,9 +730,13 @@ template <class S> int run(int pass, int layout, const void* a, const void* b, v
     }
   } else if (layout == 0) {
     switch (pass) {
-      case FWD: fwd_nchw(pa, pb, po, D, nt); return 0;
-      case BWD_INPUT: bwd_input_nchw(pa, pb, po, D, nt); return 0;
-      case BWD_KERNEL: bwd_kernel_nchw(pa, pb, po, D, nt); return 0;
+      case FWD: vec ? fwd_nchw_tiled(pa, pb, po, D, nt) : fwd_nchw(pa, pb, po, D, nt); return 0;
+      case BWD_INPUT: vec ? bwd_input_nchw_tiled(pa, pb, po, D, nt) : bwd_input_nchw(pa, pb, po, D, nt); return 0;
+      // With fewer than 16 taps a one-group pixel fills only part of hsum16's 16 lanes; the
+      // width-vectorised loop was 2.8x faster on RedNet's 3x3 stem.
+      case BWD_KERNEL:
+        vec && D.kk() >= 16 ? bwd_kernel_nchw_tiled(pa, pb, po, D, nt) : bwd_kernel_nchw(pa, pb, po, D, nt);
+        return 0;
     }
   }
   return 2;
