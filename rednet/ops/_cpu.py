@@ -1,8 +1,8 @@
 """Native CPU involution: ``csrc/involution_cpu.cpp`` compiled at first use and called through ctypes.
 
-The C++ source has no PyTorch headers, so one compile takes about 3 s of CPU time instead
-of the 40+ s of a ``torch.utils.cpp_extension`` build, and needs only a C++ compiler
-(``$CXX``, else ``g++``). The shared library is cached on disk under
+The C++ source has no PyTorch headers, so a build takes 3-5 s of CPU time (2-core Xeon)
+where the same source through ``torch.utils.cpp_extension`` took 47 s, and it needs only
+a C++ compiler (``$CXX``, else ``g++``). The shared library is cached on disk under
 ``$REDNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/rednet`` or ``~/.cache/rednet``), keyed
 by a hash of the source, the flags and the compiler's own description of itself and of
 ``-march=native`` on this CPU, so a changed source, compiler or machine builds anew and
@@ -10,7 +10,7 @@ every other process (DDP ranks included) just loads it. Concurrent builders seri
 a lock file; the library is written to a temporary file and renamed into place.
 
 Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one in the
-process makes each spin against the other (2 threads ran 3x slower than 1). The library
+process makes each spin against the other (2 threads were seen running 3x slower than 1). The library
 names ``libgomp.so.1``, and the dynamic loader reuses the one PyTorch already loaded
 under that name; ``openmp_runtimes`` lists what is mapped so tests can check. Each call
 passes ``torch.get_num_threads()`` explicitly (fewer for small calls).

@@ -18,7 +18,9 @@
 //
 // Channels_last is the fast layout: a group's 16 channels are 16 contiguous values, one
 // AVX-512 register of floats (two of AVX2), written with GCC vector extensions so that
-// -march=native picks the instructions. Groups of other widths take plain loops.
+// -march=native picks the instructions. NCHW with such groups runs the same loops on
+// per-group tiles transposed to channels_last. Groups of other widths take plain loops
+// (over channels in channels_last, along the width in NCHW).
 #include <cstdint>
 #include <cstring>
 #include <vector>
