@@ -20,6 +20,7 @@ import torch
 import rednet.ops as ops
 from rednet.ops import (
     KernelCheckWarning,
+    _cpu,
     _cupy,
     _selfcheck,
     check_cuda_kernel,
@@ -43,6 +44,8 @@ def seams(monkeypatch):
     state = SimpleNamespace(prepared=[], checked=[], kernel_calls=0, reference_calls=0)
     monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
     monkeypatch.setattr(_cupy, "can_run_on", lambda *a: (True, "ok"))  # "CuPy imports and sees the device"
+    # CPU tensors stand in for CUDA ones here, so auto must not take them to the native CPU kernel.
+    monkeypatch.setattr(_cpu, "can_run_on", lambda *a: (False, "not in these tests"))
     monkeypatch.setattr(_cupy, "prepare", lambda device, module: state.prepared.append(module))
     monkeypatch.setattr(_selfcheck, "_verdicts", {})  # a fresh process, as far as the check knows
     monkeypatch.setattr(_selfcheck, "_warned", set())

@@ -11,6 +11,7 @@ import torch
 from rednet.ops import (
     _cupy,
     can_use_cuda_kernel,
+    can_use_native_kernel,
     involution,
     involution_output_size,
     involution_reference,
@@ -181,9 +182,11 @@ def test_backend_selection(monkeypatch, caplog):
     with pytest.raises(ValueError, match="unknown involution backend 'fast'"):
         involution(x, k)
     monkeypatch.delenv("REDNET_INVOLUTION_BACKEND")
+    # auto sends CPU tensors to the native kernel when it is built, and says why when it declines.
+    assert select_backend(x) == ("native" if can_use_native_kernel(x)[0] else "reference")
     with caplog.at_level(logging.DEBUG, logger="rednet.ops"):
-        assert select_backend(x) == "reference"
-    assert "CUDA kernel declined" in caplog.text and "input is on cpu" in caplog.text
+        assert select_backend(x.half()) == "reference"
+    assert "native CPU kernel declined" in caplog.text and "float16" in caplog.text
 
 
 def test_dispatch_reasons_and_forcing(monkeypatch, caplog):
@@ -195,14 +198,20 @@ def test_dispatch_reasons_and_forcing(monkeypatch, caplog):
     if not torch.cuda.is_available():
         ok, why = _cupy.can_run_on("cuda", 0, torch.float32)
         assert not ok and why
-    with caplog.at_level(logging.DEBUG, logger="rednet.ops"):
-        assert select_backend(x) == "reference"
-    assert "declined" in caplog.text and "CUDA tensor" in caplog.text
+    with caplog.at_level(logging.DEBUG, logger="rednet.ops"):  # CPU tensors go to the native kernel: no float16
+        assert select_backend(x.half()) == "reference"
+    assert "declined" in caplog.text and "float16" in caplog.text
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
     with pytest.raises(RuntimeError, match="forced but cannot run"):
         involution(x, k)
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "reference")
     assert select_backend(x) == "reference"
+
+
+def _auto_on_cpu(x):
+    # What auto picks for a CPU tensor: the native kernel where it builds, else the reference.
+    return "native" if can_use_native_kernel(x)[0] else "reference"
+
 
 def test_use_backend_forces_and_restores(monkeypatch):
     x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
@@ -213,13 +222,13 @@ def test_use_backend_forces_and_restores(monkeypatch):
     with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu"):
         involution(x, k)  # the environment variable applies again
     with use_backend("auto"):
-        assert select_backend(x) == "reference"
+        assert select_backend(x) == _auto_on_cpu(x)
     monkeypatch.delenv("REDNET_INVOLUTION_BACKEND")
     with use_backend("cupy"):
         assert select_backend(x, backend="reference") == "reference"  # the argument wins
         with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: input is on cpu.*use_backend"):
             involution(x, k)
-    assert select_backend(x) == "reference"
+    assert select_backend(x) == _auto_on_cpu(x)
 
 
 def test_use_backend_nests_and_restores_after_an_exception():
@@ -235,7 +244,7 @@ def test_use_backend_nests_and_restores_after_an_exception():
                 raise KeyError("boom")
         with pytest.raises(RuntimeError, match="forced but cannot run"):
             select_backend(x)
-    assert select_backend(x) == "reference"
+    assert select_backend(x) == _auto_on_cpu(x)
 
 
 @pytest.mark.parametrize("name", ["fast", "", None])
@@ -263,14 +272,14 @@ def test_use_backend_blocks_in_threads_leave_no_setting_behind():
     for t in threads:
         t.join()
     assert not errors
-    assert select_backend(x) == "reference"  # no block open: auto on a CPU tensor
+    assert select_backend(x) == _auto_on_cpu(x)  # no block open: auto on a CPU tensor
     outer, inner = use_backend("cupy"), use_backend("reference")
     outer.__enter__()
     inner.__enter__()
     outer.__exit__(None, None, None)  # left out of order, as interleaved threads would
     assert select_backend(x) == "reference"
     inner.__exit__(None, None, None)
-    assert select_backend(x) == "reference"
+    assert select_backend(x) == _auto_on_cpu(x)
 
 
 def test_use_backend_retraces_under_compile():
@@ -316,7 +325,7 @@ def test_importing_the_cuda_backend_needs_no_cupy():
 
 def test_ops_modules_import_in_one_direction():
     """Each module of rednet/ops imports only modules after it here: no cycle, CuPy-free planning."""
-    order = ["__init__", "_selfcheck", "_custom_op", "_cupy", "_kernel_cache", "_plan", "_reference", "_export"]
+    order = ["__init__", "_selfcheck", "_custom_op", "_cpu", "_cupy", "_kernel_cache", "_plan", "_reference", "_export"]
     ops = Path(__file__).resolve().parents[1] / "rednet" / "ops"
     assert sorted(p.stem for p in ops.glob("*.py")) == sorted(order)
     for i, name in enumerate(order):

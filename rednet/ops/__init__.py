@@ -1,17 +1,19 @@
 """The involution operator: one front door, several backends.
 
 ``involution(x, kernel)`` validates its inputs, then dispatches to the CUDA kernel
-(compiled through CuPy) when it can run and to the pure-PyTorch reference otherwise.
-Importing this package never imports CuPy.
+(compiled through CuPy) for CUDA tensors and to the native C++ kernel (compiled at first
+use, ``_cpu``) for CPU tensors when they can run, and to the pure-PyTorch reference
+otherwise. Importing this package never imports CuPy or builds anything.
 
 Which backend runs, first match wins:
 
 1. the ``backend=`` argument of ``involution`` / ``select_backend``;
 2. the innermost ``with use_backend(name):`` block;
-3. ``REDNET_INVOLUTION_BACKEND=auto|reference|cupy`` in the environment;
-4. ``auto``: the CUDA kernel when ``can_use_cuda_kernel(x)``, else the reference.
+3. ``REDNET_INVOLUTION_BACKEND=auto|reference|cupy|native`` in the environment;
+4. ``auto``: for CUDA tensors the CUDA kernel when ``can_use_cuda_kernel(x)``, for CPU
+   tensors the native kernel when ``can_use_native_kernel(x)``, else the reference.
 
-Forcing ``cupy`` where it cannot run is an error that says why.
+Forcing ``cupy`` or ``native`` where it cannot run is an error that says why.
 
 The kernels are checked on first contact: before the kernel first runs for a (device,
 dtype, window, memory format) in a process, ``_selfcheck`` compiles it and compares its
@@ -25,8 +27,9 @@ during capture uses the reference in ``auto`` and raises when forced).
 Modules, each importing only those below it: this front door; ``_selfcheck`` (the check
 on first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of
 the kernels); ``_cupy`` (CuPy compilation and launch); ``_kernel_cache`` (compiled
-binaries on disk); ``_plan`` (launch plans and allocation, pure PyTorch); ``_reference``
-(the pure-PyTorch backend).
+binaries on disk); ``_cpu`` (the native CPU kernels: build, cache, calls); ``_plan``
+(launch plans and allocation, pure PyTorch); ``_reference`` (the pure-PyTorch backend);
+``_export`` (the formulation recorded when a graph is exported).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _cupy, _selfcheck  # cheap: CuPy itself is imported only when a kernel is checked or runs
+from . import _cpu, _cupy, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
 from ._export import involution_export, is_exporting
 from ._plan import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
@@ -50,6 +53,7 @@ __all__ = [
     "KernelCheck",
     "KernelCheckWarning",
     "can_use_cuda_kernel",
+    "can_use_native_kernel",
     "check_cuda_kernel",
     "involution",
     "involution_cupy",
@@ -63,7 +67,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "cupy")
+BACKENDS = ("auto", "reference", "cupy", "native")
 _ENV = "REDNET_INVOLUTION_BACKEND"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 is left alone, as autocast does
@@ -81,6 +85,11 @@ def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
     ``check_cuda_kernel``.
     """
     return _cupy.can_run_on(x.device.type, x.device.index, x.dtype)
+
+
+def can_use_native_kernel(x: torch.Tensor) -> tuple[bool, str]:
+    """Whether the native CPU kernel can run on ``x`` (building it on first call), and if not, why."""
+    return _cpu.can_run_on(x.device.type, x.dtype)
 
 
 def check_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
@@ -122,7 +131,7 @@ _forced: str | None = None
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force the involution backend (``'auto'``, ``'reference'`` or ``'cupy'``) inside the block.
+    """Force the involution backend (``'auto'``, ``'reference'``, ``'cupy'`` or ``'native'``) inside the block.
 
     Takes precedence over ``$REDNET_INVOLUTION_BACKEND``; an explicit ``backend=`` argument
     still wins. Blocks nest (the innermost applies), and the previous setting returns on exit,
@@ -146,7 +155,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    """Resolve ``backend``, ``use_backend`` or the environment variable to ``'reference'`` or ``'cupy'``."""
+    """Resolve ``backend``, ``use_backend`` or the environment variable to ``'reference'``, ``'cupy'`` or
+    ``'native'``."""
     return _select_backend(x.device.type, x.device.index, x.dtype, backend, _forced)
 
 
@@ -160,6 +170,8 @@ def _select_backend(device_type: str, device_index: int | None, dtype: torch.dty
     backend, hint = _requested(backend, forced)
     if backend == "reference":
         return backend
+    if backend == "native" or (backend == "auto" and device_type == "cpu" and _native_ok(device_type, dtype)):
+        return _select_native(device_type, dtype, backend, hint)
     ok, why = _cupy.can_run_on(device_type, device_index, dtype)
     if backend == "cupy" and not ok:
         raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. {hint}")
@@ -208,6 +220,25 @@ def _kernel_passes(device_type: str, device_index: int | None, dtype: torch.dtyp
         raise RuntimeError(f"involution: {_selfcheck.describe(key, check)}.{hint} {_selfcheck.REPORT_HINT}")
     _selfcheck.warn_once(key, check)
     return False
+
+
+def _native_ok(device_type: str, dtype: torch.dtype) -> bool:
+    ok, why = _cpu.can_run_on(device_type, dtype)
+    if not ok:
+        _logger.debug("involution: native CPU kernel declined: %s", why)
+    return ok
+
+
+def _select_native(device_type: str, dtype: torch.dtype, backend: str, hint: str) -> str:
+    ok, why = _cpu.can_run_on(device_type, dtype)
+    if backend == "native" and not ok:
+        raise RuntimeError(f"involution backend 'native' was forced but cannot run: {why}. {hint}")
+    if not ok:
+        _logger.debug("involution: native CPU kernel declined, using the reference: %s", why)
+        return "reference"
+    from . import _custom_op  # noqa: F401  (registers rednet::involution, whose CPU kernel is the native one)
+
+    return "native"
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,8 +305,8 @@ def involution(
         stride: output stride s.
         padding: zero padding p; defaults to the "same" padding ``dilation * (K - 1) // 2``.
         dilation: spacing d between taps.
-        backend: ``'auto'``, ``'reference'`` or ``'cupy'``; defaults to the innermost ``use_backend``
-            block, then ``$REDNET_INVOLUTION_BACKEND``, then auto.
+        backend: ``'auto'``, ``'reference'``, ``'cupy'`` or ``'native'``; defaults to the innermost
+            ``use_backend`` block, then ``$REDNET_INVOLUTION_BACKEND``, then auto.
 
     Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
     Under ``torch.compile`` the backend is chosen once, while tracing. Under ``torch.export``,
@@ -292,7 +323,10 @@ def involution(
     _check(x, kernel, stride, padding, dilation)
     if is_exporting():  # a few portable ops instead of a per-tap loop or a CuPy call (see _export.py)
         return involution_export(x, kernel, stride, padding, dilation)
-    if select_backend(x, backend) == "cupy" and _kernel_passes(
+    chosen = select_backend(x, backend)
+    if chosen == "native":  # the CPU kernel of the rednet::involution custom op
+        return _involution_op(x, kernel, stride, padding, dilation)
+    if chosen == "cupy" and _kernel_passes(
             x.device.type, x.device.index, x.dtype, backend, _forced, kernel.shape[2], stride, dilation,
             memory_format_of(x)):
         return _involution_op(x, kernel, stride, padding, dilation)

@@ -1,0 +1,295 @@
+"""Native CPU involution: ``csrc/involution_cpu.cpp`` compiled at first use and called through ctypes.
+
+The C++ source has no PyTorch headers, so a build takes 3-5 s of CPU time (2-core Xeon)
+where the same source through ``torch.utils.cpp_extension`` took 47 s, and it needs only
+a C++ compiler (``$CXX``, else ``g++``). The shared library is cached on disk under
+``$REDNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/rednet`` or ``~/.cache/rednet``), keyed
+by a hash of the source, the flags and the compiler's own description of itself and of
+``-march=native`` on this CPU, so a changed source, compiler or machine builds anew and
+every other process (DDP ranks included) just loads it. Concurrent builders serialise on
+a lock file; the library is written to a temporary file and renamed into place.
+
+Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one in the
+process makes each spin against the other (2 threads were seen running 3x slower than 1). The library
+names ``libgomp.so.1``, and the dynamic loader reuses the one PyTorch already loaded
+under that name; ``openmp_runtimes`` lists what is mapped so tests can check. Each call
+passes ``torch.get_num_threads()`` explicitly (fewer for small calls).
+
+When there is no compiler, the build fails or the library does not load, ``available``
+says why (one WARNING per process) and callers use the reference instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ._plan import alloc_grad_input, alloc_grad_kernel, alloc_output, memory_format_of
+
+__all__ = [
+    "CXX_FLAGS",
+    "DTYPES",
+    "SOURCE_PATH",
+    "available",
+    "backward_input",
+    "backward_kernel",
+    "cache_dir",
+    "can_run_on",
+    "forward",
+    "library_path",
+    "openmp_runtimes",
+]
+
+_logger = logging.getLogger(__name__)
+
+SOURCE_PATH = Path(__file__).parent / "csrc" / "involution_cpu.cpp"
+# -std=gnu++17, not c++17: ISO mode turns off FMA contraction (-ffp-contract=off).
+# -Wno-psabi: silences a note about passing 128-byte vectors, which happens only inside the library.
+CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17", "-Wno-psabi")
+DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # as in involution_cpu.cpp
+_ABI = 1  # rednet_involution_abi() of the source this module speaks to
+_LAYOUTS = {"nchw": 0, "nhwc": 1}
+_FWD, _BWD_INPUT, _BWD_KERNEL = 0, 1, 2
+_COMPILE_TIMEOUT_S = 300
+# Multiply-adds per thread below which more threads cost more than they save (PyTorch's own
+# ops have a grain size for the same reason): on a busy machine a second OpenMP thread that
+# is not scheduled makes a 0.3 ms call take 20+ ms at the barrier.
+_GRAIN = 1 << 17
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$REDNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rednet``, else ``~/.cache/rednet``."""
+    if os.environ.get("REDNET_CACHE_DIR"):
+        return Path(os.environ["REDNET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rednet"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _describe_compiler(cxx: str) -> str:
+    """The compiler's version and what ``-march=native`` resolves to here (its ``-v`` output).
+
+    Raises OSError when the compiler cannot be run.
+    """
+    res = subprocess.run([cxx, "-march=native", "-E", "-v", "-x", "c++", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise OSError(f"{cxx} -march=native -E -v failed: {res.stderr.strip()[-500:]}")
+    return res.stderr
+
+
+def library_path(source: bytes, cxx: str) -> Path:
+    """The cached library for ``source`` built by ``cxx`` on this CPU (raises OSError without a compiler)."""
+    h = hashlib.sha256()
+    for part in (source, " ".join(CXX_FLAGS).encode(), _describe_compiler(cxx).encode()):
+        h.update(hashlib.sha256(part).digest())
+    return cache_dir() / f"involution_cpu-{h.hexdigest()[:20]}.so"
+
+
+def _build(source: bytes, cxx: str, path: Path) -> None:
+    """Compile ``source`` into ``path``: under a lock, into a temporary file, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            import fcntl  # POSIX only; elsewhere concurrent builders each build and rename
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        if path.exists():  # another process built it while this one waited
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            # The source goes in on stdin so the library is built from exactly the bytes hashed.
+            cmd = [cxx, *CXX_FLAGS, "-x", "c++", "-", "-o", tmp]
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, input=source, capture_output=True, timeout=_COMPILE_TIMEOUT_S)
+            if res.returncode != 0:
+                raise OSError(f"`{' '.join(cmd)}` failed: {res.stderr.decode(errors='replace').strip()[-2000:]}")
+            os.replace(tmp, path)
+            _logger.debug("involution: built %s in %.1f s", path, time.perf_counter() - t0)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    names = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.so[^/]*$")
+    return sorted({line.split(None, 5)[-1] for line in maps.splitlines() if names.search(line)})
+
+
+def _load() -> ctypes.CDLL:
+    """Build (or find) and load the library; raises OSError/subprocess errors with the reason."""
+    cxx = _compiler()
+    if shutil.which(cxx) is None:
+        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
+    source = SOURCE_PATH.read_bytes()
+    path = library_path(source, cxx)
+    if not path.exists():
+        _build(source, cxx, path)
+    before = openmp_runtimes()
+    lib = ctypes.CDLL(str(path))
+    after = openmp_runtimes()
+    if len(after) > max(len(before), 1):
+        # Too late to unload it; say so, since every parallel region now competes with PyTorch's.
+        _logger.warning("involution: loading %s added an OpenMP runtime beside PyTorch's: %s", path, after)
+    if lib.rednet_involution_abi() != _ABI:
+        raise OSError(f"{path} speaks ABI {lib.rednet_involution_abi()}, this module {_ABI}")
+    fn = lib.rednet_involution
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib" or "why", set once per process
+
+
+def available() -> tuple[bool, str]:
+    """Whether the native library is (or can be made) ready, and if not, why. Builds it on first call."""
+    if not _state:
+        with _lock:
+            if not _state:
+                try:
+                    _state["lib"] = _load()
+                except (OSError, subprocess.SubprocessError, AttributeError) as e:  # AttributeError: symbol missing
+                    why = f"native CPU involution unavailable ({type(e).__name__}: {e})"
+                    _logger.warning("involution: %s; using the PyTorch reference", why)
+                    _state["why"] = why
+    if "lib" in _state:
+        return True, "ok"
+    return False, str(_state["why"])
+
+
+def _reset() -> None:
+    """Forget the loaded library or failure (tests)."""
+    with _lock:
+        _state.clear()
+
+
+def can_run_on(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the native kernels can run for tensors of this device and dtype, and if not, why."""
+    if device_type != "cpu":
+        return False, f"input is on {device_type}, the native kernel needs a CPU tensor"
+    if dtype not in DTYPES:
+        return False, f"dtype {dtype} has no native CPU kernel; supported: {tuple(DTYPES)}"
+    return available()
+
+
+# ----------------------------------------------------------------------------------------
+# The three passes on torch tensors. Outputs are allocated as the CUDA kernels (and the
+# custom op's fake functions) allocate them: in x's layout, grad_kernel stored as
+# (B, Ho, Wo, G, K, K) when x is channels_last.
+
+
+def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, x_shape, kernel_shape,
+          stride: int, padding: int, dilation: int) -> None:
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(why)
+    if not (a.dtype == b.dtype == out.dtype) or a.device.type != "cpu":
+        raise ValueError(f"involution (native): tensors must be CPU tensors of one dtype, got {a.dtype}, {b.dtype}")
+    bsz, c, h, w = x_shape
+    _, g, k, _, ho, wo = kernel_shape
+    dims = (ctypes.c_int64 * 11)(bsz, c, h, w, g, k, ho, wo, stride, padding, dilation)
+    threads = max(1, min(torch.get_num_threads(), bsz * c * ho * wo * k * k // _GRAIN))
+    rc = _state["lib"].rednet_involution(pass_, _LAYOUTS[layout], DTYPES[out.dtype], a.data_ptr(), b.data_ptr(),
+                                         out.data_ptr(), dims, threads)
+    if rc != 0:
+        raise RuntimeError(f"involution (native): library returned {rc} for pass {pass_}, {layout}, {out.dtype}")
+
+
+def _dense(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+
+
+def _dense_kernel(kernel: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nhwc":
+        # (B, G, K, K, Ho, Wo) -> (B, Ho, Wo, G, K, K); no copy when the kernel is a view of
+        # a channels_last (B, G*K*K, Ho, Wo) conv output.
+        return kernel.permute(0, 4, 5, 1, 2, 3).contiguous()
+    return kernel.contiguous()
+
+
+def forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
+    """Involution of x (B, C, H, W) with kernel (B, G, K, K, Ho, Wo); (B, C, Ho, Wo) in x's layout.
+
+    Args:
+        x: CPU input; channels_last is the fast layout, other strides are copied to the nearer one.
+        kernel: per-pixel kernels, same dtype.
+        stride: output stride.
+        padding: zero padding.
+        dilation: spacing between taps.
+    """
+    y = alloc_output(x, kernel)
+    if y.numel() == 0:
+        return y
+    layout = memory_format_of(x)
+    _call(_FWD, layout, _dense(x, layout), _dense_kernel(kernel, layout), y, x.shape, kernel.shape, stride, padding,
+          dilation)
+    return y
+
+
+def backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                   dilation: int) -> torch.Tensor:
+    """Gradient w.r.t. x, in x's layout; reads only x's shape and layout.
+
+    Args:
+        grad_out: gradient of the output (B, C, Ho, Wo).
+        x: the forward input.
+        kernel: the forward kernel.
+        stride: output stride.
+        padding: zero padding.
+        dilation: spacing between taps.
+    """
+    gx = alloc_grad_input(x)
+    if gx.numel() == 0:
+        return gx
+    if grad_out.numel() == 0:  # no output pixels: nothing reads x
+        return gx.zero_()
+    layout = memory_format_of(x)
+    _call(_BWD_INPUT, layout, _dense(grad_out, layout), _dense_kernel(kernel, layout), gx, x.shape, kernel.shape,
+          stride, padding, dilation)
+    return gx
+
+
+def backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,
+                    dilation: int) -> torch.Tensor:
+    """Gradient w.r.t. the kernel (B, G, K, K, Ho, Wo), stored (B, Ho, Wo, G, K, K) when x is channels_last.
+
+    Args:
+        grad_out: gradient of the output (B, C, Ho, Wo).
+        x: the forward input.
+        kernel: the forward kernel; only its shape is read.
+        stride: output stride.
+        padding: zero padding.
+        dilation: spacing between taps.
+    """
+    gw = alloc_grad_kernel(x, kernel)
+    if gw.numel() == 0:
+        return gw
+    if x.shape[1] == 0:  # no channels to sum over
+        return gw.zero_()
+    layout = memory_format_of(x)
+    _call(_BWD_KERNEL, layout, _dense(grad_out, layout), _dense(x, layout), gw, x.shape, kernel.shape, stride,
+          padding, dilation)
+    return gw
