@@ -87,3 +87,27 @@ def test_help_works(benchmark, capsys):
         benchmark.main(["--help"])
     assert exc.value.code == 0
     assert "--memory-formats" in capsys.readouterr().out
+
+
+def test_race_writes_interleaved_ratios(benchmark, tmp_path):
+    out = tmp_path / "race.json"
+    assert benchmark.main(["race", "--models", "rednet26,resnet18", "--race-batch", "1", "--repeats", "2",
+                           "--warmup", "0", "--modes", "infer", "--memory-formats", "nhwc", "--threads", "1",
+                           "--copy-mb", "8", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["race"]
+    assert [(r["model"], r["memory_format"], r["mode"]) for r in rows] == [
+        ("rednet26", "nhwc", "infer"), ("resnet18", "nhwc", "infer")]
+    red, base = rows
+    assert len(red["times_ms"]) == 2 and red["baseline"] == "resnet18" and base["vs_baseline"] == 1.0
+    assert red["backend"] in ("native", "reference") and base["backend"] == "-"
+    assert red["vs_baseline"] > 0 and red["img_per_s"] > 0
+    assert "## RedNet vs ResNet, one process, interleaved" in out.with_suffix(".md").read_text()
+
+
+def test_op_native_against_the_reference(benchmark, tmp_path):
+    out = tmp_path / "op.json"
+    assert benchmark.main(["op", "--device", "cpu", "--shapes", "layer4", "--batch", "1", "--repeats", "1",
+                           "--warmup", "0", "--copy-mb", "8", "--threads", "1", "--backends", "reference,native",
+                           "--memory-formats", "nhwc", "--json", str(out)]) == 0
+    assert {r["backend"] for r in json.loads(out.read_text())["op"]} == {"reference", "native"}
+    assert "Speedup over reference" in out.with_suffix(".md").read_text()

@@ -5,6 +5,7 @@
     python tools/benchmark.py op --device cuda                # every backend, batch 64 and 128
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
     python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
+    python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, interleaved
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
 stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
@@ -14,6 +15,11 @@ measured in the same run, and the peak memory the pass allocates beyond its inpu
 
 ``model``: training (forward, backward, SGD step; AMP bf16, channels_last) and inference
 images/s with peak memory, per involution backend, against ResNet-50/101.
+
+``race``: RedNet-50 against ResNet-50 in one process on the same threads (default batch 8,
+224 px, fp32, channels_last and NCHW, inference and a training step): the models' steps
+alternate, repeat after repeat, and the result is the median of each model's times and
+the median of the per-repeat ratios (ResNet ms / RedNet ms: above 1, RedNet is faster).
 
 ``selfcheck``: a machine's first contact with the CUDA kernels. One pass/fail line per
 dtype, RedNet window (K, stride, dilation) and memory format of the kernels' first-contact
@@ -47,19 +53,26 @@ from rednet.ops import (
     MEMORY_FORMATS,
     can_use_cuda_kernel,
     check_cuda_kernel,
+    involution,
     involution_cupy,
     involution_output_size,
     involution_reference,
     involution_unfold,
+    select_backend,
     use_backend,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-OP_BACKENDS = {"reference": involution_reference, "unfold": involution_unfold, "cupy": involution_cupy}
+OP_BACKENDS = {
+    "reference": involution_reference,
+    "unfold": involution_unfold,
+    "cupy": involution_cupy,
+    "native": lambda x, kernel, stride, padding, dilation: involution(x, kernel, stride, padding, dilation, "native"),
+}
 PASSES = ("fwd", "fwd+bwd")
 MODES = ("train", "infer")
-SECTIONS = ("op", "model", "selfcheck")  # one per mode; each run replaces its own and keeps the others
+SECTIONS = ("op", "model", "selfcheck", "race")  # one per mode; each run replaces its own and keeps the others
 CHECK_WINDOWS = ((3, 1, 1), (7, 1, 1), (7, 2, 1))  # RedNet's (K, stride, dilation): stem, blocks, stride-2 blocks
 
 
@@ -320,6 +333,52 @@ def run_model(args, device: torch.device) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------
+# race mode
+
+
+def _race_step(name: str, mode: str, memory_format: str, batch: int) -> Callable[[], object]:
+    """One fp32 training step or inference pass of ``name`` on the CPU, in ``memory_format``."""
+    fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+    model = rednet.create_model(name, num_classes=1000).to(memory_format=fmt)
+    imgs = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,))
+    fp32 = torch.autocast("cpu", enabled=False)
+    return _train_step(model, model, imgs, target, fp32) if mode == "train" else _infer_step(model, model, imgs, fp32)
+
+
+def run_race(args) -> list[dict]:
+    """Each model's step in turn, ``repeats`` times, per (memory format, mode); the last model is the baseline."""
+    rows = []
+    probe = torch.empty(1, 16, 8, 8)
+    for memory_format in args.memory_formats:
+        for mode in args.modes:
+            steps = {name: _race_step(name, mode, memory_format, args.race_batch) for name in args.models}
+            for step in steps.values():
+                for _ in range(args.warmup):
+                    step()
+            times: dict[str, list[float]] = {name: [] for name in steps}
+            for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every model
+                for name, step in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            base = args.models[-1]
+            for name, ms in times.items():
+                ratio = statistics.median(b / t for b, t in zip(times[base], ms))
+                backend = select_backend(probe) if name.startswith("rednet") else "-"
+                row = dict(model=name, memory_format=memory_format, mode=mode, batch=args.race_batch,
+                           threads=torch.get_num_threads(), backend=backend, ms=statistics.median(ms),
+                           img_per_s=args.race_batch / statistics.median(ms) * 1e3, baseline=base,
+                           vs_baseline=ratio, times_ms=ms)
+                rows.append(row)
+                log(f"{memory_format} {mode:<5} {name:<10} {backend:<9} median {row['ms']:8.1f} ms  "
+                    f"{row['img_per_s']:6.1f} img/s  {ratio:.2f}x {base}")
+            del steps
+            gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
 # Results
 
 
@@ -366,6 +425,15 @@ def markdown(res: dict) -> str:
                          f"{r['backend']} | {_fmt(r['ms'])} | {_fmt(r['floor_ms'])} | {_fmt(ratio, 1)} | "
                          f"{_fmt(r.get('peak_mem_mb'), 1)} |")
         lines += _speedups(res["op"])
+    if res.get("race"):
+        lines += ["## RedNet vs ResNet, one process, interleaved (224x224)", "",
+                  "| memory format | mode | batch | threads | model | backend | median ms | img/s | "
+                  "throughput vs baseline (median of per-repeat ratios) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["race"]:
+            lines.append(f"| {r['memory_format']} | {r['mode']} | {r['batch']} | {r['threads']} | {r['model']} | "
+                         f"{r['backend']} | {r['ms']:.1f} | {r['img_per_s']:.1f} | {r['vs_baseline']:.2f}x |")
+        lines.append("")
     if res.get("model"):
         lines += ["## Models (224x224)", "", "| model | backend | mode | batch | img/s | peak GB |",
                   "|---|---|---|---|---|---|"]
@@ -377,19 +445,23 @@ def markdown(res: dict) -> str:
 
 
 def _speedups(rows: list[dict]) -> list[str]:
-    """unfold time / backend time per shape, and over a whole RedNet-50 pass (shapes weighted by count)."""
-    out = ["", "### Speedup over unfold", "",
-           "| batch | dtype | layout | pass | backend | per shape (unfold ms / ms) | RedNet-50 total ms "
-           "| unfold total ms | speedup |",
+    """Baseline time / backend time per shape, and over a whole RedNet-50 pass (shapes weighted by count).
+
+    The baseline is unfold where it ran, else the reference.
+    """
+    base_name = "unfold" if any(r["backend"] == "unfold" for r in rows) else "reference"
+    out = ["", f"### Speedup over {base_name}", "",
+           f"| batch | dtype | layout | pass | backend | per shape ({base_name} ms / ms) | RedNet-50 total ms "
+           f"| {base_name} total ms | speedup |",
            "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, dict[str, dict[str, dict]]] = {}
     for r in rows:
         group = groups.setdefault((r["batch"], r["dtype"], r["layout"], r["pass"]), {})
         group.setdefault(r["backend"], {})[r["name"]] = r
     for key, by_backend in groups.items():
-        base = by_backend.get("unfold")
+        base = by_backend.get(base_name)
         for backend, by_name in by_backend.items():
-            if backend == "unfold" or not base:
+            if backend == base_name or not base:
                 continue
             common = [n for n in by_name if n in base and by_name[n]["ms"] and base[n]["ms"]]
             if not common:
@@ -414,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("mode", choices=("op", "model", "selfcheck"))
+    p.add_argument("mode", choices=("op", "model", "selfcheck", "race"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
@@ -429,9 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per row; the median is reported (default 50 cuda, 5 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10 cuda, 1 cpu)")
-    p.add_argument("--models", type=_csv, default=["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
-    p.add_argument("--modes", type=_csv, default=list(MODES))
+    p.add_argument("--models", type=_csv, default=None,
+                   help="model: rednet26,rednet50,rednet101,resnet50,resnet101; race: rednet50,resnet50 "
+                        "(the last is the baseline)")
+    p.add_argument("--modes", type=_csv, default=None, help="train,infer (default: both)")
     p.add_argument("--model-batch", type=int, default=128, help="first batch tried; halved on out-of-memory")
+    p.add_argument("--race-batch", type=int, default=8, help="race: images per step (default 8)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--no-amp", action="store_true", help="model mode in fp32 instead of AMP bf16")
     p.add_argument("--copy-mb", type=int, default=None,
@@ -452,14 +527,21 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    race = args.mode == "race"
+    if race and gpu:
+        raise ValueError("race runs on the CPU; drop --device cuda (use model mode on a GPU)")
+    args.models = args.models or (["rednet50", "resnet50"] if race else
+                                  ["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
     args.batch = args.batch or ([64, 128] if gpu else [2])
     args.backends = args.backends or (["reference", "unfold", "cupy"] if gpu and args.mode == "op" else
                                       ["reference", "cupy"] if gpu else ["reference", "unfold"])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
-    args.memory_formats = args.memory_formats or (list(MEMORY_FORMATS) if gpu else ["nchw"])
+    args.memory_formats = args.memory_formats or (list(MEMORY_FORMATS) if gpu else
+                                                  ["nhwc", "nchw"] if race else ["nchw"])
+    args.modes = args.modes or list(MODES)
     args.passes = args.passes or (list(PASSES) if gpu else ["fwd+bwd"])
-    args.repeats = args.repeats or (50 if gpu else 5)
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    args.repeats = args.repeats or (50 if gpu else 7 if race else 5)
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 2 if race else 1)
     for flag, vals, allowed in (("--dtypes", args.dtypes, DTYPES), ("--memory-formats", args.memory_formats,
                                 MEMORY_FORMATS), ("--passes", args.passes, PASSES), ("--modes", args.modes, MODES),
                                 ("--backends", args.backends, OP_BACKENDS)):
@@ -507,7 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=_cupy_version(),
                date=date, copy_gbps=gbps, command=command, op=[], model=[])
     out = args.json or default_out(device, date)
-    res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
+    if args.mode == "race":
+        res["race"] = run_race(args)
+    else:
+        res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
     write_results(out, res, args.mode)
     return 0
 
