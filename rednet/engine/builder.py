@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
 from ..models import create_model
-from ..ops import can_use_cuda_kernel, select_backend
+from ..ops import can_use_cuda_kernel, can_use_native_kernel, select_backend
 from .config import Config, ConfigError
 
 __all__ = [
@@ -92,7 +92,8 @@ def _involution_backend(model: nn.Module, device: torch.device, dtype: torch.dty
         return f"unavailable ({e})"
     if backend != "reference":
         return backend
-    ok, why = can_use_cuda_kernel(probe)
+    # Why the device's own kernel was declined: the native one on a CPU, the CUDA one elsewhere.
+    ok, why = can_use_native_kernel(probe) if device.type == "cpu" else can_use_cuda_kernel(probe)
     return f"reference ({why})" if not ok else "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)"
 
 
