@@ -14,6 +14,8 @@ import torch
 
 from rednet.ops import _cpu, can_use_native_kernel, involution, involution_output_size, involution_reference
 
+from .helpers import OP_SHAPES
+
 
 @pytest.fixture
 def built():
@@ -25,14 +27,10 @@ def built():
 
 native = pytest.mark.usefixtures("built")
 
-# (B, C, G, H, W, K, stride, dilation): odd sizes, stride 2, dilation 2, K = 1..7, G = 1 and G = C,
-# and groups of 16 and 32 channels (the vectorised channels_last path).
+# The operator shapes of tests/test_ops.py (odd sizes, stride 2, dilation 2, K = 1..7, G = 1
+# and G = C), and groups of 16 and 32 channels (the vectorised channels_last path).
 SHAPES = [
-    (2, 4, 1, 7, 9, 3, 1, 1),
-    (1, 6, 6, 9, 7, 3, 2, 1),
-    (2, 8, 2, 11, 10, 5, 1, 2),
-    (1, 4, 4, 13, 9, 7, 2, 1),
-    (2, 6, 3, 5, 6, 1, 1, 1),
+    *OP_SHAPES[:5],
     (2, 32, 2, 13, 11, 3, 1, 1),
     (2, 64, 4, 15, 17, 7, 1, 1),
     (1, 64, 4, 15, 17, 7, 2, 1),
