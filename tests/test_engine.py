@@ -136,7 +136,7 @@ def test_config_overrides_types_and_roundtrip(tmp_path):
     assert cfg.model.name == "resnet18" and cfg.optim.lr == 0.1 and cfg.data.scale == (0.5, 1.0)
     assert cfg.train.ema is True and cfg.model.kwargs == {"drop_path_rate": 0.1} and cfg.data.root == "/x=y"
     assert isinstance(cfg.optim.weight_decay, float)
-    from rednet.engine.config import config_from_dict
+    from rednet.engine.config_data import config_from_dict
 
     assert config_from_dict(config_to_dict(cfg)) == cfg
 

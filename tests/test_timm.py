@@ -247,7 +247,7 @@ def test_single_block_network_with_drop_path():
 
 
 def test_regularisation_keys_in_the_yaml_schema():
-    from rednet.engine.config import ConfigError, load_config
+    from rednet.engine import ConfigError, load_config
 
     cfg = load_config(None, ["model.drop_path_rate=0.05", "model.drop_block_rate=0.1"])
     assert (cfg.model.drop_path_rate, cfg.model.drop_block_rate) == (0.05, 0.1)

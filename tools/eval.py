@@ -109,7 +109,7 @@ def _model_and_config(args: argparse.Namespace, overrides: list[str], paths: dic
 
 def _check_json(path: str) -> None:
     from rednet.engine import ConfigError
-    from rednet.engine.config import check_output_dir
+    from rednet.fileio import check_output_dir
 
     # Checked before the pass, so that scoring ImageNet is not lost to a results path that cannot be written.
     if Path(path).is_dir():
@@ -118,7 +118,7 @@ def _check_json(path: str) -> None:
 
 
 def _list_configs() -> int:
-    from rednet.engine.config import bundled_configs
+    from rednet.engine.config_files import bundled_configs
 
     for name, description in bundled_configs().items():
         print(f"{name:<16} {description}")
@@ -159,7 +159,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         setup_logging,
     )
     from rednet.engine.builder import autocast_dtype, execution_summary, format_summary
-    from rednet.engine.config import overridden_keys
+    from rednet.engine.config_data import overridden_keys
+    from rednet.fileio import OutputDirError
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
@@ -186,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         log.info("execution: %s", format_summary(execution))
         result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
                           cfg.train.channels_last, dist_info.is_main)
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, OutputDirError) as e:
         return fail(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
               **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,

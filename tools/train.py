@@ -60,7 +60,7 @@ def _config_paths(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _list_configs() -> int:
-    from rednet.engine.config import bundled_configs
+    from rednet.engine.config_files import bundled_configs
 
     for name, description in bundled_configs().items():
         print(f"{name:<16} {description}")
@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
         setup_logging,
     )
     from rednet.engine.builder import check_buildable
-    from rednet.engine.config import check_output_dir
+    from rednet.fileio import OutputDirError, check_output_dir
 
     setup_logging(int(os.environ.get("RANK", "0")))
     log = logging.getLogger("rednet")
@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
         check_buildable(cfg)
         check_output_dir(cfg.train.output, "the run directory train.output (--output)")
         result = fit(cfg, resume=args.resume, restart=args.restart, allow_config_change=args.allow_config_change)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, OutputDirError) as e:
         return fail(e)
     except NonFiniteLossError as e:
         log.error("error: %s", e)

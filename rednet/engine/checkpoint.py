@@ -346,7 +346,7 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
         CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
     """
     from .builder import build_model  # builder imports rednet.models; keep this module light
-    from .config import config_from_dict
+    from .config_data import config_from_dict
 
     state = read_checkpoint(path, map_location)
     cfg = config_from_dict(state["config"])

@@ -48,7 +48,8 @@ from .checkpoint import (
     remove_orphaned_temp_files,
     scan_checkpoints,
 )
-from .config import ConfigError, config_from_dict, config_to_dict
+from .config import ConfigError
+from .config_data import config_from_dict, config_to_dict
 from .logger import trim_metrics
 
 __all__ = ["RESUME_SAFE_KEYS", "StartPlan", "carry_out", "config_changes", "plan_start", "results_in"]

@@ -39,7 +39,8 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import Config, config_to_dict
+from .config import Config
+from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
