@@ -2,8 +2,8 @@
 
 A config file is YAML (UTF-8, no key given twice) whose sections follow the schema of
 ``config``; it may name a ``base`` file whose sections it is merged over. The configs
-bundled with the package (``rednet/configs/``, package data) are found by name
-(``--config rednet50``) from any directory.
+bundled with the package live in the repository's top-level ``configs/`` and ship in a
+wheel as ``rednet/configs/``; ``--config NAME`` finds them from any directory.
 ``load_config`` is the whole way in: file, base files, overrides, validated ``Config``.
 """
 from __future__ import annotations
@@ -34,17 +34,25 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 
-# The configs shipped with the package (package data), so that `--config rednet50` works
-# from any directory and from an installed wheel, not only from the root of a checkout.
-BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+def _bundled_config_dir() -> Path:
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "configs"  # a wheel: pyproject.toml maps the package rednet.configs to configs/
+    return installed if installed.is_dir() else package.parent / "configs"  # a checkout (PYTHONPATH or editable)
+
+
+# The configs shipped with the package, so that `--config rednet50` works from any directory and
+# from an installed wheel, not only from the root of a checkout. Their one copy is the repository's
+# top-level configs/, which a wheel holds as rednet/configs/.
+BUNDLED_CONFIG_DIR = _bundled_config_dir()
 _SUFFIXES = (".yaml", ".yml")
 
 
 def _bundled(name: str) -> Optional[Path]:
-    """The bundled config a bare name (``rednet50``, ``rednet50.yaml``) means, or None."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        return None  # a path with folders names a file of the user's, never a bundled one
-    path = BUNDLED_CONFIG_DIR / (name if name.endswith(_SUFFIXES) else f"{name}.yaml")
+    """The bundled config a name means (``rednet50``, ``rednet50.yaml``, ``configs/rednet50.yaml``), or None."""
+    given = Path(name)
+    if not name or given.name in ("", ".", "..") or (name != given.name and given.parts != ("configs", given.name)):
+        return None  # a path in any other folder names a file of the user's, never a bundled one
+    path = BUNDLED_CONFIG_DIR / (given.name if given.name.endswith(_SUFFIXES) else f"{given.name}.yaml")
     return path if path.is_file() else None
 
 
@@ -62,6 +70,9 @@ def bundled_configs() -> dict[str, str]:
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """The config file ``path`` names: the path itself where it exists, else the bundled config of that name.
 
+    ``rednet50``, ``rednet50.yaml`` and ``configs/rednet50.yaml`` (the file in a checkout) all
+    name the bundled ``rednet50`` from any directory.
+
     Raises:
         ConfigError: empty, a folder, or neither an existing file nor a bundled name (the message lists those).
     """
@@ -77,7 +88,6 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
         return bundled
     names = list(bundled_configs())
     if Path(str(path)).name != str(path):
-        # The old spelling configs/NAME.yaml (before the configs moved into the package) ends up here.
         hint = f"; for the bundled one, give just its name: {given.stem}" if _bundled(given.name) else ""
         raise ConfigError(f"config file {given} does not exist{hint}")
     stem = given.stem if given.suffix in _SUFFIXES else str(path)
