@@ -250,6 +250,19 @@ def test_engine_exports_what_the_tools_import():
         rednet.engine.fitt
 
 
+def test_fit_runs_its_own_pre_checks(tmp_path):
+    """A library caller of ``fit`` gets the checks the tool used to make: before any data is read or written."""
+    from rednet.engine import fit
+    from rednet.fileio import OutputDirError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="model.name 'rednet5' is not a registered model"):
+        fit(_digits_cfg("model.name=rednet5", f"train.output={tmp_path / 'run'}"))
+    with pytest.raises(OutputDirError, match="train.output .* is a file, not a folder"):
+        fit(_digits_cfg(f"train.output={tmp_path / 'file'}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_loss_and_mixup_follow_the_config():
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
