@@ -9,8 +9,13 @@ import sys
 import pytest
 import torch
 
-from rednet.engine import CheckpointError, config_to_dict, load_config, read_checkpoint, save_checkpoint
-from rednet.engine.checkpoint import find_resume_checkpoint, remove_orphaned_temp_files
+from rednet.engine import CheckpointError, config_to_dict, load_config
+from rednet.engine.checkpoint import (
+    find_resume_checkpoint,
+    read_checkpoint,
+    remove_orphaned_temp_files,
+    save_checkpoint,
+)
 
 from .helpers import load_tool
 

@@ -259,7 +259,8 @@ def test_regularisation_keys_in_the_yaml_schema():
 
 
 def test_regularisation_keys_reach_the_model():
-    from rednet.engine import build_model, load_config
+    from rednet.engine import load_config
+    from rednet.engine.builder import build_model
 
     cfg = load_config(None, ["model.name=rednet26", "model.drop_path_rate=0.1", "model.drop_block_rate=0.1"])
     model = build_model(cfg)

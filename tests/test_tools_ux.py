@@ -188,16 +188,16 @@ def _eval_argv(folder_and_weights, json_path, *extra):
 @pytest.fixture
 def loaders(monkeypatch):
     """The evaluation loaders the tool builds, recorded as it builds them."""
-    import rednet.data
+    import rednet.engine.evaluation
 
     built = []
-    real = rednet.data.build_eval_loader
+    real = rednet.engine.evaluation.build_eval_loader
 
     def recording(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(rednet.data, "build_eval_loader", recording)
+    monkeypatch.setattr(rednet.engine.evaluation, "build_eval_loader", recording)
     return built
 
 
