@@ -270,10 +270,15 @@ def test_the_tools_come_through_one_door():
     assert sorted(rednet.engine.__all__) == sorted(imported | errors | {"EXIT_CODES"})
 
 
-def test_run_command_ends_each_error_with_its_exit_status(capsys, caplog):
+def test_run_command_ends_each_error_with_its_exit_status(capsys, caplog, monkeypatch):
+    import logging
     import signal
 
     from rednet.engine import EXIT_CODES, NonFiniteLossError, TrainingInterrupted, run_command
+
+    # A tool run earlier in this process left its handler on a stdout that pytest has since closed.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h) is not logging.StreamHandler])
 
     def raising(error: BaseException):
         def command() -> int:
@@ -283,6 +288,7 @@ def test_run_command_ends_each_error_with_its_exit_status(capsys, caplog):
     for row in EXIT_CODES:
         if row.error is TrainingInterrupted:
             assert run_command(raising(TrainingInterrupted(signal.SIGTERM, None))) == 128 + signal.SIGTERM
+            assert "stopped by SIGTERM" in caplog.text
         elif row.error is KeyboardInterrupt:
             assert run_command(raising(KeyboardInterrupt()), interrupted="stopped; nothing written") == 130
             assert capsys.readouterr().err == "stopped; nothing written\n"
