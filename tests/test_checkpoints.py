@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rednet.engine import CheckpointError, config_to_dict, load_config, read_checkpoint, save_checkpoint
-from rednet.engine.checkpoint import find_resume_checkpoint, remove_orphaned_temp_files
+from rednet.engine.rundir import RunDir
 
 from .helpers import load_tool
 
@@ -174,13 +174,13 @@ def _check_old_or_new(run_dir) -> None:
             assert float(state["model"]["weight"][0, 0]) == state["global_step"], name
             steps[name] = state["global_step"]
     assert {"checkpoint-000000002.pt", "best.pt", "last.pt"} <= steps.keys()
-    path, state = find_resume_checkpoint(run_dir)
+    path, state = RunDir(run_dir).find_resume()
     assert state["global_step"] in (2, 4)
     if state["global_step"] == 4:  # the checkpoint says top-1 60 is the best: best.pt must hold it
         assert steps["best.pt"] == 4 and state["best_top1"] == 60.0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs in ([1], [1, 2])
-    remove_orphaned_temp_files(run_dir)
+    RunDir(run_dir).remove_orphans()
     left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl"}
     assert left <= {"checkpoint-000000001.pt", "checkpoint-000000002.pt", "checkpoint-000000004.pt", "best.pt",
                     "last.pt"}, left

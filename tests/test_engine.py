@@ -17,7 +17,7 @@ from rednet.engine import (
     save_checkpoint,
 )
 from rednet.engine.builder import build_model
-from rednet.engine.checkpoint import find_resume_checkpoint, list_checkpoints
+from rednet.engine.rundir import RunDir
 
 
 def _digits_cfg(*extra: str):
@@ -73,20 +73,19 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
         bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)  # checkpoints no longer have sidecars
     with pytest.raises(CheckpointError, match="corrupt|truncated"):
         load_model_from_checkpoint(bad)
-    assert list_checkpoints(tmp_path) == [bad, good]
-    path, state = find_resume_checkpoint(tmp_path)
+    assert RunDir(tmp_path).checkpoints() == [bad, good]
+    path, state = RunDir(tmp_path).find_resume()
     assert path == good and state["global_step"] == 5
 
 
 def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path):
-    from rednet.engine.checkpoint import prune_checkpoints, read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
-    first = save_checkpoint({"config": {}, "model": {}, "global_step": 1}, tmp_path / "checkpoint-000000001.pt",
-                            link_last=True)
-    second = save_checkpoint({"config": {}, "model": {}, "global_step": 2}, tmp_path / "checkpoint-000000002.pt",
-                             link_last=True)
+    run_dir = RunDir(tmp_path)
+    first = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 1}, step=1)
+    second = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 2}, step=2)
     assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
-    prune_checkpoints(tmp_path, keep=0)
+    run_dir.prune(keep=0)
     assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # digest verified
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the digest is inside: no sidecar
 
@@ -369,7 +368,7 @@ def test_straight_run_outputs(straight_run):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.loop import NonFiniteLossError
     from rednet.engine.trainer import fit
 
@@ -378,7 +377,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"iteration (\d+)") as info:
         fit(cfg)
     it = int(re.search(r"iteration (\d+)", str(info.value)).group(1))
-    ckpts = list_checkpoints(tmp_path)
+    ckpts = RunDir(tmp_path).checkpoints()
     assert ckpts and read_checkpoint(ckpts[0])["global_step"] == it  # written after the last good step
     state = read_checkpoint(ckpts[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -16,7 +16,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "empty_path_option": "cli",
     "fail": "cli",
-    "load_model_from_checkpoint": "checkpoint",
+    "load_model_from_checkpoint": "builder",
     "read_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "Config": "config",
