@@ -34,6 +34,7 @@ from .config import Config, config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
+from .meter import EpochStats
 from .resume import StartPlan, carry_out, plan_start
 from .rundir import RunDir
 
@@ -328,17 +329,17 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
                 epoch = run.state.epoch
                 per_step = cfg.data.batch_size * cfg.train.accum_steps
                 train_loader.sampler.set_epoch(epoch, start=run.state.iteration * per_step)
-                stats = train_one_epoch(ctx, train_loader, run.state, steps, logger,
-                                        desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
-                if stats["stopped"] or signals.signum is not None:
+                result = train_one_epoch(ctx, train_loader, run.state, steps, logger,
+                                         desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
+                if result.stopped or signals.signum is not None:
                     path = run.save()
                     raise TrainingInterrupted(signals.signum or signal.SIGTERM, path)
-                if stats["skipped"]:
-                    _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, stats["skipped"])
+                if result.stats.skipped_images:
+                    _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, result.stats.skipped_images)
                 val = None
                 if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                     val = final = validate(desc=f"val {epoch + 1}")
-                path = _end_epoch(run, stats, val, logger)
+                path = _end_epoch(run, result.stats, val, logger)
                 if signals.signum is not None:
                     raise TrainingInterrupted(signals.signum, path)
         finally:
@@ -361,26 +362,26 @@ def _wrap_for_training(model: nn.Module, cfg: Config, dist_info: DistInfo) -> tu
     return wrapped, no_sync
 
 
-def _end_epoch(run: _Run, stats: dict[str, Any], val: Optional[dict[str, Any]], logger: RunLogger) -> Path:
-    """Record the finished epoch (metrics line, TensorBoard, log), checkpoint it, and keep it as best if it is."""
+def _end_epoch(run: _Run, stats: EpochStats, val: Optional[dict[str, Any]], logger: RunLogger) -> Path:
+    """Record the finished epoch (metrics line, TensorBoard, log), checkpoint it, and keep it as best if it is.
+
+    ``stats`` (``train_one_epoch``'s) is completed with ``val``, the best top-1 and the time, then written.
+    """
     cfg, epoch, state = run.cfg, run.state.epoch, run.state
-    record: dict[str, Any] = {"epoch": epoch + 1, "global_step": state.global_step,
-                              "train_loss": stats["loss"], "lr": stats["lr"],
-                              "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
-                              "epoch_time_s": stats["time_s"], "skipped_images": stats["skipped"]}
     improved = False
     if val is not None:
-        record.update({f"val_{k}": v for k, v in val.items()})
+        stats.val = val
         logger.scalars("val", {"top1": val["top1"], "top5": val["top5"], "loss": val["loss"],
                                "images_per_s": val["images_per_s"]}, state.global_step)
         improved = val["top1"] > state.best_top1
         state.best_top1 = max(state.best_top1, val["top1"])
-    record["best_top1"] = state.best_top1
+    stats.best_top1 = state.best_top1
     _logger.info("epoch %d/%d: train loss %.4f, lr %.4g, %.0f img/s%s", epoch + 1, cfg.train.epochs,
-                 stats["loss"], stats["lr"], stats["images_per_s"],
+                 stats.train_loss, stats.lr, stats.images_per_s,
                  f", val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f} loss {val['loss']:.4f}" if val else "")
     state.epoch, state.iteration = epoch + 1, 0
-    record["time"] = time.time()
+    stats.time = time.time()
+    record = stats.record()
     logger.epoch(record)
     # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
     # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
