@@ -144,11 +144,15 @@ class RunDir:
         return None
 
     def save_checkpoint(self, state: dict[str, Any], step: int) -> Path:
-        """Write the rolling checkpoint of ``step``, then make ``last.pt`` it.
+        """Write the rolling checkpoint of ``step``, then make ``last.pt`` it; returns the checkpoint's path.
 
         ``last.pt`` is a hard link, so it costs no second write and survives pruning; a copy
         where the file system has no hard links. Either way it replaces the old ``last.pt``
         in one rename.
+
+        Args:
+            state: the checkpoint's contents (``checkpoint.save_checkpoint``).
+            step: the global step, which names the file.
         """
         path = save_checkpoint(state, self.checkpoint(step))
         link = self.path / _LAST_LINK
