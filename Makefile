@@ -31,6 +31,8 @@ clean:
 # second `make train` (or one after Ctrl-C) continue the run instead of starting over;
 # after a change to the config, `make train TRAIN_ARGS=--restart` moves the old results
 # aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
+# best.pt, eval.json and tb/ are RunDir's names (rednet/engine/rundir.py), written out here because
+# make cannot import them before the environment exists; tests/test_rundir.py keeps the two in step.
 TRAIN_ARGS ?=
 train: env
 	$(PY) tools/train.py --config digits --output runs/digits --resume auto $(TRAIN_ARGS)

@@ -1,4 +1,5 @@
-"""Training and evaluation machinery: config schema, loop, evaluation, checkpoints, distributed helpers.
+"""Training and evaluation machinery: config schema, builders, the training step and epoch loop, evaluation,
+the run directory (``rundir``), the checkpoint file format, distributed helpers.
 
 The tools import what they need from here. Each name loads its module on first use, so
 reading a config or a checkpoint does not import the training loop, the models or the
@@ -16,7 +17,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "empty_path_option": "cli",
     "fail": "cli",
-    "load_model_from_checkpoint": "checkpoint",
+    "load_model_from_checkpoint": "builder",
     "read_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "Config": "config",

@@ -1,5 +1,6 @@
-"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``, and a
-summary of how a run executes (device, precision, memory format, involution backend)."""
+"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``, the trained
+model from a training checkpoint, and a summary of how a run executes (device, precision, memory format,
+involution backend)."""
 from __future__ import annotations
 
 import difflib
@@ -18,7 +19,8 @@ from timm.optim import create_optimizer_v2, list_optimizers
 from ..layers import Involution
 from ..models import create_model
 from ..ops import can_use_cuda_kernel, can_use_native_kernel, select_backend
-from .config import Config, ConfigError
+from .checkpoint import read_checkpoint
+from .config import Config, ConfigError, config_from_dict
 
 __all__ = [
     "AMP_DTYPES",
@@ -33,6 +35,7 @@ __all__ = [
     "execution_summary",
     "format_summary",
     "global_batch_size",
+    "load_model_from_checkpoint",
     "peak_lr",
 ]
 
@@ -188,6 +191,34 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
             raise
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ConfigError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name} ({why})") from e
+
+
+def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the trained network from a training checkpoint, weights loaded, in eval mode.
+
+    The architecture comes from the checkpoint's stored config (``model.name``,
+    ``num_classes``, ``in_chans``, ``kwargs``); pretrained weights are not fetched. The
+    weights are the main model's, except when the run evaluated its EMA
+    (``train.eval_ema: true``), in which case the EMA weights are the ones it validated
+    and reported, and those are returned.
+
+    Args:
+        path: a ``checkpoint-*.pt``, ``best.pt`` or ``last.pt`` written by the trainer.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        ``(model, config)``: the model on ``map_location`` and the resolved config as a plain dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
+    """
+    state = read_checkpoint(path, map_location)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg, pretrained=False)
+    weights = state["ema"] if cfg.train.eval_ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    model.to(map_location).eval()
+    return model, state["config"]
 
 
 def global_batch_size(cfg: Config, world_size: int) -> int:
