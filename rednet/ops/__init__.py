@@ -43,7 +43,7 @@ import torch
 
 from . import _cpu, _cupy, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
 from ._export import involution_export, is_exporting
-from ._plan import MEMORY_FORMATS, memory_format_of
+from ._memory_format import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
 

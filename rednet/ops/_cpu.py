@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ._plan import alloc_grad_input, alloc_grad_kernel, alloc_output, memory_format_of
+from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, dense, dense_kernel, memory_format_of
 
 __all__ = [
     "CXX_FLAGS",
@@ -196,9 +196,9 @@ def can_run_on(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------
-# The three passes on torch tensors. Outputs are allocated as the CUDA kernels (and the
-# custom op's fake functions) allocate them: in x's layout, grad_kernel stored as
-# (B, Ho, Wo, G, K, K) when x is channels_last.
+# The three passes on torch tensors. Outputs are allocated, and inputs densified, by
+# ``_memory_format``, as for the CUDA kernels and the custom op's fake functions: in x's
+# memory format, grad_kernel stored as (B, Ho, Wo, G, K, K) when x is channels_last.
 
 
 def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, x_shape, kernel_shape,
@@ -218,18 +218,6 @@ def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.
         raise RuntimeError(f"involution (native): library returned {rc} for pass {pass_}, {layout}, {out.dtype}")
 
 
-def _dense(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
-
-
-def _dense_kernel(kernel: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nhwc":
-        # (B, G, K, K, Ho, Wo) -> (B, Ho, Wo, G, K, K); no copy when the kernel is a view of
-        # a channels_last (B, G*K*K, Ho, Wo) conv output.
-        return kernel.permute(0, 4, 5, 1, 2, 3).contiguous()
-    return kernel.contiguous()
-
-
 def forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """Involution of x (B, C, H, W) with kernel (B, G, K, K, Ho, Wo); (B, C, Ho, Wo) in x's layout.
 
@@ -244,7 +232,7 @@ def forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, di
     if y.numel() == 0:
         return y
     layout = memory_format_of(x)
-    _call(_FWD, layout, _dense(x, layout), _dense_kernel(kernel, layout), y, x.shape, kernel.shape, stride, padding,
+    _call(_FWD, layout, dense(x, layout), dense_kernel(kernel, layout), y, x.shape, kernel.shape, stride, padding,
           dilation)
     return y
 
@@ -267,7 +255,7 @@ def backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor
     if grad_out.numel() == 0:  # no output pixels: nothing reads x
         return gx.zero_()
     layout = memory_format_of(x)
-    _call(_BWD_INPUT, layout, _dense(grad_out, layout), _dense_kernel(kernel, layout), gx, x.shape, kernel.shape,
+    _call(_BWD_INPUT, layout, dense(grad_out, layout), dense_kernel(kernel, layout), gx, x.shape, kernel.shape,
           stride, padding, dilation)
     return gx
 
@@ -290,6 +278,6 @@ def backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tenso
     if x.shape[1] == 0:  # no channels to sum over
         return gw.zero_()
     layout = memory_format_of(x)
-    _call(_BWD_KERNEL, layout, _dense(grad_out, layout), _dense(x, layout), gw, x.shape, kernel.shape, stride,
+    _call(_BWD_KERNEL, layout, dense(grad_out, layout), dense(x, layout), gw, x.shape, kernel.shape, stride,
           padding, dilation)
     return gw
