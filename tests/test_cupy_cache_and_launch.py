@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rednet.ops import _cupy, _kernel_cache, _plan
+from rednet.ops import _cpu, _cupy, _kernel_cache, _plan
 from rednet.ops._kernel_cache import Entry
 
 NAMES = _plan.name_expressions(torch.float32, 7, 2, 1)
@@ -70,10 +70,20 @@ def test_the_key_changes_with_everything_the_binary_depends_on():
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("REDNET_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert _kernel_cache.cache_dir() == tmp_path / "home" / ".cache" / "rednet" / "kernels"
     monkeypatch.setenv("REDNET_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert _kernel_cache.cache_dir() == tmp_path / "elsewhere" / "kernels"
+
+
+def test_both_compiled_caches_share_one_root(monkeypatch, tmp_path):
+    # With $XDG_CACHE_HOME set, the CUDA binaries once went to ~/.cache and the native libraries to $XDG_CACHE_HOME.
+    monkeypatch.delenv("REDNET_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _kernel_cache.cache_dir() == tmp_path / "xdg" / "rednet" / "kernels"
+    assert _cpu.cache_dir() == tmp_path / "xdg" / "rednet"
 
 
 def test_a_second_process_loads_instead_of_compiling(compiles, cache):

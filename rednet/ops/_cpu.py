@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ._cache_files import cache_root
 from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, dense, dense_kernel, memory_format_of
 
 __all__ = [
@@ -68,11 +69,8 @@ _GRAIN = 1 << 17
 
 
 def cache_dir() -> Path:
-    """Where built libraries live: ``$REDNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rednet``, else ``~/.cache/rednet``."""
-    if os.environ.get("REDNET_CACHE_DIR"):
-        return Path(os.environ["REDNET_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rednet"
+    """Where built libraries live: the cache root (``_cache_files.cache_root``)."""
+    return cache_root()
 
 
 def _compiler() -> str:

@@ -2,10 +2,11 @@
 
 CuPy 13.x and 14.0 do not read their own disk cache for modules compiled with name
 expressions, so without this every process recompiled each module (seconds per dtype).
-An entry is one file, ``<key>.bin`` under ``$REDNET_CACHE_DIR/kernels`` (default
-``~/.cache/rednet/kernels``): a magic line, a one-line JSON header (the lowered name of
-each name expression, the binary's size and sha256) and the binary (cubin, or PTX when
-CuPy compiles to PTX).
+An entry is one file, ``<key>.bin`` in the ``kernels`` folder of the cache root
+(``_cache_files``: ``$REDNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rednet``, else
+``~/.cache/rednet``): a magic line, a one-line JSON header (the lowered name of each name
+expression, the binary's size and sha256) and the binary (cubin, or PTX when CuPy compiles
+to PTX).
 
 The key hashes everything the binary depends on: the source, the compile options, the
 target architecture, the name expressions, and the CuPy and NVRTC versions. Entries are
@@ -21,18 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from ..fileio import atomic_write
+from ._cache_files import CACHE_ENV, cache_root
 
 __all__ = ["CACHE_ENV", "Entry", "cache_dir", "entry_key", "load", "store"]
 
 _logger = logging.getLogger(__name__)
 
-CACHE_ENV = "REDNET_CACHE_DIR"
 # Part of every key and of every file: bump it when the layout or the key's contents change,
 # so older entries are simply never looked up again.
 _FORMAT = 1
@@ -47,9 +47,8 @@ class Entry(NamedTuple):
 
 
 def cache_dir() -> Path:
-    """``$REDNET_CACHE_DIR/kernels``, or ``~/.cache/rednet/kernels``."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rednet"
-    return Path(root) / "kernels"
+    """The ``kernels`` folder of the cache root (``_cache_files.cache_root``)."""
+    return cache_root() / "kernels"
 
 
 def entry_key(source: str, options: Sequence[str], arch: str, names: Sequence[str],
