@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rednet.ops import _cpu, _cupy, _kernel_cache, _plan
+from rednet.ops import _cpu, _cupy, _kernel_cache, _native_build, _plan
 from rednet.ops._kernel_cache import Entry
 
 NAMES = _plan.name_expressions(torch.float32, 7, 2, 1)
@@ -83,7 +83,8 @@ def test_both_compiled_caches_share_one_root(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _kernel_cache.cache_dir() == tmp_path / "xdg" / "rednet" / "kernels"
-    assert _cpu.cache_dir() == tmp_path / "xdg" / "rednet"
+    monkeypatch.setattr(_native_build, "describe_compiler", lambda cxx: "a compiler")
+    assert _native_build.library_path(_cpu.library(), "c++").parent == tmp_path / "xdg" / "rednet"
 
 
 def test_a_second_process_loads_instead_of_compiling(compiles, cache):

@@ -2,12 +2,9 @@
 
 The C++ source has no PyTorch headers, so a build takes 3-5 s of CPU time (2-core Xeon)
 where the same source through ``torch.utils.cpp_extension`` took 47 s, and it needs only
-a C++ compiler (``$CXX``, else ``g++``). The shared library is cached on disk under
-``$REDNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/rednet`` or ``~/.cache/rednet``), keyed
-by a hash of the source, the flags and the compiler's own description of itself and of
-``-march=native`` on this CPU, so a changed source, compiler or machine builds anew and
-every other process (DDP ranks included) just loads it. Concurrent builders serialise on
-a lock file; the library is written to a temporary file and renamed into place.
+a C++ compiler. ``_native_build`` compiles it (``$CXX``, else ``g++``) and caches the
+library on disk, keyed by the source, the flags, the compiler and this CPU, so every other
+process (DDP ranks included) just loads it.
 
 Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one in the
 process makes each spin against the other (2 threads were seen running 3x slower than 1). The library
@@ -21,20 +18,15 @@ says why (one WARNING per process) and callers use the reference instead.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from ._cache_files import cache_root
+from . import _native_build
 from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, dense, dense_kernel, memory_format_of
 
 __all__ = [
@@ -44,10 +36,9 @@ __all__ = [
     "available",
     "backward_input",
     "backward_kernel",
-    "cache_dir",
     "can_run_on",
     "forward",
-    "library_path",
+    "library",
     "openmp_runtimes",
 ]
 
@@ -61,67 +52,15 @@ DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # as in involu
 _ABI = 1  # rednet_involution_abi() of the source this module speaks to
 _LAYOUTS = {"nchw": 0, "nhwc": 1}
 _FWD, _BWD_INPUT, _BWD_KERNEL = 0, 1, 2
-_COMPILE_TIMEOUT_S = 300
 # Multiply-adds per thread below which more threads cost more than they save (PyTorch's own
 # ops have a grain size for the same reason): on a busy machine a second OpenMP thread that
 # is not scheduled makes a 0.3 ms call take 20+ ms at the barrier.
 _GRAIN = 1 << 17
 
 
-def cache_dir() -> Path:
-    """Where built libraries live: the cache root (``_cache_files.cache_root``)."""
-    return cache_root()
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
-
-
-def _describe_compiler(cxx: str) -> str:
-    """The compiler's version and what ``-march=native`` resolves to here (its ``-v`` output).
-
-    Raises OSError when the compiler cannot be run.
-    """
-    res = subprocess.run([cxx, "-march=native", "-E", "-v", "-x", "c++", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise OSError(f"{cxx} -march=native -E -v failed: {res.stderr.strip()[-500:]}")
-    return res.stderr
-
-
-def library_path(source: bytes, cxx: str) -> Path:
-    """The cached library for ``source`` built by ``cxx`` on this CPU (raises OSError without a compiler)."""
-    h = hashlib.sha256()
-    for part in (source, " ".join(CXX_FLAGS).encode(), _describe_compiler(cxx).encode()):
-        h.update(hashlib.sha256(part).digest())
-    return cache_dir() / f"involution_cpu-{h.hexdigest()[:20]}.so"
-
-
-def _build(source: bytes, cxx: str, path: Path) -> None:
-    """Compile ``source`` into ``path``: under a lock, into a temporary file, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        try:
-            import fcntl  # POSIX only; elsewhere concurrent builders each build and rename
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        if path.exists():  # another process built it while this one waited
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            # The source goes in on stdin so the library is built from exactly the bytes hashed.
-            cmd = [cxx, *CXX_FLAGS, "-x", "c++", "-", "-o", tmp]
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, input=source, capture_output=True, timeout=_COMPILE_TIMEOUT_S)
-            if res.returncode != 0:
-                raise OSError(f"`{' '.join(cmd)}` failed: {res.stderr.decode(errors='replace').strip()[-2000:]}")
-            os.replace(tmp, path)
-            _logger.debug("involution: built %s in %.1f s", path, time.perf_counter() - t0)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+def library() -> _native_build.NativeLibrary:
+    """The native involution library: this module's C++ source and flags."""
+    return _native_build.NativeLibrary("involution_cpu", SOURCE_PATH.read_bytes(), CXX_FLAGS)
 
 
 def openmp_runtimes() -> list[str]:
@@ -136,21 +75,14 @@ def openmp_runtimes() -> list[str]:
 
 def _load() -> ctypes.CDLL:
     """Build (or find) and load the library; raises OSError/subprocess errors with the reason."""
-    cxx = _compiler()
-    if shutil.which(cxx) is None:
-        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
-    source = SOURCE_PATH.read_bytes()
-    path = library_path(source, cxx)
-    if not path.exists():
-        _build(source, cxx, path)
     before = openmp_runtimes()
-    lib = ctypes.CDLL(str(path))
+    lib = _native_build.load(library())
     after = openmp_runtimes()
     if len(after) > max(len(before), 1):
         # Too late to unload it; say so, since every parallel region now competes with PyTorch's.
-        _logger.warning("involution: loading %s added an OpenMP runtime beside PyTorch's: %s", path, after)
+        _logger.warning("involution: loading %s added an OpenMP runtime beside PyTorch's: %s", lib._name, after)
     if lib.rednet_involution_abi() != _ABI:
-        raise OSError(f"{path} speaks ABI {lib.rednet_involution_abi()}, this module {_ABI}")
+        raise OSError(f"{lib._name} speaks ABI {lib.rednet_involution_abi()}, this module {_ABI}")
     fn = lib.rednet_involution
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
