@@ -9,11 +9,13 @@ expression, the binary's size and sha256) and the binary (cubin, or PTX when CuP
 to PTX).
 
 The key hashes everything the binary depends on: the source, the compile options, the
-target architecture, the name expressions, and the CuPy and NVRTC versions. Entries are
-written with ``rednet.fileio.atomic_write`` (a temporary file renamed over the entry), so
-concurrent ranks that compile the same module at once each write a complete file and a
-reader sees the old entry, no entry, or a complete one. A file that does not decode or
-whose checksum is wrong is a miss: the caller recompiles and rewrites it.
+target architecture, the name expressions, and the CuPy and NVRTC versions, and the user:
+entries are per user (``_cache_files`` says why). Entries are written with
+``rednet.fileio.atomic_write`` (a temporary file renamed over the entry, which replaces a
+link under that name instead of following it), so concurrent ranks that compile the same
+module at once each write a complete file and a reader sees the old entry, no entry, or a
+complete one. A file that is not this user's to trust (``_cache_files.open_trusted``), does
+not decode, or whose checksum is wrong is a miss: the caller recompiles and rewrites it.
 
 Pure Python: no CuPy, no device; the tests drive it with a fake compiler.
 """
@@ -22,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from ..fileio import atomic_write
-from ._cache_files import CACHE_ENV, cache_root
+from ._cache_files import CACHE_ENV, UntrustedFile, cache_root, open_trusted, read_all, user
 
 __all__ = ["CACHE_ENV", "Entry", "cache_dir", "entry_key", "load", "store"]
 
@@ -61,6 +64,7 @@ def entry_key(source: str, options: Sequence[str], arch: str, names: Sequence[st
         "arch": arch,
         "names": sorted(names),
         "versions": dict(sorted(versions.items())),
+        "user": user(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -99,8 +103,15 @@ def load(key: str, names: Sequence[str]) -> Entry | None:
     """The cached entry ``key``, or None when there is none or it is unusable (then it is recompiled)."""
     path = _path(key)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        fd = open_trusted(path)
+        if fd is None:
+            return None
+        try:
+            data = read_all(fd)
+        finally:
+            os.close(fd)
+    except UntrustedFile as e:
+        _logger.warning("involution kernel cache: ignoring %s; compiling this user's own", e)
         return None
     except OSError as e:
         _logger.debug("involution kernel cache: cannot read %s (%s); compiling", path, e)
