@@ -32,10 +32,10 @@ contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use o
 kernels); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build``
 (compiling a C++ source into a cached shared library and loading it); ``_cupy`` (CuPy
 compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
-``_cache_files`` (the one folder both caches live under); ``_plan`` (CUDA launch plans,
-pure PyTorch); ``_memory_format`` (memory formats, densified inputs and allocated outputs,
-shared by every implementation); ``_reference`` (the pure-PyTorch backend); ``_export``
-(the formulation recorded when a graph is exported).
+``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
+launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
+allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
+backend); ``_export`` (the formulation recorded when a graph is exported).
 """
 from __future__ import annotations
 

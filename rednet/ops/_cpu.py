@@ -3,8 +3,9 @@
 The C++ source has no PyTorch headers, so a build takes 3-5 s of CPU time (2-core Xeon)
 where the same source through ``torch.utils.cpp_extension`` took 47 s, and it needs only
 a C++ compiler. ``_native_build`` compiles it (``$CXX``, else ``g++``) and caches the
-library on disk, keyed by the source, the flags, the compiler and this CPU, so every other
-process (DDP ranks included) just loads it.
+library on disk, keyed by the source, the flags, the compiler, this CPU and the user, and
+checks it before every load, so every other process of the user (DDP ranks included) just
+loads it.
 
 Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one in the
 process makes each spin against the other (2 threads were seen running 3x slower than 1). The library
@@ -80,9 +81,11 @@ def _load() -> ctypes.CDLL:
     after = openmp_runtimes()
     if len(after) > max(len(before), 1):
         # Too late to unload it; say so, since every parallel region now competes with PyTorch's.
-        _logger.warning("involution: loading %s added an OpenMP runtime beside PyTorch's: %s", lib._name, after)
+        _logger.warning("involution: loading the native library added an OpenMP runtime beside PyTorch's: %s",
+                        after)
     if lib.rednet_involution_abi() != _ABI:
-        raise OSError(f"{lib._name} speaks ABI {lib.rednet_involution_abi()}, this module {_ABI}")
+        raise OSError(f"the library built from {SOURCE_PATH.name} speaks ABI {lib.rednet_involution_abi()}, "
+                      f"this module {_ABI}")
     fn = lib.rednet_involution
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
