@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from .helpers import ROOT
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as the lock
 
 # Heavy packages only training, plots or tests need: a models-only install must not pull them in.
 NOT_FOR_MODELS = ("scikit-learn", "scikit-image", "matplotlib", "tensorboard")
