@@ -1,4 +1,9 @@
-"""Data: datasets (ImageNet folders, digits, synthetic), timm transforms, resumable loaders."""
+"""Data: datasets (ImageNet folders, digits, synthetic), uint8 transforms, resumable loaders, device input.
+
+Pixels travel as uint8 from the files to the device: ``decode`` (torchvision.io, PIL where
+needed), ``transforms`` (timm's crop and flip on tensors), ``loader`` (samplers, collate),
+``device`` (normalise on the device, copy ahead on CUDA), ``gpudecode`` (nvJPEG, optional).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +12,7 @@ from typing import Callable, Optional
 from torch.utils.data import Dataset
 
 from .datasets import DataError, DigitsDataset, SafeImageFolder, SyntheticDataset
+from .device import DeviceInput, build_device_input
 from .loader import (
     ResumableSampler,
     ShardSampler,
@@ -16,21 +22,28 @@ from .loader import (
     default_workers,
 )
 from .transforms import (
+    EvalCrop,
+    TrainCrop,
     build_eval_transform,
     build_train_transform,
     eval_data_config,
     format_eval_transform,
     resolve_eval_transform,
+    uses_pil,
 )
 
 __all__ = [
     "DataError",
+    "DeviceInput",
     "DigitsDataset",
+    "EvalCrop",
     "ResumableSampler",
     "SafeImageFolder",
     "ShardSampler",
     "SyntheticDataset",
+    "TrainCrop",
     "build_datasets",
+    "build_device_input",
     "build_eval_dataset",
     "build_eval_loader",
     "build_eval_transform",
@@ -55,7 +68,8 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
         transform: overrides the eval transform derived from the config (e.g. a pretrained config's).
     """
     if transform is None:
-        transform = build_eval_transform(data.img_size, data.eval_crop_pct, data.interpolation, data.mean, data.std)
+        transform = build_eval_transform(data.img_size, data.eval_crop_pct, data.interpolation, data.mean, data.std,
+                                         decode=data.decode)
     if data.dataset == "digits":
         ds = DigitsDataset(train=False, img_size=data.img_size, val_fraction=data.val_fraction,
                            split_seed=data.split_seed, transform=transform)
@@ -64,7 +78,7 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
     else:
         if not data.root:
             raise DataError("data.root is not set: pass --data DIR (a folder with val/) or set data.root")
-        ds = SafeImageFolder(Path(data.root) / data.val_split, transform)
+        ds = SafeImageFolder(Path(data.root) / data.val_split, transform, _gpu_decode(data, transform))
         ds.check_decodable()
     if len(ds) == 0:
         raise DataError(f"the {data.dataset} validation split is empty")
@@ -108,7 +122,8 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
         root = Path(data.root)
         if not root.is_dir():
             raise DataError(f"data.root {root} does not exist")
-        train = SafeImageFolder(root / data.train_split, build_train_transform(data))
+        transform = build_train_transform(data)
+        train = SafeImageFolder(root / data.train_split, transform, _gpu_decode(data, transform))
         train.check_decodable()
     val = build_eval_dataset(data, num_classes, in_chans)
     if len(train) == 0:
@@ -126,3 +141,11 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
             f"set --set model.num_classes={len(train.classes)}"
         )
     return train, val
+
+
+def _gpu_decode(data, transform) -> bool:
+    """Whether the ImageFolder leaves JPEGs to the device (``data.decode: gpu`` and a tensor transform)."""
+    if data.decode == "gpu" and uses_pil(transform):
+        raise DataError("data.decode: gpu crops on the device, which RandAugment / AutoAugment, color jitter and "
+                        "the border crop mode cannot do; set data.decode: cpu (or pil) for them")
+    return data.decode == "gpu"

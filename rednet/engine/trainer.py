@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
+from ..data import DataError, build_datasets, build_device_input, build_eval_loader, build_train_loader
 from .builder import (
     autocast_dtype,
     build_loss_and_mixup,
@@ -312,11 +312,13 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
         channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
         stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
-        world_size=dist_info.world_size,
+        world_size=dist_info.world_size, ckpt_every=cfg.train.ckpt_every_iters,
+        input=build_device_input(cfg.data, device, train_loader.dataset, train=True),
     )
     eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
     validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                 dist_info.is_main)
+                                 dist_info.is_main,
+                                 device_input=build_device_input(cfg.data, device, val_loader.dataset, train=False))
 
     final: dict[str, Any] = {}
     # RNG states last: building the run (loaders, model init) consumed the same draws as in
