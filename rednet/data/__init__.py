@@ -20,7 +20,9 @@ from .loader import (
     build_train_loader,
     collate_skip,
     default_workers,
+    epoch_order,
 )
+from .shards import TarShardDataset
 from .transforms import (
     EvalCrop,
     TrainCrop,
@@ -41,6 +43,7 @@ __all__ = [
     "SafeImageFolder",
     "ShardSampler",
     "SyntheticDataset",
+    "TarShardDataset",
     "TrainCrop",
     "build_datasets",
     "build_device_input",
@@ -52,6 +55,7 @@ __all__ = [
     "collate_skip",
     "default_workers",
     "describe_eval_data",
+    "epoch_order",
     "eval_data_config",
     "format_eval_transform",
     "resolve_eval_transform",
@@ -75,6 +79,12 @@ def build_eval_dataset(data, num_classes: int, in_chans: int = 3, transform: Opt
                            split_seed=data.split_seed, transform=transform)
     elif data.dataset == "synthetic":
         ds = SyntheticDataset(data.synthetic_val_size, num_classes, data.img_size, in_chans, seed=1)
+    elif data.dataset == "wds":
+        if not data.root:
+            raise DataError("data.root is not set: pass --data DIR (the shards' folder, with _info.json)")
+        ds = TarShardDataset(data.root, data.val_split, transform, train=False,
+                             gpu_decode=_gpu_decode(data, transform))
+        ds.check_decodable()
     else:
         if not data.root:
             raise DataError("data.root is not set: pass --data DIR (a folder with val/) or set data.root")
@@ -98,7 +108,7 @@ def describe_eval_data(data, transform: Optional[dict] = None) -> dict:
         ``synthetic``); ``split``, the folder under it (the held-out split's name otherwise);
         ``transform``, None for ``synthetic`` (its tensors pass through no transform).
     """
-    root = str(Path(data.root).resolve()) if data.dataset == "imagenet" and data.root else None
+    root = str(Path(data.root).resolve()) if data.dataset in ("imagenet", "wds") and data.root else None
     return {"dataset": data.dataset, "data_root": root, "split": data.val_split,
             "transform": None if data.dataset == "synthetic" else transform}
 
@@ -116,6 +126,13 @@ def build_datasets(data, num_classes: int, in_chans: int = 3) -> tuple[Dataset, 
     elif data.dataset == "digits":
         train = DigitsDataset(train=True, img_size=data.img_size, val_fraction=data.val_fraction,
                               split_seed=data.split_seed, transform=build_train_transform(data))
+    elif data.dataset == "wds":
+        if not data.root:
+            raise DataError("data.root is not set: pass --data DIR (the shards' folder, with _info.json)")
+        transform = build_train_transform(data)
+        train = TarShardDataset(data.root, data.train_split, transform, train=True,
+                             gpu_decode=_gpu_decode(data, transform))
+        train.check_decodable()
     else:
         if not data.root:
             raise DataError("data.root is not set: pass --data DIR (a folder with train/ and val/) or set data.root")

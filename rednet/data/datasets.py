@@ -150,10 +150,11 @@ class SafeImageFolder(ImageFolder):
                             "check that the files are complete images")
 
 
-def read_image(path: str, crop=None):
-    """A file as a (3, H, W) uint8 tensor; with ``crop`` (a ``TrainCrop`` or ``EvalCrop``), a JPEG that
-    torchvision.io decodes comes back undecoded, as an ``EncodedImage`` with the crop drawn."""
-    data = read_bytes(path)
+def read_image(source: str | torch.Tensor, crop=None):
+    """A file (a path, or its bytes as a uint8 tensor) as a (3, H, W) uint8 tensor; with ``crop`` (a
+    ``TrainCrop`` or ``EvalCrop``), a JPEG that torchvision.io decodes comes back undecoded, as an
+    ``EncodedImage`` with the crop drawn."""
+    data = read_bytes(source) if isinstance(source, str) else source
     header = Image.open(io.BytesIO(data.numpy()))  # reads the header only; refuses decompression bombs
     if crop is not None and header.format == "JPEG" and header.mode in ("RGB", "L"):
         if hasattr(crop, "draw"):

@@ -5,7 +5,7 @@ import os
 from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
@@ -13,7 +13,7 @@ from .datasets import DataError
 from .gpudecode import EncodedBatch, EncodedImage
 
 __all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip",
-           "default_workers"]
+           "default_workers", "epoch_order"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -130,6 +130,13 @@ def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, r
     Raises:
         DataError: the dataset is smaller than one batch per process.
     """
+    if isinstance(dataset, IterableDataset):  # tar shards: the dataset orders itself (rednet.data.shards)
+        dataset.configure(batch_size, world_size, rank, seed)
+        if dataset.num_samples < batch_size:
+            raise DataError(f"the training shards hold {sum(dataset.lengths)} images, fewer than one batch of "
+                            f"{batch_size} per process over {world_size}; lower data.batch_size")
+        return DataLoader(dataset, batch_size=batch_size, drop_last=True,
+                          **_loader_kwargs(workers, pin_memory, persistent_workers, seed + rank))
     sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
     if sampler.num_samples < batch_size:
         # drop_last: the loader would yield no batch at all.
@@ -152,6 +159,18 @@ def build_eval_loader(dataset: Dataset, batch_size: int, world_size: int = 1, ra
         workers: loader processes; None: ``default_workers()``.
         pin_memory / persistent_workers: ``DataLoader`` options.
     """
+    if isinstance(dataset, IterableDataset):  # tar shards: each sample once over ranks and workers
+        dataset.configure(batch_size, world_size, rank)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=False,
+                          **_loader_kwargs(workers, pin_memory, persistent_workers, rank))
     sampler = ShardSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
                       **_loader_kwargs(workers, pin_memory, persistent_workers, rank))
+
+
+def epoch_order(loader: DataLoader):
+    """What positions a training loader's epoch: its ``ResumableSampler``, or a shard dataset itself.
+
+    Both have ``set_epoch(epoch, start)`` and ``num_samples`` (this process's samples per epoch).
+    """
+    return loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler

@@ -75,10 +75,11 @@ class DataConfig:
     """Datasets, augmentation and loaders.
 
     Args:
-        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``digits``
-            (scikit-learn's bundled 8x8 digits, upsampled to RGB) or ``synthetic`` (random tensors).
-        root: the ImageFolder root for ``imagenet``.
-        train_split / val_split: folder names under ``root``.
+        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``wds`` (tar
+            shards written by ``tools/make_shards.py``), ``digits`` (scikit-learn's bundled 8x8
+            digits, upsampled to RGB) or ``synthetic`` (random images).
+        root: the ImageFolder root for ``imagenet``; the shards' folder (with ``_info.json``) for ``wds``.
+        train_split / val_split: folder names under ``root``; split names in ``_info.json`` for ``wds``.
         img_size: training (and evaluation crop) size.
         batch_size: images per process per step (the global batch is this x processes x accum_steps).
         eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
@@ -100,7 +101,7 @@ class DataConfig:
         synthetic_train_size / synthetic_val_size: lengths of the ``synthetic`` splits.
     """
 
-    dataset: Literal["imagenet", "digits", "synthetic"] = "imagenet"
+    dataset: Literal["imagenet", "wds", "digits", "synthetic"] = "imagenet"
     root: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
