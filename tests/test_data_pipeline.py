@@ -392,3 +392,23 @@ def test_fp16_overflow_on_the_deferred_path_is_a_skipped_step_not_an_error():
     assert ctx.scaler.get_scale() < 2.0**100 and state.global_step == 1
     step = train_step(ctx, batches, state)
     assert torch.isfinite(step.loss)
+
+
+# --- item 7: the benchmark's data mode runs end to end (a smoke test; no timing is asserted) ---
+
+
+def test_benchmark_data_mode_writes_its_results(tmp_path, capsys):
+    import json
+
+    from .helpers import load_tool
+
+    bench = load_tool("benchmark")
+    assert bench.main(["data", "--images", "4", "--batch", "8"]) == 2  # not one batch: exit 2, one line
+    assert capsys.readouterr().err.startswith("error:")
+    out = tmp_path / "data.json"
+    argv = ["data", "--images", "16", "--batch", "8", "--repeats", "1", "--workers", "0", "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [r["kind"] for r in res["rows"]] == ["train", "eval", "read"]  # no workers: no main-process row
+    assert res["environment"]["cpu_model"] and res["command"].endswith(" ".join(argv))
+    assert all(r["old"] > 0 and r["new"] > 0 for r in res["rows"]) and out.with_suffix(".md").is_file()
