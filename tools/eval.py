@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from rednet.data import (
         DataError,
+        build_device_input,
         build_eval_dataset,
         build_eval_loader,
         build_eval_transform,
@@ -177,15 +178,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         named = [key.split(".", 1)[1] for key in overridden_keys(overrides) if key.startswith("data.")]
         settings = resolve_eval_transform(cfg.data, cfg.model.in_chans, model if args.pretrained else None, named)
         transform = build_eval_transform(settings["input_size"][-1], settings["crop_pct"], settings["interpolation"],
-                                         settings["mean"], settings["std"], settings["crop_mode"])
+                                         settings["mean"], settings["std"], settings["crop_mode"], cfg.data.decode)
         log.info("%s", format_eval_transform(settings))
         dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
         loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
         execution = execution_summary(model, cfg, dist_info.device)
         log.info("execution: %s", format_summary(execution))
+        device_input = build_device_input(cfg.data, dist_info.device, dataset, train=False,
+                                          mean=settings["mean"], std=settings["std"])
         result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
-                          cfg.train.channels_last, dist_info.is_main)
+                          cfg.train.channels_last, dist_info.is_main, device_input=device_input)
     except (ConfigError, CheckpointError, DataError) as e:
         return fail(e)
     result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,

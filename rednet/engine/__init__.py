@@ -1,5 +1,6 @@
 """Training and evaluation machinery: config schema, builders, the training step and epoch loop, evaluation,
-the run directory (``rundir``), the checkpoint file format, distributed helpers.
+device-side step checks (``stepguard``), the run directory (``rundir``), the checkpoint file format,
+distributed helpers.
 
 The tools import what they need from here. Each name loads its module on first use, so
 reading a config or a checkpoint does not import the training loop, the models or the

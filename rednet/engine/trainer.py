@@ -17,7 +17,14 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
+from ..data import (
+    DataError,
+    build_datasets,
+    build_device_input,
+    build_eval_loader,
+    build_train_loader,
+    epoch_order,
+)
 from .builder import (
     autocast_dtype,
     build_loss_and_mixup,
@@ -222,7 +229,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
         train_loader.worker_init_fn = _ignore_sigint
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
-    steps = train_loader.sampler.num_samples // cfg.data.batch_size // cfg.train.accum_steps
+    steps = epoch_order(train_loader).num_samples // cfg.data.batch_size // cfg.train.accum_steps
     if cfg.train.max_iters_per_epoch is not None:
         steps = min(steps, cfg.train.max_iters_per_epoch)
     if steps == 0:
@@ -312,11 +319,13 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
         channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
         stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
-        world_size=dist_info.world_size,
+        world_size=dist_info.world_size, ckpt_every=cfg.train.ckpt_every_iters,
+        input=build_device_input(cfg.data, device, train_loader.dataset, train=True),
     )
     eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
     validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                 dist_info.is_main)
+                                 dist_info.is_main,
+                                 device_input=build_device_input(cfg.data, device, val_loader.dataset, train=False))
 
     final: dict[str, Any] = {}
     # RNG states last: building the run (loaders, model init) consumed the same draws as in
@@ -328,7 +337,7 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
             while run.state.epoch < cfg.train.epochs:
                 epoch = run.state.epoch
                 per_step = cfg.data.batch_size * cfg.train.accum_steps
-                train_loader.sampler.set_epoch(epoch, start=run.state.iteration * per_step)
+                epoch_order(train_loader).set_epoch(epoch, start=run.state.iteration * per_step)
                 result = train_one_epoch(ctx, train_loader, run.state, steps, logger,
                                          desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
                 if result.stopped or signals.signum is not None:
