@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["CheckpointError", "OutputDirError", "atomic_write", "check_output_dir", "file_sha256"]
+__all__ = [
+    "CheckpointError",
+    "OutputDirError",
+    "atomic_temp_pattern",
+    "atomic_write",
+    "check_output_dir",
+    "file_sha256",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +55,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ``atomic_write``'s temporary file beside ``NAME``: ``.NAME.<random>.tmp``. Written here
+# only; whoever removes the leftovers of interrupted writes matches ``atomic_temp_pattern``.
+_TEMP_PREFIX, _TEMP_SUFFIX = ".", ".tmp"
+
+
+def atomic_temp_pattern(names: str) -> str:
+    r"""A regex (``re.fullmatch``) for the temporary files an interrupted ``atomic_write`` leaves.
+
+    Args:
+        names: a regex of the file names whose temporary files to match, e.g. ``r"best\.pt"``.
+    """
+    return rf"{re.escape(_TEMP_PREFIX)}(?:{names})\.[^/]*{re.escape(_TEMP_SUFFIX)}"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
 
@@ -55,7 +77,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

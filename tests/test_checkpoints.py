@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from rednet.engine import CheckpointError, config_to_dict, load_config
-from rednet.engine.checkpoint import (
-    find_resume_checkpoint,
-    read_checkpoint,
-    remove_orphaned_temp_files,
-    save_checkpoint,
-)
+from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+from rednet.engine.rundir import RunDir
 
 from .helpers import load_tool
 
@@ -144,18 +140,19 @@ def _epoch_end_run(run_dir):
     from rednet.engine.builder import build_scheduler
     from rednet.engine.distributed import DistInfo
     from rednet.engine.logger import RunLogger
+    from rednet.engine.meter import EpochStats
     from rednet.engine.trainer import _end_epoch, _Run
 
     cfg = load_config(None, ["train.keep_last=2", "train.epochs=3", f"train.output={run_dir}"])
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     run = _Run(cfg, run_dir, DistInfo(), model, optimizer, build_scheduler(cfg, optimizer, 2), None, None)
-    stats = {"loss": 1.0, "lr": 0.1, "images_per_s": 1.0, "data_wait_s": 0.0, "time_s": 1.0, "skipped": 0}
-
     def end_epoch(step: int, top1: float) -> None:
         with torch.no_grad():
             model.weight.fill_(step)
         run.state.global_step = step
+        stats = EpochStats(epoch=run.state.epoch + 1, global_step=step, train_loss=1.0, lr=0.1, images_per_s=1.0,
+                           data_wait_s=0.0, epoch_time_s=1.0, skipped_images=0)
         logger = RunLogger(run_dir, enabled=True)
         _end_epoch(run, stats, {"top1": top1, "top5": 100.0, "loss": 1.0, "images_per_s": 1.0, "count": 8}, logger)
         logger.close()
@@ -179,13 +176,13 @@ def _check_old_or_new(run_dir) -> None:
             assert float(state["model"]["weight"][0, 0]) == state["global_step"], name
             steps[name] = state["global_step"]
     assert {"checkpoint-000000002.pt", "best.pt", "last.pt"} <= steps.keys()
-    path, state = find_resume_checkpoint(run_dir)
+    path, state = RunDir(run_dir).find_resume()
     assert state["global_step"] in (2, 4)
     if state["global_step"] == 4:  # the checkpoint says top-1 60 is the best: best.pt must hold it
         assert steps["best.pt"] == 4 and state["best_top1"] == 60.0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs in ([1], [1, 2])
-    remove_orphaned_temp_files(run_dir)
+    RunDir(run_dir).remove_orphans()
     left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl"}
     assert left <= {"checkpoint-000000001.pt", "checkpoint-000000002.pt", "checkpoint-000000004.pt", "best.pt",
                     "last.pt"}, left

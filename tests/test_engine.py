@@ -16,7 +16,8 @@ from rednet.engine import (
     load_model_from_checkpoint,
 )
 from rednet.engine.builder import build_model
-from rednet.engine.checkpoint import find_resume_checkpoint, list_checkpoints, save_checkpoint
+from rednet.engine.checkpoint import save_checkpoint
+from rednet.engine.rundir import RunDir
 
 from .helpers import ROOT
 
@@ -74,20 +75,19 @@ def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path,
         bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)  # checkpoints no longer have sidecars
     with pytest.raises(CheckpointError, match="corrupt|truncated"):
         load_model_from_checkpoint(bad)
-    assert list_checkpoints(tmp_path) == [bad, good]
-    path, state = find_resume_checkpoint(tmp_path)
+    assert RunDir(tmp_path).checkpoints() == [bad, good]
+    path, state = RunDir(tmp_path).find_resume()
     assert path == good and state["global_step"] == 5
 
 
 def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path):
-    from rednet.engine.checkpoint import prune_checkpoints, read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
-    first = save_checkpoint({"config": {}, "model": {}, "global_step": 1}, tmp_path / "checkpoint-000000001.pt",
-                            link_last=True)
-    second = save_checkpoint({"config": {}, "model": {}, "global_step": 2}, tmp_path / "checkpoint-000000002.pt",
-                             link_last=True)
+    run_dir = RunDir(tmp_path)
+    first = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 1}, step=1)
+    second = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 2}, step=2)
     assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
-    prune_checkpoints(tmp_path, keep=0)
+    run_dir.prune(keep=0)
     assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # digest verified
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the digest is inside: no sidecar
 
@@ -444,7 +444,7 @@ def test_straight_run_outputs(straight_run):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.loop import NonFiniteLossError
     from rednet.engine.trainer import fit
 
@@ -453,7 +453,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"iteration (\d+)") as info:
         fit(cfg)
     it = int(re.search(r"iteration (\d+)", str(info.value)).group(1))
-    ckpts = list_checkpoints(tmp_path)
+    ckpts = RunDir(tmp_path).checkpoints()
     assert ckpts and read_checkpoint(ckpts[0])["global_step"] == it  # written after the last good step
     state = read_checkpoint(ckpts[0])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -500,11 +500,11 @@ def test_a_batch_of_only_unreadable_images_is_not_a_step():
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     ctx, state = _loop_context(model), TrainState()
-    stats = train_one_epoch(ctx, _batches(False, True), state, steps=2, main_process=False)
+    result = train_one_epoch(ctx, _batches(False, True), state, steps=2, main_process=False)
     # Both positions of the epoch are consumed, but only the readable batch moved the weights
     # and the schedule.
     assert (state.iteration, state.global_step, ctx.scheduler.last_epoch) == (2, 1, 1)
-    assert stats["steps"] == 1 and stats["skipped"] == 4
+    assert result.steps == 1 and result.stats.skipped_images == 4
 
 
 def test_an_epoch_of_only_unreadable_images_is_a_data_error():
@@ -516,3 +516,32 @@ def test_an_epoch_of_only_unreadable_images_is_a_data_error():
         train_one_epoch(_loop_context(model), _batches(False, False), TrainState(), steps=2, main_process=False)
     with pytest.raises(DataError, match="scored no images"):
         evaluate(model, _batches(False), torch.device("cpu"), main_process=False)
+
+
+def test_train_step_accumulates_micro_batches_and_reports_a_stop():
+    import dataclasses
+
+    from rednet.engine.loop import TrainState, train_step
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    stops = iter([False, True])
+    ctx = dataclasses.replace(_loop_context(model), accum_steps=2, stop_requested=lambda: next(stops))
+    batches, state = iter(_batches(True, False, True, True)), TrainState()
+    first = train_step(ctx, batches, state)  # two micro-batches, one of them unreadable
+    assert (first.images, first.skipped, first.stop, state.global_step) == (4, 4, False, 1)
+    second = train_step(ctx, batches, state)
+    assert (second.images, second.skipped, second.stop, state.global_step) == (8, 0, True, 2)
+    assert second.lr == 0.1 and math.isfinite(second.loss) and ctx.scheduler.last_epoch == 2
+
+
+def test_the_epoch_record_is_the_stats_fields_in_order():
+    """metrics.jsonl's keys: EpochStats' fields, with evaluate's result spread as val_<key>."""
+    from rednet.engine.meter import EpochStats
+
+    stats = EpochStats(epoch=3, global_step=30, train_loss=0.5, lr=0.1, images_per_s=9.0, data_wait_s=0.01,
+                       epoch_time_s=2.0, skipped_images=1)
+    keys = ["epoch", "global_step", "train_loss", "lr", "images_per_s", "data_wait_s", "epoch_time_s",
+            "skipped_images"]
+    assert list(stats.record()) == keys + ["best_top1", "time"]
+    stats.val = {"top1": 50.0, "count": 8}
+    assert list(stats.record()) == keys + ["val_top1", "val_count", "best_top1", "time"]

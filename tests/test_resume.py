@@ -67,10 +67,10 @@ def _copy(src, dst):
 
 def test_unreadable_checkpoints_never_start_over_on_results(one_epoch, tmp_path, capsys):
     """Every rolling checkpoint truncated: --resume auto refuses instead of training from epoch 1 over best.pt."""
-    from rednet.engine.checkpoint import list_checkpoints
+    from rednet.engine.rundir import RunDir
 
     out = _copy(one_epoch, tmp_path / "run")
-    for path in list_checkpoints(out) + [out / "last.pt"]:
+    for path in RunDir(out).checkpoints() + [out / "last.pt"]:
         path.write_bytes(path.read_bytes()[:1000])
     before = _snapshot(out)
     train = load_tool("train")

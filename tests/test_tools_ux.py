@@ -124,7 +124,7 @@ def test_the_bundled_configs_ship_in_the_wheel(tmp_path):
     assert not (ROOT / "rednet" / "configs").exists()
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and rednet.egg-info/ there
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     for name in ("rednet", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -215,7 +215,10 @@ def test_default_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 64 and default_workers(most=8) == 8  # no fixed cap of 8 any more (issue 17)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a node of 8 GPUs: its CPUs shared by 8 processes
     assert default_workers() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert default_workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes share the two CPUs

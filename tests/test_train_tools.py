@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rednet.engine.checkpoint import list_checkpoints, read_checkpoint
+from rednet.engine.checkpoint import read_checkpoint
+from rednet.engine.rundir import RunDir
 
 from .helpers import ROOT, load_tool
 
@@ -86,7 +87,7 @@ def test_torchrun_train_and_resume(torchrun_run):
     assert [r["epoch"] for r in records] == [1, 2] and [r["global_step"] for r in records] == [3, 6]
     # Validation under 2 processes with 13 images: each scored once.
     assert all(r["val_count"] == 13 for r in records)
-    state = read_checkpoint(list_checkpoints(out)[0])
+    state = read_checkpoint(RunDir(out).checkpoints()[0])
     assert state["world_size"] == 2 and state["global_step"] == 6
 
 
@@ -165,7 +166,7 @@ def test_sigterm_writes_a_checkpoint(tmp_path):
     log = "".join(lines) + rest
     assert proc.returncode == 128 + signal.SIGTERM, log
     assert "received SIGTERM" in log and "stopped by SIGTERM" in log
-    state = read_checkpoint(list_checkpoints(tmp_path)[0])
+    state = read_checkpoint(RunDir(tmp_path).checkpoints()[0])
     assert state["epoch"] == 0 and state["iteration"] >= 1 and state["iteration"] == state["global_step"]
 
 
@@ -200,7 +201,7 @@ def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
         proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while not list_checkpoints(tmp_path) and time.time() < deadline and proc.poll() is None:
+        while not RunDir(tmp_path).checkpoints() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         # The agent's child is the worker (torchrun starts workers directly under it).
         victim = _worker_pid(proc.pid, "0")

@@ -6,6 +6,7 @@
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
     python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
     python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, interleaved
+    python tools/benchmark.py data                            # input pipeline: CPU per image, old vs new
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
 stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
@@ -27,6 +28,11 @@ check (compile, then forward and both gradients against the reference; see
 ``rednet.ops.check_cuda_kernel``), then, if all pass, ``op`` at batch 64 and ``model`` for
 RedNet-50 vs ResNet-50 (AMP bf16, channels_last). Exit status: 0 all passed, 1 a check
 failed (its cause is printed: include this output in a report), 2 no GPU.
+
+``data``: the input pipeline's CPU cost on ImageNet-like JPEGs made from scikit-image's photos,
+the path before issue 17 (PIL, float32 batches) against rednet.data's (torchvision.io, uint8),
+interleaved round by round, in CPU time (see ``rednet.analysis.inputbench``); into
+``benchmarks/results/<date>-data-cpu[-N].json`` (a new file each run).
 
 Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other modes already
 in that file are kept) and a markdown table beside it.
@@ -487,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("mode", choices=("op", "model", "selfcheck", "race"))
+    p.add_argument("mode", choices=("op", "model", "selfcheck", "race", "data"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
@@ -516,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="results file (default benchmarks/results/<date>-<device>.json)")
     p.add_argument("--checks-only", action="store_true", help="selfcheck: stop after the checks, no benchmarks")
+    p.add_argument("--images", type=int, default=300, help="data: JPEGs per split (default 300)")
+    p.add_argument("--workers", type=int, default=2, help="data: loader workers feeding the main process (default 2)")
     return p
 
 
@@ -571,7 +579,8 @@ def _cupy_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: run_selfcheck(args) if args.mode == "selfcheck" else _benchmark(args, argv))
+    modes = {"selfcheck": lambda: run_selfcheck(args), "data": lambda: run_data(args, argv)}
+    return run_command(modes.get(args.mode, lambda: _benchmark(args, argv)))
 
 
 def _benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -606,6 +615,38 @@ def write_results(out: Path, res: dict, mode: str) -> None:
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
+
+
+# ----------------------------------------------------------------------------------------
+# data mode
+
+
+def run_data(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The input pipeline, old against new, in CPU time; a new results file each run."""
+    import tempfile
+
+    from rednet.analysis import inputbench
+
+    batch, rounds = (args.batch or [64])[0], args.repeats or 5
+    if args.images < batch or rounds < 1 or args.workers < 0:
+        raise UsageError(f"--images ({args.images}) must hold one --batch ({batch}); --repeats >= 1, --workers >= 0")
+    date = dt.date.today().isoformat()
+    out = args.json
+    if out is None:  # never overwrite an earlier run's file
+        out = ROOT / "benchmarks" / "results" / f"{date}-data-cpu.json"
+        n = 2
+        while out.exists():
+            out, n = out.with_name(f"{date}-data-cpu-{n}.json"), n + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        res = inputbench.run(Path(tmp), args.images, rounds, batch, args.workers, log=log)
+    res = dict(date=date, command="python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               environment=inputbench.environment(), **res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(inputbench.markdown(res))
+    print(inputbench.markdown(res))
+    log(f"wrote {out} and {out.with_suffix('.md').name}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------

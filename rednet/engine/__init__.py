@@ -3,9 +3,12 @@
 - the config: ``config`` (the schema: sections, keys, value checks), ``config_data`` (plain
   data <-> typed config, ``--set`` overrides), ``config_files`` (YAML files, ``base:``
   merging, the bundled configs, ``load_config``);
-- building a run: ``builder`` (model, optimizer, schedule, loss, precision);
-- running it: ``trainer`` (``fit``), ``loop`` (the train and eval passes), ``evaluation``
-  (``run_eval``), ``checkpoint``, ``resume``, ``logger``, ``distributed``;
+- building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
+  training checkpoint);
+- running it: ``trainer`` (``fit``), ``loop`` (the training step, the epoch, the eval pass),
+  ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
+  ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``logger``,
+  ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
 
 This module imports exactly what ``tools/`` uses, and the errors ``EXIT_CODES`` names; the
@@ -13,7 +16,7 @@ tools import from here and nowhere else in the engine. Everything else stays in 
 """
 from ..data import DataError
 from ..fileio import CheckpointError, OutputDirError
-from .checkpoint import load_model_from_checkpoint
+from .builder import load_model_from_checkpoint
 from .cli import (
     EXIT_CODES,
     UsageError,
@@ -26,8 +29,8 @@ from .config import ConfigError
 from .config_data import config_to_dict
 from .config_files import load_config
 from .evaluation import run_eval
-from .loop import NonFiniteLossError
 from .resume import RESUME_SAFE_KEYS
+from .stepguard import NonFiniteLossError
 from .trainer import TrainingInterrupted, fit
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``, and a
-summary of how a run executes (device, precision, memory format, involution backend)."""
+"""Model, optimizer, learning-rate schedule, loss, mixup and autocast dtype from a ``Config``, the trained
+model from a training checkpoint, and a summary of how a run executes (device, precision, memory format,
+involution backend)."""
 from __future__ import annotations
 
 import difflib
@@ -17,8 +18,10 @@ from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
 from ..models import create_model
-from ..ops import can_use_cuda_kernel, can_use_native_kernel, select_backend
+from ..ops import describe_backend
+from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
+from .config_data import config_from_dict
 
 __all__ = [
     "AMP_DTYPES",
@@ -33,6 +36,7 @@ __all__ = [
     "execution_summary",
     "format_summary",
     "global_batch_size",
+    "load_model_from_checkpoint",
     "peak_lr",
 ]
 
@@ -85,16 +89,7 @@ def format_summary(summary: dict[str, str]) -> str:
 def _involution_backend(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     if not any(isinstance(m, Involution) for m in model.modules()):
         return "none (the model has no involution layers)"
-    probe = torch.empty(0, device=device, dtype=dtype)
-    try:
-        backend = select_backend(probe)
-    except (RuntimeError, ValueError) as e:  # a backend forced by $REDNET_INVOLUTION_BACKEND that cannot run
-        return f"unavailable ({e})"
-    if backend != "reference":
-        return backend
-    # Why the device's own kernel was declined: the native one on a CPU, the CUDA one elsewhere.
-    ok, why = can_use_native_kernel(probe) if device.type == "cpu" else can_use_cuda_kernel(probe)
-    return f"reference ({why})" if not ok else "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)"
+    return describe_backend(device, dtype)
 
 
 def _nearest(name: str, choices: list[str]) -> str:
@@ -188,6 +183,34 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
             raise
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         raise ConfigError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name} ({why})") from e
+
+
+def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the trained network from a training checkpoint, weights loaded, in eval mode.
+
+    The architecture comes from the checkpoint's stored config (``model.name``,
+    ``num_classes``, ``in_chans``, ``kwargs``); pretrained weights are not fetched. The
+    weights are the main model's, except when the run evaluated its EMA
+    (``train.eval_ema: true``), in which case the EMA weights are the ones it validated
+    and reported, and those are returned.
+
+    Args:
+        path: a ``checkpoint-*.pt``, ``best.pt`` or ``last.pt`` written by the trainer.
+        map_location: where the tensors are loaded.
+
+    Returns:
+        ``(model, config)``: the model on ``map_location`` and the resolved config as a plain dict.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
+    """
+    state = read_checkpoint(path, map_location)
+    cfg = config_from_dict(state["config"])
+    model = build_model(cfg, pretrained=False)
+    weights = state["ema"] if cfg.train.eval_ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    model.to(map_location).eval()
+    return model, state["config"]
 
 
 def global_batch_size(cfg: Config, world_size: int) -> int:

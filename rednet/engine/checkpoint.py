@@ -1,5 +1,4 @@
-"""Checkpoint I/O: atomic writes with the digest inside the file, integrity checks, run-directory housekeeping,
-model loading.
+"""The training checkpoint file: its contents, its atomic write with the digest inside, its integrity check.
 
 A training checkpoint is a dict of plain data and tensors, so ``torch.load(path,
 weights_only=True)`` reads it without executing pickled code:
@@ -23,53 +22,39 @@ inside the file, one atomic rename publishes a checkpoint and its digest togethe
 a kill at any instant a name holds the complete old file or the complete new one, and
 either can be verified from the file alone. A file without the digest is refused, except
 a ``rednet-train/1`` checkpoint with its ``.sha256`` sidecar (what earlier versions wrote).
-``last.pt`` is a hard link to the newest rolling checkpoint.
+
+What the files of a run directory are called, and which of them are kept, is ``rundir.py``'s;
+rebuilding a model from a checkpoint is ``builder.load_model_from_checkpoint``.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 import pickle
 import random
-import re
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..fileio import CheckpointError, atomic_write, file_sha256
 
 __all__ = [
     "FORMAT",
-    "LAST",
+    "SIDECAR_SUFFIX",
     "CheckpointError",
     "capture_rng_state",
-    "find_resume_checkpoint",
-    "list_checkpoints",
-    "load_model_from_checkpoint",
-    "prune_checkpoints",
     "read_checkpoint",
-    "remove_orphaned_temp_files",
     "restore_rng_state",
     "save_checkpoint",
-    "scan_checkpoints",
+    "sidecar",
     "verify_checkpoint_file",
 ]
 
-_logger = logging.getLogger(__name__)
-
 FORMAT = "rednet-train/2"
 _LEGACY_FORMAT = "rednet-train/1"  # digest in a .sha256 sidecar; one RNG state for all ranks
-LAST = "last.pt"
-_ROLLING = re.compile(r"^checkpoint-(\d+)\.pt$")
-# Temporary files of interrupted writes in a run directory: fileio.atomic_write's
-# ".<name>.<random>.tmp" for the files the trainer writes, and last.pt's link in the making.
-_ORPHAN = re.compile(r"^\.(checkpoint-\d+\.pt|best\.pt|last\.pt|metrics\.jsonl|config\.yaml)\.[^/]*\.tmp$"
-                     r"|^\.last\.pt\.link$")
+SIDECAR_SUFFIX = ".sha256"
 
 # The zip end-of-central-directory record: 22 bytes, the last two its comment's length.
 _EOCD_SIGNATURE = b"PK\x05\x06"
@@ -78,8 +63,9 @@ _DIGEST_TAG = b"rednet-sha256:"
 _DIGEST_COMMENT_SIZE = len(_DIGEST_TAG) + 64
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def sidecar(path: Path) -> Path:
+    """The ``.sha256`` file beside a checkpoint that held its digest in earlier versions (``rednet-train/1``)."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
 class _DigestWriter:
@@ -125,36 +111,18 @@ def _write_with_digest(state: dict[str, Any], f: BinaryIO) -> None:
     writer.finish()
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path, *, link_last: bool = False) -> Path:
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` atomically (temporary file, fsync, rename) with its sha256 inside the file.
 
     Args:
         state: the checkpoint's contents (``format`` is added).
         path: where to write it.
-        link_last: also make ``last.pt`` in the same folder this checkpoint: a hard link, so it
-            costs no second write and survives pruning; a copy where the file system has no hard
-            links. Either way it replaces the old ``last.pt`` in one rename.
     """
     path = Path(path)
     stored = {"format": FORMAT, **state}
     atomic_write(path, lambda f: _write_with_digest(stored, f))
-    _sidecar(path).unlink(missing_ok=True)  # an earlier version's sidecar would describe the old file
-    if link_last:
-        _link_last(path, stored)
+    sidecar(path).unlink(missing_ok=True)  # an earlier version's sidecar would describe the old file
     return path
-
-
-def _link_last(path: Path, state: dict[str, Any]) -> None:
-    last = path.with_name(LAST)
-    tmp = path.with_name(f".{LAST}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:  # no hard links on this file system
-        atomic_write(last, lambda f: _write_with_digest(state, f))
-    else:
-        os.replace(tmp, last)
-    _sidecar(last).unlink(missing_ok=True)
 
 
 def _embedded_digest(path: Path) -> tuple[str, int] | None:
@@ -202,7 +170,7 @@ def verify_checkpoint_file(path: str | Path) -> bool:
             raise CheckpointError(f"checkpoint {path} is corrupt: the sha256 of its contents {actual[:12]}... does "
                                   f"not match the digest stored in it ({expected[:12]}...)")
         return False
-    side = _sidecar(path)
+    side = sidecar(path)
     if not side.is_file():
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt, or not a training checkpoint: it does not end with the "
@@ -236,72 +204,6 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The rolling checkpoints of a run directory, newest (highest step) first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _ROLLING.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def scan_checkpoints(run_dir: str | Path, map_location: str | torch.device = "cpu"
-                     ) -> Iterator[tuple[Path, dict[str, Any] | CheckpointError]]:
-    """Each candidate to resume from, newest first, read: its state, or the error that makes it unusable.
-
-    The rolling checkpoints, then ``last.pt`` when it is not a link to one of them (a copy, or
-    the only file left). The caller decides which one fits; reading stops when it stops iterating.
-    """
-    run_dir = Path(run_dir)
-    candidates = list_checkpoints(run_dir)
-    last = run_dir / LAST
-    if last.is_file() and not any(last.samefile(p) for p in candidates):
-        candidates.append(last)
-    for path in candidates:
-        try:
-            yield path, read_checkpoint(path, map_location)
-        except CheckpointError as e:
-            yield path, e
-
-
-def find_resume_checkpoint(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
-    """The newest readable checkpoint in ``run_dir`` and its state, skipping (and reporting) bad ones."""
-    for path, state in scan_checkpoints(run_dir, map_location):
-        if isinstance(state, CheckpointError):
-            _logger.warning("resume: skipping %s; trying the previous one", state)
-            continue
-        return path, state
-    return None
-
-
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` rolling checkpoints (and any sidecars of earlier versions)."""
-    for path in list_checkpoints(run_dir)[keep:]:
-        path.unlink(missing_ok=True)
-        _sidecar(path).unlink(missing_ok=True)
-
-
-def remove_orphaned_temp_files(run_dir: str | Path) -> list[Path]:
-    """Delete the temporary files interrupted writes left in a run directory; returns what was removed.
-
-    Only call this while no other process writes to ``run_dir``: the trainer does at start, before
-    the first write of the run.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    removed, size = [], 0
-    for p in run_dir.iterdir():
-        if _ORPHAN.match(p.name) and p.is_file():
-            size += p.stat().st_size
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        _logger.info("removed %d temporary file(s) (%.1f MB) that interrupted writes left in %s: %s", len(removed),
-                     size / 2**20, run_dir, ", ".join(p.name for p in removed))
-    return removed
-
-
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy and torch RNG states as tensors and plain lists (``weights_only``-safe)."""
     py_version, py_state, py_gauss = random.getstate()
@@ -324,34 +226,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the trained network from a training checkpoint, weights loaded, in eval mode.
-
-    The architecture comes from the checkpoint's stored config (``model.name``,
-    ``num_classes``, ``in_chans``, ``kwargs``); pretrained weights are not fetched. The
-    weights are the main model's, except when the run evaluated its EMA
-    (``train.eval_ema: true``), in which case the EMA weights are the ones it validated
-    and reported, and those are returned.
-
-    Args:
-        path: a ``checkpoint-*.pt``, ``best.pt`` or ``last.pt`` written by the trainer.
-        map_location: where the tensors are loaded.
-
-    Returns:
-        ``(model, config)``: the model on ``map_location`` and the resolved config as a plain dict.
-
-    Raises:
-        CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
-    """
-    from .builder import build_model  # builder imports rednet.models; keep this module light
-    from .config_data import config_from_dict
-
-    state = read_checkpoint(path, map_location)
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg, pretrained=False)
-    weights = state["ema"] if cfg.train.eval_ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights)
-    model.to(map_location).eval()
-    return model, state["config"]

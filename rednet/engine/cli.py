@@ -20,7 +20,7 @@ from ..fileio import CheckpointError, OutputDirError
 from .config import ConfigError
 from .config_files import bundled_configs
 from .logger import setup_logging
-from .loop import NonFiniteLossError
+from .stepguard import NonFiniteLossError
 from .trainer import TrainingInterrupted
 
 __all__ = [

@@ -59,16 +59,22 @@ class DataConfig:
     """Datasets, augmentation and loaders.
 
     Args:
-        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``digits``
-            (scikit-learn's bundled 8x8 digits, upsampled to RGB) or ``synthetic`` (random tensors).
-        root: the ImageFolder root for ``imagenet``.
-        train_split / val_split: folder names under ``root``.
+        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``wds`` (tar
+            shards written by ``tools/make_shards.py``), ``digits`` (scikit-learn's bundled 8x8
+            digits, upsampled to RGB) or ``synthetic`` (random images).
+        root: the ImageFolder root for ``imagenet``; the shards' folder (with ``_info.json``) for ``wds``.
+        train_split / val_split: folder names under ``root``; split names in ``_info.json`` for ``wds``.
         img_size: training (and evaluation crop) size.
         batch_size: images per process per step (the global batch is this x processes x accum_steps).
         eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
-        workers: loader worker processes per process; ``None`` (the default) takes
-            ``min(8, CPUs available / processes on this node)``, so a small machine is not asked
-            for more workers than it has CPUs. A number in a file or on the command line is kept.
+        workers: loader worker processes per process; ``None`` (the default) takes the CPUs
+            available / processes on this node, so a small machine is not asked for more workers
+            than it has CPUs and a large one is not held back. A number in a file or on the
+            command line is kept.
+        decode: ``cpu`` (torchvision.io decode and timm's crop and flip on uint8 tensors),
+            ``pil`` (PIL decode and timm's PIL transforms, as before; also uint8 batches) or
+            ``gpu`` (JPEGs decoded and cropped on the GPU with nvJPEG; CPU decode where it
+            cannot run). Batches are normalised on the device in every case.
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
@@ -79,7 +85,7 @@ class DataConfig:
         synthetic_train_size / synthetic_val_size: lengths of the ``synthetic`` splits.
     """
 
-    dataset: Literal["imagenet", "digits", "synthetic"] = "imagenet"
+    dataset: Literal["imagenet", "wds", "digits", "synthetic"] = "imagenet"
     root: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
@@ -87,6 +93,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
     workers: Optional[int] = None
+    decode: Literal["cpu", "pil", "gpu"] = "cpu"
     pin_memory: bool = True
     persistent_workers: bool = True
     scale: tuple[float, float] = (0.08, 1.0)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from ..data import (
+    build_device_input,
     build_eval_dataset,
     build_eval_loader,
     build_eval_transform,
@@ -20,8 +21,14 @@ from ..data import (
     resolve_eval_transform,
 )
 from ..fileio import check_output_dir
-from .builder import autocast_dtype, build_model, check_device, execution_summary, format_summary
-from .checkpoint import load_model_from_checkpoint
+from .builder import (
+    autocast_dtype,
+    build_model,
+    check_device,
+    execution_summary,
+    format_summary,
+    load_model_from_checkpoint,
+)
 from .config import Config, ConfigError
 from .config_data import apply_overrides, config_from_dict, overridden_keys
 from .config_files import load_config
@@ -69,15 +76,17 @@ def run_eval(config: Optional[str] = None, *, model: Optional[str] = None, check
     named = [key.split(".", 1)[1] for key in overridden_keys(list(overrides)) if key.startswith("data.")]
     settings = resolve_eval_transform(cfg.data, cfg.model.in_chans, net if pretrained else None, named)
     transform = build_eval_transform(settings["input_size"][-1], settings["crop_pct"], settings["interpolation"],
-                                     settings["mean"], settings["std"], settings["crop_mode"])
+                                     settings["mean"], settings["std"], settings["crop_mode"], cfg.data.decode)
     _logger.info("%s", format_eval_transform(settings))
     dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
     loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
     execution = execution_summary(net, cfg, dist_info.device)
     _logger.info("execution: %s", format_summary(execution))
+    device_input = build_device_input(cfg.data, dist_info.device, dataset, train=False, mean=settings["mean"],
+                                      std=settings["std"])
     metrics = evaluate(net, loader, dist_info.device, autocast_dtype(cfg, dist_info.device), cfg.train.channels_last,
-                       dist_info.is_main)
+                       dist_info.is_main, device_input=device_input)
     result = {"model": cfg.model.name, "checkpoint": checkpoint, "pretrained": pretrained,
               **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,
               **metrics}

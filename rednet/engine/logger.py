@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
-from ..fileio import atomic_write
+from .rundir import RunDir
 
-__all__ = ["Progress", "RunLogger", "setup_logging", "trim_metrics"]
+__all__ = ["Progress", "RunLogger", "setup_logging"]
 
 _logger = logging.getLogger("rednet")
 
@@ -73,20 +73,21 @@ class RunLogger:
     Only rank 0 writes; on other ranks every method is a no-op.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (a path or a ``RunDir``).
         enabled: True on rank 0.
         purge_step: a resumed run's first step: TensorBoard hides the points an interrupted run
             logged from there on, which this run logs again.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, purge_step: Optional[int] = None):
+        files = RunDir(run_dir)
         self.enabled = enabled
         self.tb: Optional[Any] = None
-        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        self.jsonl_path = files.metrics
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
+            self.tb = SummaryWriter(str(files.tensorboard), purge_step=purge_step)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.tb is not None:
@@ -105,30 +106,3 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def trim_metrics(path: Path, epochs_done: int) -> int:
-    """Keep the records of epochs 1..``epochs_done`` in ``metrics.jsonl``; returns how many were dropped.
-
-    A resumed run writes again the records of the epochs after its checkpoint: a kill between
-    an epoch's metrics line and its checkpoint left one, and a kill in mid-line a torn one. The
-    file is rewritten atomically.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epochs_done:
-            kept.append(line + "\n")
-    dropped = len(lines) - len(kept)
-    if dropped:
-        atomic_write(path, lambda f: f.write("".join(kept).encode()))
-        _logger.warning("%s: dropped %d record(s) after epoch %d, which this run writes again", path, dropped,
-                        epochs_done)
-    return dropped

@@ -1,29 +1,36 @@
-"""One training epoch and one evaluation pass; the trainer and the tests both call these."""
+"""The training step, the epoch loop around it, and one evaluation pass; the trainer and the tests call these."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..data import DataError
+from ..data import DataError, DeviceInput
 from .distributed import all_reduce
 from .logger import Progress, RunLogger
+from .meter import EpochStats, TrainMeter
+from .stepguard import DeferredChecks, NonFiniteLossError, scaler_found_inf
 
-__all__ = ["NonFiniteLossError", "StepContext", "TrainState", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EpochResult",
+    "NonFiniteLossError",
+    "StepContext",
+    "StepResult",
+    "TrainState",
+    "evaluate",
+    "train_one_epoch",
+    "train_step",
+]
 
 _logger = logging.getLogger("rednet")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops before the optimizer step."""
 
 
 @dataclass
@@ -63,6 +70,14 @@ class StepContext:
         no_sync: ``model.no_sync`` for DDP (skip the all-reduce on non-final micro-batches), or None.
         stop_requested: returns True once a SIGTERM/SIGINT arrived.
         on_step: called after each optimizer step with the state; may write a checkpoint.
+        log_every: steps between log points, where the loss and the checks are read.
+        world_size: processes.
+        input: turns loader batches into model input on ``device`` (normalisation, GPU decode).
+        check_every_step: read the loss and the non-finite / stop flags on the host every step and
+            raise before a bad step (None: on a CPU, where reading costs nothing). Otherwise they stay
+            on the device (``rednet.engine.stepguard``): a bad step is undone there and the host
+            reads them at log points, every ``ckpt_every`` steps and at the epoch's end.
+        ckpt_every: the steps at which ``on_step`` writes a checkpoint (checks are read before it); 0: none.
     """
 
     model: nn.Module
@@ -83,6 +98,14 @@ class StepContext:
     on_step: Callable[["TrainState"], None] = lambda state: None
     log_every: int = 50
     world_size: int = 1
+    input: DeviceInput = field(default_factory=DeviceInput)
+    check_every_step: Optional[bool] = None
+    ckpt_every: int = 0
+
+    @property
+    def deferred(self) -> bool:
+        """Checks stay on the device between reads."""
+        return not (self.device.type != "cuda" if self.check_every_step is None else self.check_every_step)
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
@@ -90,10 +113,178 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autoc
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    images = images.to(ctx.device, non_blocking=True).contiguous(memory_format=fmt)
-    return images, targets.to(ctx.device, non_blocking=True)
+@dataclass
+class StepResult:
+    """What one ``train_step`` did on this rank.
+
+    Args:
+        loss: the step's loss, a 0-dim tensor on the device (not read here); None when every image of
+            the step was unreadable (no optimizer step).
+        images: images trained on.
+        skipped: unreadable images.
+        wait_s: seconds spent waiting for the loader.
+        lr: the learning rate the optimizer step used.
+        stop: a stop was requested (on any rank, agreed by all): the epoch ends after this step. With
+            deferred checks (``StepContext.deferred``) it is known only at a read, never here.
+    """
+
+    loss: Optional[torch.Tensor]
+    images: int
+    skipped: int
+    wait_s: float
+    lr: float = 0.0
+    stop: bool = False
+
+
+def train_step(ctx: StepContext, batches: Iterator, state: TrainState,
+               checks: Optional[DeferredChecks] = None) -> StepResult:
+    """One optimizer step over ``ctx.accum_steps`` micro-batches drawn from ``batches``; advances ``state``.
+
+    A step whose images were all unreadable moves the position in the epoch
+    (``state.iteration``) but is not an optimizer step.
+
+    Args:
+        ctx: model, optimizer and step options.
+        batches: yields ``(images, targets, skipped)`` on the device (``DeviceInput.batches``).
+        state: where training stands; updated in place.
+        checks: the epoch's deferred checks (``ctx.deferred``); None: this step's own, read at its end.
+
+    Raises:
+        NonFiniteLossError: the loss was NaN/inf on some rank; its optimizer step was not taken.
+        DataError: with several processes, every image of a micro-batch was unreadable.
+    """
+    own_checks = ctx.deferred and checks is None
+    if own_checks:
+        checks = DeferredChecks(ctx.model, ctx.optimizer, ctx.device)
+    if checks is not None:
+        checks.guard.snapshot()
+    loss_sum, images, skipped, wait = _forward_backward(ctx, batches, state)
+    if images == 0:
+        # Every image of this step was unreadable (one process; several raise above). An
+        # optimizer step would still apply momentum and weight decay and advance the schedule
+        # on no data, so it is not a step; the position in the epoch still moves on.
+        state.iteration += 1
+        return StepResult(None, 0, skipped, wait, stop=ctx.stop_requested())
+    if checks is None:
+        stop = _agree_on_step(ctx, loss_sum, state)
+        _optimizer_step(ctx)
+    else:
+        stop = False
+        ok = checks.check(loss_sum, ctx.stop_requested(), (state.epoch, state.iteration, state.global_step))
+        _optimizer_step(ctx, checks, ok)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    ctx.scheduler.step()
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.ema_source, step=state.global_step)
+    state.iteration += 1
+    state.global_step += 1
+    if own_checks:
+        stop = checks.read(ctx.scheduler, state)
+    return StepResult(loss_sum, images, skipped, wait, lr, stop)
+
+
+def _optimizer_step(ctx: StepContext, checks: Optional[DeferredChecks] = None,
+                    ok: Optional[torch.Tensor] = None) -> None:
+    """Clip, step (through the GradScaler for fp16) and clear the gradients.
+
+    With ``checks``, the step is kept only where ``ok`` and fp16 found no overflow, decided on the
+    device: the GradScaler is told of its overflow through ``unscale_`` and ``update`` only, since
+    its ``step`` reads the overflow flag on the host.
+    """
+    if ctx.scaler is not None and (checks is not None or ctx.clip_grad is not None):
+        ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.clip_grad is not None:
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad)
+    if checks is not None:
+        ctx.optimizer.step()
+        if ctx.scaler is not None:
+            found_inf = scaler_found_inf(ctx.scaler, ctx.optimizer)
+            if found_inf is not None:
+                ok = ok & (found_inf == 0)
+            ctx.scaler.update()
+        checks.guard.keep_if(ok)
+    elif ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+
+
+def _forward_backward(ctx: StepContext, batches: Iterator,
+                      state: TrainState) -> tuple[torch.Tensor, int, int, float]:
+    """Forward and backward over one step's micro-batches; returns (loss, images, skipped, loader wait)."""
+    loss_sum = torch.zeros((), device=ctx.device)
+    n_images, n_skipped, wait = 0, 0, 0.0
+    for micro in range(ctx.accum_steps):
+        t0 = time.perf_counter()
+        images, targets, skipped = next(batches)
+        wait += time.perf_counter() - t0
+        n_skipped += skipped
+        if images.numel() == 0:
+            if ctx.world_size > 1:
+                raise DataError(
+                    f"every image of a batch at epoch {state.epoch} step {state.iteration} was unreadable; "
+                    "with several processes the step cannot be skipped on one rank only"
+                )
+            continue
+        if ctx.mixup is not None:  # on the device, after DeviceInput normalised the batch
+            images, targets = ctx.mixup(images, targets)
+        last = micro == ctx.accum_steps - 1
+        sync = contextlib.nullcontext() if last or ctx.no_sync is None else ctx.no_sync()
+        with sync:
+            with _autocast(ctx.device, ctx.amp_dtype):
+                logits = ctx.model(images)
+                loss = ctx.loss_fn(logits, targets) / ctx.accum_steps
+            if ctx.scaler is not None:
+                ctx.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        loss_sum += loss.detach().float()
+        n_images += images.shape[0]
+    return loss_sum, n_images, n_skipped, wait
+
+
+def _agree_on_step(ctx: StepContext, loss_sum: torch.Tensor, state: TrainState) -> bool:
+    """Whether to stop after this step; raises ``NonFiniteLossError`` instead of taking it (eager checks).
+
+    One small collective per step: every rank learns whether any rank saw a non-finite
+    loss or received a stop signal, so all ranks stop at the same step.
+    """
+    nonfinite_flag = (~torch.isfinite(loss_sum)).float()
+    flags = torch.stack([nonfinite_flag, torch.tensor(float(ctx.stop_requested()), device=ctx.device)])
+    all_reduce(flags, "max")
+    nonfinite, stop = flags.tolist()
+    if nonfinite:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss_sum.item()}) at epoch {state.epoch} iteration {state.iteration} "
+            f"(global step {state.global_step}); stopped before the optimizer step, "
+            "the last checkpoint is untouched"
+        )
+    return bool(stop)
+
+
+@dataclass
+class EpochResult:
+    """What ``train_one_epoch`` returns.
+
+    Args:
+        stats: the epoch's statistics, for ``metrics.jsonl`` once the trainer has ended the epoch.
+        steps: optimizer steps done in this call (all ranks took the same).
+        stopped: a stop was requested; the epoch ended early, at the same step on every rank.
+    """
+
+    stats: EpochStats
+    steps: int
+    stopped: bool
+
+
+def _until_steps(batches: Iterator, state: TrainState, steps: int) -> Iterator:
+    yield from batches
+    # Only when max_iters/epoch arithmetic disagrees with the loader.
+    raise RuntimeError(f"the loader ran out after {state.iteration} of {steps} steps")
 
 
 def train_one_epoch(
@@ -104,7 +295,7 @@ def train_one_epoch(
     logger: Optional[RunLogger] = None,
     desc: str = "",
     main_process: bool = True,
-) -> dict[str, float]:
+) -> EpochResult:
     """Train from ``state.iteration`` to ``steps`` optimizer steps of epoch ``state.epoch``.
 
     The caller positions ``loader.sampler`` (``set_epoch(epoch, start=...)``) so the loader
@@ -120,142 +311,43 @@ def train_one_epoch(
         desc: progress prefix.
         main_process: rank 0 shows progress.
 
-    Returns:
-        ``loss`` (mean over ranks and steps), ``lr``, ``images_per_s``, ``data_wait_s`` (mean per step),
-        ``skipped`` (unreadable images, all ranks), ``steps`` done now and ``stopped``.
-
     Raises:
-        NonFiniteLossError: the loss was NaN/inf; raised before the optimizer step, so no bad weights are saved.
+        NonFiniteLossError: the loss was NaN/inf; its optimizer step was not taken, so no bad weights are saved.
         DataError: every image of the epoch was unreadable, or, with several processes, of one step.
     """
     ctx.model.train()
     progress = Progress(steps, state.iteration, desc, main_process, ctx.log_every)
-    it = iter(loader)
-    cuda = ctx.device.type == "cuda"
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
-    wait_total = 0.0
-    images_seen = 0
-    t_epoch = t_last = time.perf_counter()
-    window = dict(loss=0.0, steps=0, images=0, wait=0.0)
-    stopped = False
-    while state.iteration < steps:
-        loss_sum = torch.zeros((), device=ctx.device)
-        n_images = 0
-        wait = 0.0
-        for micro in range(ctx.accum_steps):
-            t0 = time.perf_counter()
-            try:
-                images, targets, skipped = next(it)
-            except StopIteration:  # only when max_iters/epoch arithmetic disagrees with the loader
-                raise RuntimeError(f"the loader ran out after {state.iteration} of {steps} steps") from None
-            wait += time.perf_counter() - t0
-            totals[2] += skipped
-            if images.numel() == 0:
-                if ctx.world_size > 1:
-                    raise DataError(
-                        f"every image of a batch at epoch {state.epoch} step {state.iteration} was unreadable; "
-                        "with several processes the step cannot be skipped on one rank only"
-                    )
-                continue
-            images, targets = _to_device(images, targets, ctx)
-            if ctx.mixup is not None:
-                images, targets = ctx.mixup(images, targets)
-            last = micro == ctx.accum_steps - 1
-            sync = contextlib.nullcontext() if last or ctx.no_sync is None else ctx.no_sync()
-            with sync:
-                with _autocast(ctx.device, ctx.amp_dtype):
-                    logits = ctx.model(images)
-                    loss = ctx.loss_fn(logits, targets) / ctx.accum_steps
-                if ctx.scaler is not None:
-                    ctx.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            loss_sum += loss.detach().float()
-            n_images += images.shape[0]
-        if n_images == 0:
-            # Every image of this step was unreadable (one process; several raise above). An
-            # optimizer step would still apply momentum and weight decay and advance the schedule
-            # on no data, so it is not a step; the position in the epoch still moves on.
-            state.iteration += 1
-            if ctx.stop_requested():
-                stopped = True
-                break
+    batches = _until_steps(ctx.input.batches(loader, ctx.device, ctx.channels_last), state, steps)
+    meter = TrainMeter(ctx.device, ctx.world_size)
+    checks = DeferredChecks(ctx.model, ctx.optimizer, ctx.device) if ctx.deferred else None
+    stopped, shown = False, {}
+    while state.iteration < steps and not stopped:
+        step = train_step(ctx, batches, state, checks)
+        meter.update(step.loss, step.images, step.skipped, step.wait_s)
+        stopped = step.stop
+        if step.loss is None:
             continue
-
-        # One small collective per step: every rank learns whether any rank saw a non-finite
-        # loss or received a stop signal, so all ranks stop at the same step.
-        nonfinite_flag = (~torch.isfinite(loss_sum)).float()
-        flags = torch.stack([nonfinite_flag, torch.tensor(float(ctx.stop_requested()), device=ctx.device)])
-        all_reduce(flags, "max")
-        nonfinite, stop = flags.tolist()
-        if nonfinite:
-            ctx.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss_sum.item()}) at epoch {state.epoch} iteration {state.iteration} "
-                f"(global step {state.global_step}); stopped before the optimizer step, "
-                "the last checkpoint is untouched"
-            )
-        if ctx.clip_grad is not None:
-            if ctx.scaler is not None:
-                ctx.scaler.unscale_(ctx.optimizer)
-            params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad)
-        if ctx.scaler is not None:
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
-        else:
-            ctx.optimizer.step()
-        ctx.optimizer.zero_grad(set_to_none=True)
-        lr = ctx.optimizer.param_groups[0]["lr"]
-        ctx.scheduler.step()
-        if ctx.ema is not None:
-            ctx.ema.update(ctx.ema_source, step=state.global_step)
-        state.iteration += 1
-        state.global_step += 1
-
-        loss_value = loss_sum.item()
-        totals[0] += loss_value
-        totals[1] += 1
-        wait_total += wait
-        images_seen += n_images
-        window["loss"] += loss_value
-        window["steps"] += 1
-        window["images"] += n_images
-        window["wait"] += wait
-        progress.update({"loss": loss_value, "lr": lr})
-        if logger is not None and state.global_step % ctx.log_every == 0:
-            now = time.perf_counter()
-            scalars = {
-                "loss": window["loss"] / window["steps"],
-                "lr": lr,
-                "images_per_s": window["images"] * ctx.world_size / max(now - t_last, 1e-9),
-                "data_wait_s": window["wait"] / window["steps"],
-            }
-            if cuda:
-                scalars["gpu_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-            logger.scalars("train", scalars, state.global_step)
-            t_last, window = now, dict(loss=0.0, steps=0, images=0, wait=0.0)
-        if stop:
-            stopped = True
-            break
-        ctx.on_step(state)
+        logged = state.global_step % ctx.log_every == 0
+        due = logged or state.iteration >= steps or (ctx.ckpt_every and state.global_step % ctx.ckpt_every == 0)
+        if checks is not None and due:
+            stopped = checks.read(ctx.scheduler, state)
+        if logged:  # the loss is read here, not at every step
+            window = meter.take_window(step.lr)
+            shown = {"loss": window["loss"], "lr": step.lr}
+            if logger is not None:
+                logger.scalars("train", window, state.global_step)
+        progress.update(shown)
+        if not stopped:
+            ctx.on_step(state)
+    if checks is not None:  # steps since the last read (the epoch ended on unreadable batches)
+        stopped = checks.read(ctx.scheduler, state) or stopped
     progress.close()
-    all_reduce(totals, "sum")
-    if not stopped and totals[1] == 0 and totals[2] > 0:
-        raise DataError(f"every image of epoch {state.epoch + 1} was unreadable ({int(totals[2])} skipped): "
+    _, done, skipped = meter.reduce()
+    if not stopped and done == 0 and skipped > 0:
+        raise DataError(f"every image of epoch {state.epoch + 1} was unreadable ({int(skipped)} skipped): "
                         "check the training split")
-    elapsed = time.perf_counter() - t_epoch
-    n_steps = max(1.0, totals[1].item())
-    return {
-        "loss": totals[0].item() / n_steps,
-        "lr": ctx.optimizer.param_groups[0]["lr"],
-        "images_per_s": images_seen * ctx.world_size / max(elapsed, 1e-9),
-        "data_wait_s": wait_total / max(1, totals[1].item() / ctx.world_size),
-        "skipped": int(totals[2].item()),
-        "steps": int(totals[1].item()) // ctx.world_size,
-        "time_s": elapsed,
-        "stopped": stopped,
-    }
+    stats = meter.epoch_stats(state.epoch + 1, state.global_step, ctx.optimizer.param_groups[0]["lr"])
+    return EpochResult(stats, int(done) // ctx.world_size, stopped)
 
 
 @torch.no_grad()
@@ -267,6 +359,7 @@ def evaluate(
     channels_last: bool = False,
     main_process: bool = True,
     desc: str = "eval",
+    device_input: Optional[DeviceInput] = None,
 ) -> dict[str, float]:
     """Single-pass top-1/top-5/loss over the loader's samples, summed exactly across ranks.
 
@@ -281,23 +374,21 @@ def evaluate(
         channels_last: NHWC inputs.
         main_process: show progress on rank 0.
         desc: progress prefix.
+        device_input: turns loader batches into model input (normalisation); None: ImageNet's mean and std.
 
     Returns:
         ``top1``, ``top5`` (percent), ``loss`` (plain cross-entropy), ``count`` (images scored over all
         ranks), ``skipped`` (unreadable), ``images_per_s``.
     """
     model.eval()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped
     progress = Progress(len(loader), 0, desc, main_process, max(1, len(loader) // 4))
     t0 = time.perf_counter()
-    for images, targets, skipped in loader:
+    for images, targets, skipped in (device_input or DeviceInput()).batches(loader, device, channels_last):
         sums[4] += skipped
         if images.numel() == 0:
             progress.update({})
             continue
-        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        targets = targets.to(device, non_blocking=True)
         with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

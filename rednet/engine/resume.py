@@ -31,28 +31,18 @@ which the run writes again. An epoch then replaces ``best.pt`` only by beating t
 from __future__ import annotations
 
 import logging
-import os
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (
-    LAST,
-    CheckpointError,
-    list_checkpoints,
-    read_checkpoint,
-    remove_orphaned_temp_files,
-    scan_checkpoints,
-)
+from .checkpoint import CheckpointError, read_checkpoint
 from .config import ConfigError
 from .config_data import config_from_dict, config_to_dict
-from .logger import trim_metrics
+from .rundir import RunDir
 
-__all__ = ["RESUME_SAFE_KEYS", "StartPlan", "carry_out", "config_changes", "plan_start", "results_in"]
+__all__ = ["RESUME_SAFE_KEYS", "StartPlan", "carry_out", "config_changes", "plan_start"]
 
 _logger = logging.getLogger("rednet")
 
@@ -73,11 +63,6 @@ RESUME_SAFE_KEYS: dict[str, str] = {
     "data.persistent_workers": "loader option",
     "data.eval_batch_size": "validation batching",
 }
-
-_OTHER_CONFIG = ".other-config"
-# What --restart moves aside: everything the trainer and `make train` write into a run directory.
-_RUN_FILES = re.compile(r"^(checkpoint-\d+\.pt|best\.pt|last\.pt)(\.sha256|\.other-config(-\d+)?)?$"
-                        r"|^(metrics\.jsonl|config\.yaml|eval\.json|tb)$")
 
 
 @dataclass
@@ -123,19 +108,6 @@ def config_changes(current: dict, stored: dict) -> tuple[list[str], list[str]]:
     return safe, unsafe
 
 
-def results_in(run_dir: Path) -> list[str]:
-    """What the run directory holds that a fresh start would bury, in words (empty: nothing)."""
-    found = []
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        found.append(f"{len(checkpoints)} rolling checkpoint{'s' if len(checkpoints) > 1 else ''}")
-    found += [name for name in ("best.pt", LAST) if (run_dir / name).is_file()]
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size:
-        found.append(f"metrics.jsonl ({len(metrics.read_text().splitlines())} epoch records)")
-    return found
-
-
 def _unusable(state: dict, config: dict, allow_config_change: bool) -> Optional[tuple[str, bool]]:
     """Why a run cannot continue from a readable checkpoint, and whether the reason is another config."""
     if state.get("optimizer") is None:
@@ -160,7 +132,7 @@ def _misfit(config: dict, weights: dict) -> Optional[str]:
     return ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "") or None
 
 
-def _continue_from(path: Path, state: dict, config: dict, run_dir: Path) -> StartPlan:
+def _continue_from(path: Path, state: dict, config: dict, run_dir: RunDir) -> StartPlan:
     safe, unsafe = config_changes(config, state["config"])
     if safe:
         _logger.info("config changes a resume allows: %s", "; ".join(safe))
@@ -171,7 +143,7 @@ def _continue_from(path: Path, state: dict, config: dict, run_dir: Path) -> Star
         _logger.warning("--allow-config-change: continuing from %s despite config changes: %s", path,
                         "; ".join(unsafe))
     plan = StartPlan(checkpoint=path, epoch=int(state["epoch"]), best_top1=float(state.get("best_top1", -1.0)))
-    best = run_dir / "best.pt"
+    best = run_dir.best
     if best.is_file() and not best.samefile(path):
         try:
             best_state = read_checkpoint(best)
@@ -181,7 +153,7 @@ def _continue_from(path: Path, state: dict, config: dict, run_dir: Path) -> Star
         _, best_unsafe = config_changes(config, best_state["config"])
         if best_unsafe and not unsafe:
             _logger.warning("%s was written by another config (%s): renaming it %s%s", best, "; ".join(best_unsafe),
-                            best.name, _OTHER_CONFIG)
+                            best.name, RunDir.OTHER_CONFIG)
             plan.set_aside.append(best)
         else:
             # A kill after best.pt and before the epoch's checkpoint: this run redoes that epoch,
@@ -190,29 +162,29 @@ def _continue_from(path: Path, state: dict, config: dict, run_dir: Path) -> Star
     return plan
 
 
-def _choices(run_dir: Path, other_config: bool) -> str:
+def _choices(run_dir: RunDir, other_config: bool) -> str:
     choices = ["--output DIR to train in another directory",
-               f"--restart to move these results into {run_dir}/previous-<time>/ and start over"]
+               f"--restart to move these results into {run_dir}/{RunDir.PREVIOUS}<time>/ and start over"]
     if other_config:
         choices.append("--allow-config-change to continue from the newest readable checkpoint anyway")
     return "; ".join(choices[:-1]) + "; or " + choices[-1]
 
 
-def _plan_auto(run_dir: Path, config: dict, allow_config_change: bool) -> tuple[StartPlan, Optional[dict]]:
+def _plan_auto(run_dir: RunDir, config: dict, allow_config_change: bool) -> tuple[StartPlan, Optional[dict]]:
     skipped: list[tuple[Path, str, bool]] = []  # path, why, written by another config
-    for path, state in scan_checkpoints(run_dir):
+    for path, state in run_dir.scan():
         if isinstance(state, CheckpointError):
             why, other = str(state), False
         else:
             unusable = _unusable(state, config, allow_config_change)
             if unusable is None:
                 plan = _continue_from(path, state, config, run_dir)
-                plan.set_aside += [p for p, _, other in skipped if other and p.name != LAST]
+                plan.set_aside += [p for p, _, other in skipped if other and p.name != RunDir.LAST]
                 return plan, state
             why, other = f"{path}: {unusable[0]}", unusable[1]
         _logger.warning("resume: skipping %s", why)
         skipped.append((path, why, other))
-    results = results_in(run_dir)
+    results = run_dir.results()
     if not results:
         _logger.info("no checkpoint in %s: starting from scratch", run_dir)
         return StartPlan(), None
@@ -222,24 +194,20 @@ def _plan_auto(run_dir: Path, config: dict, allow_config_change: bool) -> tuple[
                           f"{_choices(run_dir, any(o for _, _, o in skipped))}")
 
 
-def _step_of(path: Path) -> int:
-    return int(path.name[len("checkpoint-"):-len(".pt")])
-
-
-def _plan_path(path: Path, run_dir: Path, config: dict, allow_config_change: bool) -> tuple[StartPlan, dict]:
+def _plan_path(path: Path, run_dir: RunDir, config: dict, allow_config_change: bool) -> tuple[StartPlan, dict]:
     state = read_checkpoint(path)
     unusable = _unusable(state, config, allow_config_change)
     if unusable is not None:
         why, other = unusable
         hint = "pass --allow-config-change to continue anyway" if other else "resume from last.pt or a checkpoint-*.pt"
         raise CheckpointError(f"cannot resume from {path}: {why}; {hint}")
-    if path.resolve().parent != run_dir.resolve():
-        results = results_in(run_dir)
+    if path.resolve().parent != run_dir.path.resolve():
+        results = run_dir.results()
         if results:
             raise CheckpointError(f"{run_dir} already holds results ({', '.join(results)}); continuing {path} there "
                                   "would mix two runs: choose another --output")
     else:
-        newer = [p.name for p in list_checkpoints(run_dir) if _step_of(p) > int(state["global_step"])]
+        newer = [p.name for p in run_dir.checkpoints() if run_dir.step_of(p) > int(state["global_step"])]
         if newer:
             raise CheckpointError(f"{run_dir} holds checkpoints newer than {path.name} ({', '.join(newer)}); "
                                   "continuing from an older one would mix two histories in one directory: use "
@@ -247,21 +215,17 @@ def _plan_path(path: Path, run_dir: Path, config: dict, allow_config_change: boo
     return _continue_from(path, state, config, run_dir), state
 
 
-def _plan_restart(run_dir: Path) -> StartPlan:
-    entries = sorted(p for p in run_dir.iterdir() if _RUN_FILES.match(p.name)) if run_dir.is_dir() else []
+def _plan_restart(run_dir: RunDir) -> StartPlan:
+    entries = run_dir.run_files()
     if not entries:
         return StartPlan()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = run_dir / f"previous-{stamp}", 1
-    while dest.exists():
-        n += 1
-        dest = run_dir / f"previous-{stamp}-{n}"
+    dest = run_dir.previous_dir()
     _logger.warning("--restart: moving %s from %s into %s, then starting over",
                     ", ".join(p.name for p in entries), run_dir, dest)
     return StartPlan(restart_dir=dest, move_aside=entries)
 
 
-def plan_start(run_dir: Path, config: dict, resume: Optional[str] = None, *, restart: bool = False,
+def plan_start(run_dir: RunDir, config: dict, resume: Optional[str] = None, *, restart: bool = False,
                allow_config_change: bool = False, restarted_worker: bool = False) -> tuple[StartPlan, Optional[dict]]:
     """Decide where a run starts, reading the run directory only; ``carry_out`` applies the decision.
 
@@ -289,7 +253,7 @@ def plan_start(run_dir: Path, config: dict, resume: Optional[str] = None, *, res
     if restart:
         return _plan_restart(run_dir), None
     if resume is None:
-        results = results_in(run_dir)
+        results = run_dir.results()
         if results:
             raise CheckpointError(f"{run_dir} already holds results ({', '.join(results)}); pass --resume auto to "
                                   f"continue that run, or use {_choices(run_dir, False)}")
@@ -299,21 +263,15 @@ def plan_start(run_dir: Path, config: dict, resume: Optional[str] = None, *, res
     return _plan_path(Path(resume), run_dir, config, allow_config_change)
 
 
-def carry_out(plan: StartPlan, run_dir: Path) -> None:
+def carry_out(plan: StartPlan, run_dir: RunDir) -> None:
     """Apply a plan to the run directory (rank 0 only, before any rank writes to it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_temp_files(run_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.remove_orphans()
     if plan.restart_dir is not None:
-        plan.restart_dir.mkdir()
-        for p in plan.move_aside:
-            os.replace(p, plan.restart_dir / p.name)
+        run_dir.move_aside(plan.move_aside, plan.restart_dir)
     for p in plan.set_aside:
-        target, n = p.with_name(p.name + _OTHER_CONFIG), 1
-        while target.exists():
-            n += 1
-            target = p.with_name(f"{p.name}{_OTHER_CONFIG}-{n}")
-        os.replace(p, target)
+        target = run_dir.set_aside(p)
         _logger.warning("renamed %s (another config's) to %s: this run neither resumes from it nor overwrites it",
                         p, target.name)
     if plan.checkpoint is not None:
-        trim_metrics(run_dir / "metrics.jsonl", plan.epoch)
+        run_dir.trim_metrics(plan.epoch)

@@ -14,12 +14,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
-from ..fileio import atomic_write, check_output_dir
+from ..data import (
+    DataError,
+    build_datasets,
+    build_device_input,
+    build_eval_loader,
+    build_train_loader,
+    epoch_order,
+)
+from ..fileio import check_output_dir
 from .builder import (
     autocast_dtype,
     build_loss_and_mixup,
@@ -32,20 +38,15 @@ from .builder import (
     global_batch_size,
     peak_lr,
 )
-from .checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    prune_checkpoints,
-    read_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, capture_rng_state, read_checkpoint, restore_rng_state
 from .config import Config
 from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
+from .meter import EpochStats
 from .resume import StartPlan, carry_out, plan_start
+from .rundir import RunDir
 
 __all__ = ["TrainingInterrupted", "fit", "seed_everything"]
 
@@ -110,23 +111,23 @@ class _Run:
 
     Args:
         cfg: the resolved config.
-        run_dir: where checkpoints go.
+        run_dir: the run directory (a path or a ``RunDir``).
         dist_info: this process's place in the process group.
         model: the unwrapped network (no DDP, not compiled).
         optimizer / scheduler / scaler / ema: their training state (scaler and ema may be None).
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: DistInfo, model: nn.Module,
+    def __init__(self, cfg: Config, run_dir: str | os.PathLike, dist_info: DistInfo, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                  scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3]):
-        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist_info
+        self.cfg, self.run_dir, self.dist = cfg, RunDir(run_dir), dist_info
         self.cfg_dict = config_to_dict(cfg)
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.state = TrainState()
         self.rng_state: Optional[dict] = None  # set by restore; applied just before the first step
 
     @classmethod
-    def build(cls, cfg: Config, run_dir: Path, dist_info: DistInfo, steps: int, pretrained: bool) -> _Run:
+    def build(cls, cfg: Config, run_dir: RunDir, dist_info: DistInfo, steps: int, pretrained: bool) -> _Run:
         """A fresh run: the model (pretrained weights unless a checkpoint follows), optimizer, schedule, EMA."""
         model = build_model(cfg, pretrained=pretrained).to(dist_info.device)
         if cfg.train.channels_last:
@@ -164,19 +165,19 @@ class _Run:
         Each rank draws its own augmentation stream (seeded with seed + rank), so each rank's RNG
         states go into the checkpoint, gathered to rank 0, and each rank takes its own back.
         """
-        path = self.run_dir / f"checkpoint-{self.state.global_step:09d}.pt"
+        step = self.state.global_step
         rng = gather_to_main(capture_rng_state())
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_state(rng), path, link_last=True)
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+            self.run_dir.save_checkpoint(self.checkpoint_state(rng), step)
+            self.run_dir.prune(self.cfg.train.keep_last)
         barrier()
-        return path
+        return self.run_dir.checkpoint(step)
 
     def save_best(self, metrics: dict[str, Any]) -> None:
         """``best.pt``: the weights and bookkeeping of this epoch, without what only resuming needs."""
         if self.dist.is_main:
             best = {k: v for k, v in self.checkpoint_state().items() if k not in ("optimizer", "rng")}
-            save_checkpoint({**best, "metrics": metrics}, self.run_dir / "best.pt")
+            self.run_dir.save_best({**best, "metrics": metrics})
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint; its RNG states wait in ``rng_state`` until everything is built."""
@@ -231,7 +232,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
         train_loader.worker_init_fn = _ignore_sigint
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
-    steps = train_loader.sampler.num_samples // cfg.data.batch_size // cfg.train.accum_steps
+    steps = epoch_order(train_loader).num_samples // cfg.data.batch_size // cfg.train.accum_steps
     if cfg.train.max_iters_per_epoch is not None:
         steps = min(steps, cfg.train.max_iters_per_epoch)
     if steps == 0:
@@ -269,7 +270,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     dist_info = init_distributed(cfg.train.device)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
-    run_dir = Path(cfg.train.output)
+    run_dir = RunDir(cfg.train.output)
     seed_everything(cfg.train.seed + dist_info.rank, cfg.train.deterministic)
     cfg_dict = config_to_dict(cfg)
     main_state: Optional[dict] = None
@@ -283,8 +284,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
 
     def prepare_run_dir() -> None:
         carry_out(plan, run_dir)
-        config_yaml = yaml.safe_dump(cfg_dict, sort_keys=False).encode()
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(config_yaml))
+        run_dir.write_config(cfg_dict)
 
     # Rank 0 decides and changes the directory; the others wait (and see its errors), then
     # read the same checkpoint.
@@ -327,11 +327,13 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
         channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
         stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
-        world_size=dist_info.world_size,
+        world_size=dist_info.world_size, ckpt_every=cfg.train.ckpt_every_iters,
+        input=build_device_input(cfg.data, device, train_loader.dataset, train=True),
     )
     eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
     validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                 dist_info.is_main)
+                                 dist_info.is_main,
+                                 device_input=build_device_input(cfg.data, device, val_loader.dataset, train=False))
 
     final: dict[str, Any] = {}
     # RNG states last: building the run (loaders, model init) consumed the same draws as in
@@ -343,18 +345,18 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
             while run.state.epoch < cfg.train.epochs:
                 epoch = run.state.epoch
                 per_step = cfg.data.batch_size * cfg.train.accum_steps
-                train_loader.sampler.set_epoch(epoch, start=run.state.iteration * per_step)
-                stats = train_one_epoch(ctx, train_loader, run.state, steps, logger,
-                                        desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
-                if stats["stopped"] or signals.signum is not None:
+                epoch_order(train_loader).set_epoch(epoch, start=run.state.iteration * per_step)
+                result = train_one_epoch(ctx, train_loader, run.state, steps, logger,
+                                         desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
+                if result.stopped or signals.signum is not None:
                     path = run.save()
                     raise TrainingInterrupted(signals.signum or signal.SIGTERM, path)
-                if stats["skipped"]:
-                    _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, stats["skipped"])
+                if result.stats.skipped_images:
+                    _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, result.stats.skipped_images)
                 val = None
                 if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                     val = final = validate(desc=f"val {epoch + 1}")
-                path = _end_epoch(run, stats, val, logger)
+                path = _end_epoch(run, result.stats, val, logger)
                 if signals.signum is not None:
                     raise TrainingInterrupted(signals.signum, path)
         finally:
@@ -377,26 +379,26 @@ def _wrap_for_training(model: nn.Module, cfg: Config, dist_info: DistInfo) -> tu
     return wrapped, no_sync
 
 
-def _end_epoch(run: _Run, stats: dict[str, Any], val: Optional[dict[str, Any]], logger: RunLogger) -> Path:
-    """Record the finished epoch (metrics line, TensorBoard, log), checkpoint it, and keep it as best if it is."""
+def _end_epoch(run: _Run, stats: EpochStats, val: Optional[dict[str, Any]], logger: RunLogger) -> Path:
+    """Record the finished epoch (metrics line, TensorBoard, log), checkpoint it, and keep it as best if it is.
+
+    ``stats`` (``train_one_epoch``'s) is completed with ``val``, the best top-1 and the time, then written.
+    """
     cfg, epoch, state = run.cfg, run.state.epoch, run.state
-    record: dict[str, Any] = {"epoch": epoch + 1, "global_step": state.global_step,
-                              "train_loss": stats["loss"], "lr": stats["lr"],
-                              "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
-                              "epoch_time_s": stats["time_s"], "skipped_images": stats["skipped"]}
     improved = False
     if val is not None:
-        record.update({f"val_{k}": v for k, v in val.items()})
+        stats.val = val
         logger.scalars("val", {"top1": val["top1"], "top5": val["top5"], "loss": val["loss"],
                                "images_per_s": val["images_per_s"]}, state.global_step)
         improved = val["top1"] > state.best_top1
         state.best_top1 = max(state.best_top1, val["top1"])
-    record["best_top1"] = state.best_top1
+    stats.best_top1 = state.best_top1
     _logger.info("epoch %d/%d: train loss %.4f, lr %.4g, %.0f img/s%s", epoch + 1, cfg.train.epochs,
-                 stats["loss"], stats["lr"], stats["images_per_s"],
+                 stats.train_loss, stats.lr, stats.images_per_s,
                  f", val top-1 {val['top1']:.2f} top-5 {val['top5']:.2f} loss {val['loss']:.4f}" if val else "")
     state.epoch, state.iteration = epoch + 1, 0
-    record["time"] = time.time()
+    stats.time = time.time()
+    record = stats.record()
     logger.epoch(record)
     # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
     # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
