@@ -98,8 +98,9 @@ def _printed(capsys) -> str:
 
 def _foreign_checkpoint(state: dict, path, step: int):
     """A checkpoint of another config (3 classes instead of 4) named after a later step."""
-    from rednet.engine import config_to_dict, save_checkpoint
+    from rednet.engine import config_to_dict
     from rednet.engine.builder import build_model
+    from rednet.engine.checkpoint import save_checkpoint
 
     cfg = load_config(CONFIGS / "digits.yaml", [*TINY, "model.num_classes=3"])
     save_checkpoint({**state, "config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
@@ -107,7 +108,7 @@ def _foreign_checkpoint(state: dict, path, step: int):
 
 
 def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, capsys):
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
     out = _copy(one_epoch, tmp_path / "run")
     own = read_checkpoint(out / "checkpoint-000000002.pt")
@@ -129,7 +130,7 @@ def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, c
 
 
 def test_only_a_checkpoint_of_another_config_is_refused(one_epoch, tmp_path, capsys):
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
     out = _copy(one_epoch, tmp_path / "run")
     _foreign_checkpoint(read_checkpoint(out / "last.pt"), out / "checkpoint-000000009.pt", 9)
@@ -161,13 +162,20 @@ def test_resume_from_best_pt_or_an_older_checkpoint_is_a_clear_error(one_epoch, 
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_allow_config_change_help_names_every_key_a_resume_may_change():
+    from rednet.engine import RESUME_SAFE_KEYS
+
+    help_text = " ".join(load_tool("train").build_parser().format_help().split())
+    assert "--allow-config-change" in help_text and ", ".join(RESUME_SAFE_KEYS) in help_text
+
+
 class _Killed(BaseException):
     """Stands in for a kill -9: nothing after it runs (BaseException: no handler in the trainer catches it)."""
 
 
 def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
     """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.trainer import _Run
 
     out = tmp_path / "run"

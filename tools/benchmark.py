@@ -55,6 +55,7 @@ import torch
 
 import rednet
 from rednet.analysis.shapes import InvolutionShape, involution_shapes
+from rednet.engine import UsageError, run_command
 from rednet.ops import (
     MEMORY_FORMATS,
     can_use_cuda_kernel,
@@ -530,14 +531,14 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
     """Fill in the device-dependent defaults and check every list; the op shapes to run.
 
     Raises:
-        ValueError: a bad argument, with what to choose instead.
+        UsageError: a bad argument, with what to choose instead.
     """
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+        raise UsageError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     race = args.mode == "race"
     if race and gpu:
-        raise ValueError("race runs on the CPU; drop --device cuda (use model mode on a GPU)")
+        raise UsageError("race runs on the CPU; drop --device cuda (use model mode on a GPU)")
     args.models = args.models or (["rednet50", "resnet50"] if race else
                                   ["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
     args.batch = args.batch or ([64, 128] if gpu else [2])
@@ -555,7 +556,7 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
                                 ("--backends", args.backends, OP_BACKENDS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
-            raise ValueError(f"{flag}: unknown {bad}; choose from {list(allowed)}")
+            raise UsageError(f"{flag}: unknown {bad}; choose from {list(allowed)}")
     if args.mode != "op":
         return []
     shapes = involution_shapes("rednet50", 224)
@@ -563,7 +564,7 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
         names = [s["name"] for s in shapes]
         unknown = [w for w in args.shapes if w not in names]
         if unknown:
-            raise ValueError(f"--shapes: unknown {unknown}; choose from {names}")
+            raise UsageError(f"--shapes: unknown {unknown}; choose from {names}")
         shapes = [s for s in shapes if s["name"] in args.shapes]
     return shapes
 
@@ -578,15 +579,12 @@ def _cupy_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.mode == "selfcheck":
-        return run_selfcheck(args)
-    if args.mode == "data":
-        return run_data(args, argv)
-    try:
-        shapes = resolve_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    modes = {"selfcheck": lambda: run_selfcheck(args), "data": lambda: run_data(args, argv)}
+    return run_command(modes.get(args.mode, lambda: _benchmark(args, argv)))
+
+
+def _benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
+    shapes = resolve_args(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -631,9 +629,7 @@ def run_data(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     batch, rounds = (args.batch or [64])[0], args.repeats or 5
     if args.images < batch or rounds < 1 or args.workers < 0:
-        print(f"error: --images ({args.images}) must hold one --batch ({batch}); --repeats >= 1, --workers >= 0",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--images ({args.images}) must hold one --batch ({batch}); --repeats >= 1, --workers >= 0")
     date = dt.date.today().isoformat()
     out = args.json
     if out is None:  # never overwrite an earlier run's file
@@ -706,9 +702,8 @@ def run_benchmarks(out: Path) -> int:
 
 def run_selfcheck(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        print(f"error: selfcheck needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with CUDA "
-              f"{torch.version.cuda}); nothing was checked", file=sys.stderr)
-        return 2
+        raise UsageError(f"selfcheck needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with "
+                         f"CUDA {torch.version.cuda}); nothing was checked")
     device = torch.device("cuda", torch.cuda.current_device())
     for line in environment_lines(device):
         print(line)

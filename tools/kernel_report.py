@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the emulator lives with the tests that prove it
 
 from rednet.analysis.shapes import involution_shapes  # noqa: E402
+from rednet.engine import run_command  # noqa: E402
 from rednet.ops import involution_output_size  # noqa: E402
 from tests import cuda_emu  # noqa: E402
 
@@ -402,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _report(args, argv))
+
+
+def _report(args: argparse.Namespace, argv: list[str] | None) -> int:
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, check=True).stdout
     report = {"date": dt.date.today().isoformat(), "command": "python tools/kernel_report.py "
               + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -11,7 +11,7 @@ go into the same OUT. Shards are written whole or not at all (``.partial`` files
 when complete): after an interruption, the same command writes only the missing shards, and
 the result is byte-for-byte that of an uninterrupted run.
 
-Exit status: 0 done; 2 bad input (no ImageFolder at SRC, OUT not writable, an interrupted run
+Exit status (rednet.engine.EXIT_CODES): 0 done; 2 bad input (no ImageFolder at SRC, OUT not writable, an interrupted run
 of different source or options in OUT), with one ``error:`` line; 130 interrupted.
 """
 from __future__ import annotations
@@ -53,10 +53,17 @@ def _progress(done: int, total: int, t0: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from rednet.engine import run_command
+
+    return run_command(lambda: _make_shards(args),
+                       interrupted="interrupted; run the same command again to write the missing shards")
+
+
+def _make_shards(args: argparse.Namespace) -> int:
     from rednet.data import DataError
     from rednet.data.shards import INFO_FILE, plan_shards, write_shard
-    from rednet.engine import ConfigError, fail
-    from rednet.engine.config import check_output_dir
+    from rednet.engine import OutputDirError
+    from rednet.fileio import check_output_dir
 
     source, out = Path(args.source), Path(args.out)
     split = args.split or source.resolve().name
@@ -70,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{out} holds an interrupted run for split {split!r} of other images or options; "
                             f"remove {state_path} and the {split}-*.tar files, or choose another OUT")
         state_path.write_text(plan.digest + "\n")
-    except (DataError, ConfigError, OSError) as e:
-        return fail(e)
+    except OSError as e:  # an unreadable source, an OUT that cannot be written
+        raise DataError(str(e)) from None
     for leftover in out.glob(f"{split}-*.tar.partial"):  # an interrupted shard: written again
         leftover.unlink()
     todo = [i for i in range(len(plan.shards)) if not (out / plan.filename(i)).exists()]
@@ -80,15 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         for n, index in enumerate(todo, 1):
             write_shard(plan, index, source, out)
             _progress(len(plan.shards) - len(todo) + n, len(plan.shards), t0)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to write the missing shards", file=sys.stderr)
-        return 130
     except OSError as e:
-        return fail(f"writing {out}: {e}; the shards written so far are kept, run the command again")
+        raise OutputDirError(f"writing {out}: {e}; the shards written so far are kept, run the command again") from None
     info_path = out / INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     if info.get("classes") not in (None, plan.classes):
-        return fail(f"{info_path} lists other classes than {source}; write this dataset into another OUT")
+        raise DataError(f"{info_path} lists other classes than {source}; write this dataset into another OUT")
     entry = {"name": split, "num_samples": sum(len(s) for s in plan.shards),
              "filenames": [plan.filename(i) for i in range(len(plan.shards))],
              "shard_lengths": [len(s) for s in plan.shards]}

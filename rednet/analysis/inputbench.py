@@ -90,7 +90,7 @@ def _old_transform(train: bool, img_size: int) -> Callable:
 def _datasets(root: Path, img_size: int) -> dict[str, dict[str, torch.utils.data.Dataset]]:
     """``{"old": {"train", "eval"}, "new": {...}}`` over the same files."""
     from rednet.data import SafeImageFolder, build_datasets
-    from rednet.engine.config import load_config
+    from rednet.engine import load_config
 
     cfg = load_config(None, ["data.dataset=imagenet", f"data.root={root}", f"data.img_size={img_size}",
                              f"model.num_classes={len(list((root / 'train').iterdir()))}"])

@@ -25,19 +25,22 @@ from ..data import (
     build_train_loader,
     epoch_order,
 )
+from ..fileio import check_output_dir
 from .builder import (
     autocast_dtype,
     build_loss_and_mixup,
     build_model,
     build_optimizer,
     build_scheduler,
+    check_buildable,
     execution_summary,
     format_summary,
     global_batch_size,
     peak_lr,
 )
 from .checkpoint import CheckpointError, capture_rng_state, read_checkpoint, restore_rng_state
-from .config import Config, config_to_dict
+from .config import Config
+from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
@@ -255,10 +258,15 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
             ``RESUME_SAFE_KEYS``.
 
     Raises:
+        ConfigError: the config names what cannot be built here (a model, weights file, optimizer, CUDA device).
+        OutputDirError: the run directory cannot be written.
         CheckpointError: the run directory or checkpoint does not allow what was asked (nothing was changed).
         NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
+    # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
+    check_buildable(cfg)
+    check_output_dir(cfg.train.output, "the run directory train.output (--output)")
     dist_info = init_distributed(cfg.train.device)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
