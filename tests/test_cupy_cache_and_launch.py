@@ -7,12 +7,14 @@
   cached binary the driver refuses is rebuilt;
 - launching (``_cupy.launch``): the stream handed to the kernel is PyTorch's current
   stream of the tensor's device, and no device other than the tensor's is made current
-  (CuPy's ``Device`` context, which sets the previous device on exit, is not used).
+  (CuPy's ``Device`` context, which sets the previous device on exit, is not used); a
+  block's dynamic shared memory above 48 KB is opted into once per device.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -185,8 +187,19 @@ class _FakeCuda:
 
         self.cupy = SimpleNamespace(cuda=SimpleNamespace(
             Module=Module, Device=forbidden,
-            Stream=SimpleNamespace(from_external=lambda ts: SimpleNamespace(ptr=ts.cuda_stream)),
-            ExternalStream=lambda ptr, device: SimpleNamespace(ptr=ptr)))
+            Stream=SimpleNamespace(from_external=lambda ts: fake.stream(ts.cuda_stream)),
+            ExternalStream=lambda ptr, device: fake.stream(ptr)))
+        self.fault = None  # raised by the next synchronisation
+
+    def stream(self, ptr):
+        fake = self
+
+        def synchronize():
+            fake.events.append(("sync", fake.current, ptr))
+            if fake.fault is not None:
+                raise fake.fault
+
+        return SimpleNamespace(ptr=ptr, synchronize=synchronize)
 
     def device(self, index):
         fake = self
@@ -209,8 +222,9 @@ class _Function:
     def __init__(self, fake, lowered):
         self.fake, self.lowered, self.device = fake, lowered, fake.current
 
-    def __call__(self, grid, block, args, stream=None):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
         self.fake.events.append(("launch", self.fake.current, self.lowered, stream.ptr))
+        self.shared_mem = shared_mem
 
 
 @pytest.fixture
@@ -283,3 +297,19 @@ def test_a_cached_binary_the_driver_refuses_is_rebuilt_once(fake_cuda, compiles,
     monkeypatch.setattr(_kernel_cache, "load", lambda key, names: None)
     with pytest.raises(RuntimeError, match="CUDA_ERROR_INVALID_IMAGE"):
         _cupy.prepare(0, plan.module)
+
+
+def test_more_than_48_kb_of_dynamic_shared_memory_is_opted_into_once_per_device(fake_cuda, monkeypatch):
+    calls = []
+    driver = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8,
+                             funcSetAttribute=lambda ptr, attr, value: calls.append((ptr, attr, value)))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api.driver", driver)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api", SimpleNamespace(driver=driver))
+    monkeypatch.setattr(_cupy, "_opted_in", set())
+    monkeypatch.setattr(_Function, "ptr", 1234, raising=False)
+    _, plan = _plan_fwd()
+    big, small = plan._replace(smem=80 * 1024), plan._replace(smem=40 * 1024)
+    for p, dev in ((small, 0), (big, 0), (big, 0), (big, 1)):
+        _cupy.launch(p, torch.device("cuda", dev))
+    assert calls == [(1234, 8, 80 * 1024)] * 2  # once on cuda:0, once on cuda:1; not for 40 KB
+    assert all(_cupy._functions[(dev, plan.name)].shared_mem == 80 * 1024 for dev in (0, 1))  # as launch size

@@ -132,8 +132,8 @@ def test_gpu_no_host_sync_current_stream_and_device(monkeypatch):
     involution(x, kernel, backend="cupy")  # compile and check outside the checked region
     streams = []
     real_call = _cupy._call
-    monkeypatch.setattr(_cupy, "_call", lambda fn, grid, block, args, stream: streams.append(stream.ptr)
-                        or real_call(fn, grid, block, args, stream))
+    monkeypatch.setattr(_cupy, "_call", lambda fn, grid, block, args, stream, shared_mem=0: streams.append(
+        stream.ptr) or real_call(fn, grid, block, args, stream, shared_mem))
     # The inputs are written on the side stream behind a long sleep: a kernel queued on any
     # other stream (the legacy default one, the caller's previous one) runs before they are
     # ready and reads zeros, so a wrong stream fails the comparison and not only the spy.

@@ -217,8 +217,9 @@ class Function:
         return freq
 
     def diamonds(self) -> list[tuple[int, int, int]]:
-        """If-else blocks: (i, t, m) for a conditional forward branch at i to t, the fall-through side
-        [i+1, t-1] ending in an unconditional branch to m > t, the taken side [t, m-1]."""
+        """If-else blocks: (i, t, m) for a conditional forward branch at i to t whose fall-through
+        side [i+1, t-1] ends in an unconditional branch to m > t (the taken side is [t, m-1]) or in
+        an unconditional EXIT (the taken side runs to the end of the code, m = main_end)."""
         out = []
         for i, x in enumerate(self.instrs[:self.main_end]):
             if x.base != "BRA" or not x.pred or x.target is None or x.target <= i + 1:
@@ -227,6 +228,8 @@ class Function:
             last = self.instrs[t - 1]
             if last.base == "BRA" and not last.pred and last.target is not None and last.target > t:
                 out.append((i, t, last.target))
+            elif last.base == "EXIT" and not last.pred:
+                out.append((i, t, self.main_end))
         return out
 
     def one_side(self, trips: Callable[[Loop], float],

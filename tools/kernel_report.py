@@ -178,6 +178,7 @@ class TripRules:
         c, g, k = shape["C"], shape["G"], shape["K"]
         self.cg, self.g, self.kk, self.size = c // g, g, k * k, dtype.itemsize
         self.params = dict(zip(_param_names(side, name), (int(a) for a in launch.args)))
+        self.params["slots"] = getattr(side.plan, "NHWC_SLOTS", 0)
 
     def text(self, instrs) -> str:
         return "\n".join(sorted({self.lines[x.line - 1] for x in instrs if x.line}))
@@ -192,6 +193,13 @@ class TripRules:
             return self.cg
         if "for (int m = tpi >> 1" in text:  # the xor-shuffle sum over an item's threads
             return _log2(p["tpi"])
+        # NHWC vector kernels (issue 18): move_rows, a warp per patch row of each of the block's
+        # patches, 4 lanes per pixel along its 32-bit words.
+        if "for (int p = 0; p < s.ppb" in text:
+            return p["slots"] // (p["gb"] * self.size)
+        if "for (int e = part; e < nw; e += 4)" in text:
+            return -(-(p["gb"] * self.kk * self.size // 4) // 4)
+        # Before issue 18.
         if "for (int px = threadIdx.x / 32" in text:  # kernel_rows: a warp per pixel of the patch
             return self._rows_trips(body)
         if "for (int e = lane" in text:  # kernel_rows, lanes along a pixel's row: unrolled, runs only for
@@ -222,7 +230,7 @@ class TripRules:
     def skipped(self) -> list[tuple[int, int]]:
         """Code the launch skips: kernel_rows' unrolled blocks when a lane copies fewer than 4 units."""
         out = []
-        _, per_lane = self._rows() if "gb" in self.params else (None, 0)
+        _, per_lane = self._rows() if "tpi" in self.params else (None, 0)
         for loop in self.fn.loops:
             if "for (int px = threadIdx.x / 32" not in self.text(self.fn.exclusive(loop)) or per_lane >= 4:
                 continue

@@ -220,10 +220,23 @@ def _stream(cupy, index: int):
     return cs
 
 
-def _call(fn, grid: tuple, block: tuple, args: tuple, stream) -> None:
+def _call(fn, grid: tuple, block: tuple, args: tuple, stream, shared_mem: int = 0) -> None:
     # The one place a kernel is queued; tests spy on the stream it is given. The stream is
     # passed explicitly rather than made CuPy's current one, which is thread-global state.
-    fn(grid, block, args, stream=stream)
+    fn(grid, block, args, shared_mem=shared_mem, stream=stream)
+
+
+_STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function's opt-in
+_opted_in: set[tuple[int, str]] = set()  # (device, name expression) allowed its plan's shared memory
+
+
+def _allow_shared(fn, index: int, plan: Launch) -> None:
+    if plan.smem <= _STATIC_SHARED_LIMIT or (index, plan.name) in _opted_in:
+        return
+    from cupy_backends.cuda.api import driver  # lazy: CuPy is optional
+
+    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem)
+    _opted_in.add((index, plan.name))
 
 
 def launch(plan: Launch | None, device: torch.device) -> None:
@@ -233,4 +246,6 @@ def launch(plan: Launch | None, device: torch.device) -> None:
     cupy = _import_cupy()
     index = _index(device)
     with _on_device(index):
-        _call(_function(index, plan), (plan.grid,), (THREADS,), plan.args, _stream(cupy, index))
+        fn = _function(index, plan)
+        _allow_shared(fn, index, plan)
+        _call(fn, (plan.grid,), (THREADS,), plan.args, _stream(cupy, index), plan.smem)

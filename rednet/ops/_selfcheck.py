@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import _cupy
 from ._reference import involution_reference
 
-__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "verdict", "warn_once",
-           "warn_unavailable"]
+__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "error_bound", "verdict",
+           "warn_once", "warn_unavailable"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +48,33 @@ REPORT_HINT = ("Please report it on the project's issue tracker with the output 
 # Allowed error relative to the problem's scale: what fp32 accumulation plus the final
 # rounding to the dtype can cost (as the GPU tests allow), with margin.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# What the kernels guarantee, element by element. An output element is a sum of n products of
+# inputs converted exactly to the accumulator (fp32; fp64 for float64), added in some order
+# (FMA or not), then rounded once to the dtype. With u the accumulator's unit roundoff and v
+# the dtype's (0 when the dtype is the accumulator), Higham's bound for a computed sum
+# ("Accuracy and Stability of Numerical Algorithms", 2nd ed., section 3.1) and one rounding:
+#
+#     |got - exact| <= v * |exact| + (1 + v) * gamma_n * sum_t |term_t|,   gamma_n = n*u / (1 - n*u)
+#
+# plus, in fp32, 2n * 2^-126 for quantities below the normal range flushed to zero (-ftz=true),
+# and, in fp16, half the spacing of its subnormals (2^-25). sum_t |term_t| is the same
+# involution of the inputs' absolute values, and n is at most max(K*K, C/G) (a forward or
+# grad_input element sums at most K*K taps, a grad_kernel element C/G channels). In bf16 the
+# bound is about 0.4% of |exact| plus 3e-6 * sum|term| for K = 7: an element whose sum cancels
+# must still be right to fp32 accuracy, which a kernel accumulating in bf16 or fp16 is not.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+                 torch.bfloat16: 2.0**-8}
+
+
+def error_bound(dtype: torch.dtype, n: int, exact: torch.Tensor, abs_sum: torch.Tensor) -> torch.Tensor:
+    """Per element, the most a kernel output of ``dtype`` may differ from ``exact`` (float64) when
+    it sums ``n`` products whose absolute values sum to ``abs_sum`` (see above)."""
+    u = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+    v = 0.0 if dtype in (torch.float32, torch.float64) else UNIT_ROUNDOFF[dtype]
+    gamma = n * u / (1 - n * u)
+    flushed = 0.0 if dtype == torch.float64 else 2 * n * 2.0**-126
+    subnormal = 2.0**-25 if dtype == torch.float16 else 0.0
+    return v * exact.abs() + (1 + v) * gamma * abs_sum + flushed + subnormal
 # (B, C, G, H, W): odd sizes that cross the NCHW kernels' 32x8 tile edges, and RedNet's 16
 # channels per group. Small: the check is about correctness, not coverage of every shape.
 PROBLEMS = ((2, 12, 2, 11, 37), (1, 64, 4, 14, 14))
