@@ -239,13 +239,37 @@ def _allow_shared(fn, index: int, plan: Launch) -> None:
     _opted_in.add((index, plan.name))
 
 
+_launched: set[tuple[int, str]] = set()  # (device, name expression) launched and synchronised once
+
+
+def _capturing(index: int) -> bool:
+    """Whether PyTorch's current stream of ``cuda:index`` (current) is capturing a CUDA graph."""
+    return torch.cuda.is_current_stream_capturing()
+
+
 def launch(plan: Launch | None, device: torch.device) -> None:
-    """Queue ``plan`` on PyTorch's current stream of ``device``; returns without waiting."""
+    """Queue ``plan`` on PyTorch's current stream of ``device``; returns without waiting.
+
+    Except the first time a kernel runs on a device in this process: then the stream is
+    synchronised after it (not during CUDA graph capture), so that a fault of that kernel
+    surfaces here, named, rather than at some later unrelated call. A failure to launch is
+    named too. The cost is one synchronisation per kernel and device.
+    """
     if plan is None:
         return
     cupy = _import_cupy()
     index = _index(device)
     with _on_device(index):
+        first = (index, plan.name) not in _launched
         fn = _function(index, plan)
-        _allow_shared(fn, index, plan)
-        _call(fn, (plan.grid,), (THREADS,), plan.args, _stream(cupy, index), plan.smem)
+        try:
+            _allow_shared(fn, index, plan)
+            stream = _stream(cupy, index)
+            _call(fn, (plan.grid,), (THREADS,), plan.args, stream, plan.smem)
+            if first and not _capturing(index):
+                stream.synchronize()
+                _launched.add((index, plan.name))
+        except Exception as e:  # noqa: BLE001  (re-raised with the kernel it belongs to)
+            when = "at its first launch" if first else "at launch"
+            raise RuntimeError(f"involution kernel {plan.name} failed {when} on cuda:{index} (grid {plan.grid}, "
+                               f"{plan.smem} B of dynamic shared memory): {type(e).__name__}: {e}") from e
