@@ -2,9 +2,10 @@
 
 The kernels have never run on the machine they meet first, so before the first call of a
 (device, dtype, window (K, stride, dilation), memory format) in a process, the front door
-compiles the module, runs the forward and both gradients on two small problems and
-compares them with the reference (``_reference``) within the dtype's tolerance. The
-outcome is kept for the process. A failure names the stage:
+compiles the module, runs the forward and both gradients on small problems that take
+every kernel family the plans pick for RedNet's shapes (``PROBLEMS``), and compares them
+with the reference (``_reference``): every element within what fp32 accumulation
+guarantees (``error_bound``). The outcome is kept for the process. A failure names the stage:
 
 - ``compile``: NVRTC, a missing NVRTC library or the driver loading the binary;
 - ``launch``: a kernel launch raised, or the device reported an error when synchronised
@@ -16,13 +17,11 @@ outcome is kept for the process. A failure names the stage:
   cannot run (it synchronises); nothing is stored and the next eager call checks.
 
 Beyond the compile, which the first launch would pay anyway (and which the disk cache
-pays once per machine), the check is a few launches on tiny inputs (``PROBLEMS``: every
-kernel family the plans pick for RedNet's shapes), each pass followed by a synchronisation
-so that a launch failure names its kernel; a GPU test holds it under half a second. An
-output passes when every element is within what fp32 accumulation guarantees
-(``error_bound``). It runs outside any tensor
-modes (fake tensors, export tracing), autocast and inference mode, on its own random
-generator, so it neither sees the caller's tracing nor changes its random state.
+pays once per machine), the check is a few launches on tiny inputs, each pass followed by
+a synchronisation so that a launch failure names its kernel; a GPU test holds it under
+half a second. It runs outside any tensor modes (fake tensors, export tracing), autocast
+and inference mode, on its own random generator, so it neither sees the caller's tracing
+nor changes its random state.
 """
 from __future__ import annotations
 
