@@ -274,7 +274,7 @@ def test_plan_picks_tiles_and_paths():
     assert [_plan.nhwc_groups_per_block(t, g) for t, g in ((2, 4), (2, 2), (2, 3), (4, 4), (8, 2))] == [4, 2, 1, 2, 1]
     # Shared memory: the 8 slots' odd-sized windows (16 bytes a pixel) and 512 * K*K bytes of kernel rows.
     assert _plan.nhwc_shared_bytes("fwd", 7, 1, 1) == 8 * (14 * 14 + 1) * 16 + 512 * 49
-    assert _plan.nhwc_shared_bytes("bwd_input", 7, 2, 1) == 8 * (11 * 11) * 16
+    assert _plan.nhwc_shared_bytes("bwd_input", 7, 2, 1) == 8 * (8 * 8 + 1) * 16
     # bf16 with an odd G: a block's kernel rows are not 32-bit words, the scalar kernels run.
     x3 = torch.randn(1, 48, 7, 7).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     k3 = torch.randn(1, 3 * 9, 7, 7).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)

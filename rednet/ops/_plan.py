@@ -122,8 +122,9 @@ def nhwc_shared_bytes(kind: str, k: int, stride: int, dilation: int) -> int:
     """Dynamic shared memory of an NHWC vector block (involution.cu's InWindow / OutWindow): a
     window plane of 16-byte units per slot (odd-sized), and for fwd and bwd_kernel the block's
     kernel rows, 512 * K*K bytes."""
-    if kind == "bwd_input":
-        side = NHWC_PATCH + (k - 1) * dilation // stride
+    if kind == "bwd_input":  # grad_y rows an 8x8 patch of input pixels reads
+        span = (k - 1) * dilation
+        side = NHWC_PATCH + span if stride == 1 else (NHWC_PATCH - 1 + span) // stride + 2
         return NHWC_SLOTS * (side * side | 1) * 16
     side = (NHWC_PATCH - 1) * stride + (k - 1) * dilation + 1
     return NHWC_SLOTS * (side * side | 1) * 16 + 512 * k * k
@@ -227,13 +228,11 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
         gb = nhwc_groups_per_block(tpi, g)
         size, kk = out.dtype.itemsize, k * k
         smem = nhwc_shared_bytes(kind, k, stride, dilation)
-        phases = stride * stride if kind == "bwd_input" else 1
-        # Patches tile the output map, or for grad_input each stride phase's grid of input pixels.
-        sub_rows, sub_cols = (_cdiv(h, stride), _cdiv(w, stride)) if kind == "bwd_input" else (ho, wo)
-        tiles_w = _cdiv(sub_cols, NHWC_PATCH)
-        tiles = _cdiv(sub_rows, NHWC_PATCH) * tiles_w
+        # Patches tile the map the pass writes: output pixels, or input pixels for grad_input.
+        tiles_w = _cdiv(cols, NHWC_PATCH)
+        tiles = _cdiv(rows, NHWC_PATCH) * tiles_w
         ptiles = _cdiv(tiles, NHWC_SLOTS // (gb * tpi))
-        grid = b * (g // gb) * phases * ptiles
+        grid = b * (g // gb) * ptiles
         if ((gb * kk * size) % 4 == 0 and (g * kk * size) % 4 == 0  # kernel rows in 32-bit words
                 and smem <= max_shared_bytes(out.device) and (kind != "bwd_input" or stride <= 2)
                 and max(h * w * c, ho * wo * c, ho * wo * g * kk, grid) <= _INT_MAX):  # 32-bit offsets in an image

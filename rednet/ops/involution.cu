@@ -666,8 +666,8 @@ __global__ void __launch_bounds__(THREADS, 2) involution_bwd_input_nchw(
 // group is TPI = sizeof(T) slots, neighbouring lanes, so the 8 slots are gb groups of PPB = 8 /
 // (gb * TPI) patches (gb = 8 / TPI unless G is smaller). Before any tap the block stages in shared
 // memory what its taps read, asynchronously (cp.async on sm_80+):
-// - per slot, its patch's window of x (fwd, grad_kernel) or of grad_y (grad_input, one stride
-//   phase per block), zeros outside the map: 128-bit copies of one pixel's 16 bytes;
+// - per slot, its patch's window of x (fwd, grad_kernel) or of grad_y (grad_input), zeros
+//   outside the map: 128-bit copies of one pixel's 16 bytes;
 // - fwd: the block's kernel rows, gb groups x K*K values for each pixel of its patches, 32-bit copies.
 // The taps then read shared memory at compile-time offsets, with no bounds tests: a window column
 // is loaded (128 bits) and unpacked once for the taps of both pixels that read it. A window is an
@@ -675,8 +675,9 @@ __global__ void __launch_bounds__(THREADS, 2) involution_bwd_input_nchw(
 // grad_kernel sums each tap's 16-byte dot products over the group's TPI slots by xor shuffles in
 // which every lane finishes a different tap, stages the block's kernel rows in shared memory and
 // stores them as fwd loads them. grad_input reads each tap's kernel value from global memory (a
-// scalar load; each value serves one input pixel); with stride 2 a block computes the input pixels
-// of one parity class, for which only that class's taps exist, so no lane skips a tap another takes.
+// scalar load; each value serves one input pixel); with stride 2 the pixels of a patch are split
+// by parity class ((row, col) % 2), two warps a class, since a class decides which taps exist:
+// no lane skips a tap another takes.
 
 constexpr int SLOTS = 8;        // 16-byte channel slices per block (_plan.NHWC_SLOTS)
 constexpr int PATCH = 8;        // patch side in pixels (_plan.NHWC_PATCH)
@@ -702,29 +703,27 @@ template <int K, int S, int D> struct InWindow {  // of x, read by an 8x8 patch 
   static constexpr int COLS = (PAIR - 1) * S + (K - 1) * D + 1;  // columns a pair's tap row reads
 };
 // grad_input. An input row i reads grad_y row (i + pad - u*D) / S through the taps u with
-// (i + pad - u*D) % S == 0; with E = (i + pad) % S (the phase) that is row
-// (i - (i % S)) / S + (i % S + pad - E) / S + off(u), off(u) = (E - u*D) / S, for the taps valid for E.
-template <int K, int S, int D> struct OutWindow {  // of grad_y, read by an 8x8 patch of one phase
+// (i + pad - u*D) % S == 0; with E = (i + pad) % S (the row's phase) those are the taps with
+// (E - u*D) % S == 0, and the row they read is (i + pad - E) / S + off(u), off(u) = (E - u*D) / S.
+template <int K, int S, int D> struct OutWindow {  // of grad_y, read by an 8x8 patch of input pixels
   static_assert(K <= NHWC_MAX_K, "the plan takes larger windows to the scalar kernels");
   __host__ __device__ static constexpr bool valid(int e, int u) { return ((e - u * D) % S + S) % S == 0; }
   __host__ __device__ static constexpr int off(int e, int u) { return (e - u * D) / S; }
-  __host__ __device__ static constexpr int lowest(int e) {  // the smallest offset (that of the last valid tap)
-    int m = 0;
-    for (int u = 0; u < K; ++u)
-      if (valid(e, u)) m = off(e, u);
-    return m;
-  }
-  // The tap v of pixel o that reads column t of the window relative to the pair (phase e), or -1.
+  // The tap v of pixel o of a pair that reads column t (relative to the pair's offset-0 column, minus
+  // the lowest offset (K - 1) * D / S rounded up) in phase e, or -1.
   __host__ __device__ static constexpr int tap(int e, int t, int o) {
     int r = -1;
     for (int v = 0; v < K; ++v)
-      if (valid(e, v) && o + off(e, v) - lowest(e) == t) r = v;
+      if (valid(e, v) && o + off(e, v) + SPAN == t) r = v;
     return r;
   }
-  static constexpr int SIDE = PATCH + ((K - 1) * D) / S;
+  static constexpr int SPAN = ((K - 1) * D + S - 1) / S;  // -off(e, u) <= SPAN for every valid tap
+  // Rows (and columns) of grad_y an 8x8 patch reads: from floor((r0 + pad - (K-1)*D) / S) to
+  // floor((r0 + 7 + pad) / S).
+  static constexpr int SIDE = S == 1 ? PATCH + (K - 1) * D : (PATCH - 1 + (K - 1) * D) / S + 2;
   static constexpr int PLANE = odd_up(SIDE * SIDE);
   static constexpr int BYTES = SLOTS * PLANE * 16;
-  static constexpr int COLS = PAIR + ((K - 1) * D) / S;  // columns a pair reads
+  static constexpr int COLS = PAIR + SPAN;  // columns a pair reads, relative as in tap()
 };
 
 // What each thread of an NHWC vector block is: slot, pixel pair, group, patches.
@@ -948,28 +947,18 @@ __global__ void __launch_bounds__(THREADS, 2) involution_bwd_kernel_nhwc(
                        Wo, tiles_w, tiles);
 }
 
-// grad_x of the input pixels of one stride phase (ER, EC: (row + pad) % S, (col + pad) % S), the
-// block's patches being on that phase's sub-grid: input pixel (pr + S * (sub-row), pc + S * (sub-col)).
+// grad_x of the pixels of one stride phase (ER, EC: (row + pad) % S, (col + pad) % S) of the block's
+// patch, the thread's pixel pair being (i, j) and (i, j + S): taps at compile-time offsets from the
+// thread's window position (hr, hc) (that of tap offset 0, pixel 0).
 template <int ER, int EC, typename T, int K, int S, int D>
-__device__ __forceinline__ void bwd_input_phase(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
-                                                uint4* smem, const Slot<T>& s, int pr, int pc, int C, int H, int W,
-                                                int G, int Ho, int Wo, int pad, int gb, int tiles_w, int tiles) {
+__device__ __forceinline__ void bwd_input_phase(const T* __restrict__ w, T* __restrict__ gx, const uint4* win,
+                                                const Slot<T>& s, int i, int j, int a0, int c0, bool live, int C,
+                                                int H, int W, int G, int Ho, int Wo) {
   typedef typename Acc<T>::type A;
   typedef V16<T> V;
   typedef OutWindow<K, S, D> Win;
-  constexpr int KK = K * K, N = V::N, LR = Win::lowest(ER), LC = Win::lowest(EC);
-  int sr, sc;  // the patch's first sub-row and sub-column
-  const bool live = patch_origin(s.pidx0 + s.pk, tiles_w, tiles, sr, sc);
-  const int hr = (pr + pad - ER) / S, hc = (pc + pad - EC) / S;
-  const int ch = s.g * 16 + s.sl * N;
-  stage_window<Win::SIDE>(smem + s.k * Win::PLANE, gy + s.b * Ho * Wo * C, ch, C, sr + hr + LR, sc + hc + LC, Ho, Wo,
-                          s.pos, live);
-  async_wait();
-  __syncthreads();
-
-  const uint4* win = smem + s.k * Win::PLANE + s.row * Win::SIDE + s.pair * PAIR;
+  constexpr int KK = K * K, N = V::N;
   // The kernel value of tap (u, v) for pixel o is w[b, a0 + off(ER, u), c0 + o + off(EC, v), g, u, v].
-  const int a0 = sr + s.row + hr, c0 = sc + s.pair * PAIR + hc;
   const T* wb = w + s.b * Ho * Wo * G * KK;
   const int at = (a0 * Wo + c0) * G * KK + s.g * KK, rs = Wo * G * KK, cs = G * KK;
   A acc[PAIR][N];
@@ -985,7 +974,7 @@ __device__ __forceinline__ void bwd_input_phase(const T* __restrict__ gy, const 
     for (int t = 0; t < Win::COLS; ++t) {
       if (Win::tap(EC, t, 0) < 0 && Win::tap(EC, t, PAIR - 1) < 0) continue;
       A gv[N];
-      V::unpack(lds16(win + (Win::off(ER, u) - LR) * Win::SIDE + t), gv);
+      V::unpack(lds16(win + Win::off(ER, u) * Win::SIDE + t - Win::SPAN), gv);
 #pragma unroll
       for (int o = 0; o < PAIR; ++o) {
         const int v = Win::tap(EC, t, o);
@@ -999,35 +988,53 @@ __device__ __forceinline__ void bwd_input_phase(const T* __restrict__ gy, const 
       }
     }
   }
-  const int i = pr + S * (sr + s.row), j = pc + S * (sc + s.pair * PAIR);
+  const int ch = s.g * 16 + s.sl * N;
   T* gxb = gx + s.b * H * W * C;
 #pragma unroll
   for (int o = 0; o < PAIR; ++o)
     if (live && i < H && j + S * o < W) store16(gxb + (i * W + j + S * o) * C + ch, V::pack(acc[o]));
 }
 
-// grad_x: the gather over output pixels. Strides above 2 are not planned here (the scalar kernels
-// take them); the instantiation exists for every module and does nothing for them.
+// grad_x: the gather over output pixels, a block an 8x8 patch of input pixels per slot. With
+// stride 2 the patch's four parity classes ((row, col) % 2) take two warps each, 4x4 pixels
+// (pairs of pixels two columns apart), so a warp's pixels share their taps. Strides above 2 are
+// not planned here (the scalar kernels take them); the instantiation exists for every module.
 template <typename T, int K, int S, int D>
 __global__ void __launch_bounds__(THREADS, 2) involution_bwd_input_nhwc(
     const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
     int C, int H, int W, int G, int Ho, int Wo, int pad, int gb, int tiles_w, int tiles, int ptiles) {
+  typedef OutWindow<K, S, D> Win;
   REDNET_DYNAMIC_SHARED(smem);
   if constexpr (S <= 2) {
-    if (dynamic_shared_bytes() < OutWindow<K, S, D>::BYTES) __trap();
-    const Slot<T> s(G, gb, ptiles, S * S);
-    const int pr = s.phase / S, pc = s.phase % S;  // this block's input pixels: rows = pr, cols = pc (mod S)
-    const int er = (pr + pad) % S, ec = (pc + pad) % S;
+    if (dynamic_shared_bytes() < Win::BYTES) __trap();
+    const Slot<T> s(G, gb, ptiles, 1);
+    int r0, c0;
+    const bool live = patch_origin(s.pidx0 + s.pk, tiles_w, tiles, r0, c0);
+    const int orow = floor_div(r0 + pad - (K - 1) * D, S), ocol = floor_div(c0 + pad - (K - 1) * D, S);
+    stage_window<Win::SIDE>(smem + s.k * Win::PLANE, gy + s.b * Ho * Wo * C, s.g * 16 + s.sl * V16<T>::N, C, orow,
+                            ocol, Ho, Wo, s.pos, live);
+    async_wait();
+    __syncthreads();
+
+    // This thread's pixels: stride 1, row s.row and columns 2 * pair + {0, 1}; stride 2, parity
+    // class warp / 2, sub-row (pos % 8) / 2 and sub-columns 2 * (pos % 2) + {0, 1}.
+    const int cls = S == 1 ? 0 : s.warp / 2, q = s.pos % 8;
+    const int pr = cls / 2, pc = cls % 2;
+    const int sr = S == 1 ? s.row : q / 2, pair = S == 1 ? s.pair : q % 2;
+    const int i = r0 + pr + S * sr, j = c0 + pc + S * PAIR * pair;
+    const int er = (pr + pad) % S, ec = (pc + pad) % S;  // (i + pad) % S: r0 is a multiple of 8
+    const int a0 = (i + pad - er) / S, cc0 = (j + pad - ec) / S;  // grad_y row and column of tap offset 0
+    const uint4* win = smem + s.k * Win::PLANE + (a0 - orow) * Win::SIDE + (cc0 - ocol);
     if (er == 0) {
       if (ec == 0) {
-        bwd_input_phase<0, 0, T, K, S, D>(gy, w, gx, smem, s, pr, pc, C, H, W, G, Ho, Wo, pad, gb, tiles_w, tiles);
+        bwd_input_phase<0, 0, T, K, S, D>(w, gx, win, s, i, j, a0, cc0, live, C, H, W, G, Ho, Wo);
       } else {
-        bwd_input_phase<0, S - 1, T, K, S, D>(gy, w, gx, smem, s, pr, pc, C, H, W, G, Ho, Wo, pad, gb, tiles_w, tiles);
+        bwd_input_phase<0, S - 1, T, K, S, D>(w, gx, win, s, i, j, a0, cc0, live, C, H, W, G, Ho, Wo);
       }
     } else if (ec == 0) {
-      bwd_input_phase<S - 1, 0, T, K, S, D>(gy, w, gx, smem, s, pr, pc, C, H, W, G, Ho, Wo, pad, gb, tiles_w, tiles);
+      bwd_input_phase<S - 1, 0, T, K, S, D>(w, gx, win, s, i, j, a0, cc0, live, C, H, W, G, Ho, Wo);
     } else {
-      bwd_input_phase<S - 1, S - 1, T, K, S, D>(gy, w, gx, smem, s, pr, pc, C, H, W, G, Ho, Wo, pad, gb, tiles_w, tiles);
+      bwd_input_phase<S - 1, S - 1, T, K, S, D>(w, gx, win, s, i, j, a0, cc0, live, C, H, W, G, Ho, Wo);
     }
   }
 }
