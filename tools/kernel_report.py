@@ -199,6 +199,8 @@ class TripRules:
             return p["slots"] // (p["gb"] * self.size)
         if "for (int e = part; e < nw; e += 4)" in text:
             return -(-(p["gb"] * self.kk * self.size // 4) // 4)
+        if "const bool row_ok = (unsigned)(a0 + Win::off(ER, u))" in text:  # grad_input's tap rows (fp32, fp64)
+            return int(re.search(r", (\d+), \d+, \d+>", self.name).group(1))  # K
         # Before issue 18.
         if "for (int px = threadIdx.x / 32" in text:  # kernel_rows: a warp per pixel of the patch
             return self._rows_trips(body)
@@ -493,6 +495,12 @@ def markdown(report: dict) -> str:
                        + " | ".join(f"{steps[lb]['issue_us_H100']:.0f}" for lb in labels) + " | "
                        + " | ".join(f"{steps[lb]['smem_us_H100']:.0f}" for lb in labels) + " | "
                        + " | ".join(f"{e:.0f}" if e else "-" for e in ests) + f" | {last['floor_bytes'] / 1e6:.0f} |")
+    both = sum(_floor_bytes(sh, "bwd", 2) / 1e6 * sh["count"] for sh in involution_shapes("rednet50", 224))
+    two = sum(_floor_bytes(sh, p, 2) / 1e6 * sh["count"] for sh in involution_shapes("rednet50", 224)
+              for p in ("bwd_input", "bwd_kernel"))
+    out += ["", f"Backward floor with both gradients from one kernel: {both:.0f} MB per layout; as two kernels "
+            f"(bwd_input + bwd_kernel): {two:.0f} MB, the difference being grad_y read twice "
+            f"({100 * (two - both) / both:.0f}% of the fused floor)."]
     out += ["", "smem us: the shared-memory pipe's bound, another lower bound not added to the issue bound: each "
             "warp-level LDS, STS or LDGSTS takes max(1, bits/32) cycles of the SM's 128-byte-per-cycle pipe "
             "(no bank conflicts assumed). est. MB: the L2 -> SM estimate of the access pattern (below)."]
@@ -570,8 +578,12 @@ units). The unrolled blocks of a copy loop that a lane with fewer than 4 units n
 not counted. Threads outside the map and warps whose threads all exit early are charged the full
 path.
 
-Time = warp instructions / (SMs x 4 x clock): every scheduler issuing every cycle. That is the
-best case and leaves out, in order of likely size:
+Time = warp instructions / (SMs x 4 x clock): every scheduler issuing every cycle. The figures:
+an H100 SXM and an H200 SXM both have 132 SMs (NVIDIA Hopper architecture whitepaper) of 4
+schedulers and 128 FP32 lanes, and 67 TFLOPS FP32 (NVIDIA H100 and H200 datasheets), i.e. a
+boost clock of 67e12 / (132 x 128 x 2) = 1.98 GHz; HBM bandwidth 3.35 TB/s (H100, HBM3) and
+4.8 TB/s (H200, HBM3e) for the floors. The bound is the best case and leaves out, in order of
+likely size:
 
 - stalls: memory latency not hidden (occupancy, loads in flight), barriers, shared-memory bank
   conflicts, dependent-issue latency; a kernel whose warps wait is slower than both bounds;

@@ -966,7 +966,9 @@ __device__ __forceinline__ void bwd_input_phase(const T* __restrict__ w, T* __re
   for (int o = 0; o < PAIR; ++o)
 #pragma unroll
     for (int e = 0; e < N; ++e) acc[o][e] = A(0);
-#pragma unroll
+  // Tap rows one at a time for 4- and 8-byte types: unrolled, the compiler hoists every row's
+  // kernel-value loads and spills (fp32, K = 7).
+#pragma unroll(sizeof(T) >= 4 ? 1 : K)
   for (int u = 0; u < K; ++u) {
     if (!Win::valid(ER, u)) continue;
     const bool row_ok = (unsigned)(a0 + Win::off(ER, u)) < (unsigned)Ho;
