@@ -57,9 +57,11 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(ConfigError, 2, "a config key or value, or what it names that is not there: a model, a weights "
                              "file, an optimizer, a CUDA device"),
     ExitCode(UsageError, 2, "a command-line option"),
-    ExitCode(DataError, 2, "a dataset: a split in which no image decodes, a folder reached twice through symlinks"),
-    ExitCode(CheckpointError, 2, "a checkpoint or weights file that is missing, damaged, unsafe or does not fit, "
-                                 "or a run directory whose results the command would overwrite"),
+    ExitCode(DataError, 2, "a dataset: a split in which no image decodes, a folder reached twice through symlinks, "
+                           "classes that differ from the model's"),
+    ExitCode(CheckpointError, 2, "a checkpoint or weights file that is missing, damaged, unsafe or does not fit "
+                                 "(a resume on data of other class names included), or a run directory whose "
+                                 "results the command would overwrite"),
     ExitCode(OutputDirError, 2, "a run directory or results folder that cannot be written"),
     ExitCode(NonFiniteLossError, 3, "the loss became NaN or infinite; the last good checkpoint stays as it was"),
     ExitCode(TrainingInterrupted, 128, "signal N (SIGTERM, SIGINT) stopped training, after a checkpoint"),
