@@ -202,3 +202,15 @@ def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monk
     assert read_checkpoint(out / "last.pt")["global_step"] == 4
     log = _printed(capsys)
     assert "dropped 1 record(s) after epoch 1" in log and "removed 2 temporary file(s) (1.0 MB)" in log
+
+
+def test_config_changes_show_urls_redacted():
+    """The lines a resume logs about config changes never show a URL's token (model.pretrained)."""
+    from rednet.engine import config_to_dict
+    from rednet.engine.resume import config_changes
+
+    def cfg(token):
+        return config_to_dict(_cfg("run", f"model.pretrained=https://host/w.pth?token={token}"))
+
+    safe, unsafe = config_changes(cfg("NEW"), cfg("OLD"))
+    assert not safe and unsafe == ["model.pretrained: 'https://host/w.pth?token=***' -> 'https://host/w.pth?token=***'"]

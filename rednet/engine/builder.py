@@ -17,7 +17,7 @@ from timm.models import parse_model_name
 from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
-from ..models import create_model
+from ..models import create_model, resolve_source
 from ..ops import describe_backend
 from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
@@ -153,16 +153,23 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
 
     Raises:
         ConfigError: an unknown model name, a missing weights file, or ``model.kwargs`` the model does not take.
+        CheckpointError: a URL that cannot be downloaded.
     """
     source = cfg.model.pretrained if pretrained else None
     _check_model_name(cfg.model.name)
     _check_pretrained(source)
     kwargs = dict(cfg.model.kwargs)
+    if source and "://" in source:
+        # Through rednet's download for every model, timm's too: its cache names, deadline and
+        # checks, and messages that never show the URL's query or password (timm's log the URL).
+        try:
+            source = str(resolve_source(source))
+        except ValueError as e:  # a malformed #sha256=, or a bad download setting
+            raise ConfigError(f"model.pretrained: {e}") from None
     if source and source != "default":
-        # A file or URL goes through the pretrained-config overlay, which both timm's loader
-        # and RedNet's (foreign layouts) honour, so any registered model accepts one.
-        key = "url" if "://" in source else "file"
-        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), key: source}
+        # A file goes through the pretrained-config overlay, which both timm's loader and
+        # RedNet's (foreign layouts) honour, so any registered model accepts one.
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": source}
     for key in ("drop_path_rate", "drop_block_rate"):
         rate = getattr(cfg.model, key)
         if rate:  # only when set: some timm models take no drop_block_rate
