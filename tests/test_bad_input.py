@@ -199,6 +199,23 @@ def test_bad_config_values(tmp_path, capsys, item, pattern):
     _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", item), pattern)
 
 
+# Issue 16, item 14: values that passed validation and failed once training had started (an
+# OverflowError computing steps or crops, an overflowing seed or thread count, timm's mixup, a
+# FileNotFoundError from timm): now each is refused before anything is read or written.
+@pytest.mark.parametrize("items, pattern", [
+    (["optim.warmup_epochs=.inf"], r"'optim\.warmup_epochs' expects a finite number, got inf"),
+    (["data.ratio=[0.75, .inf]"], r"'data\.ratio' expects finite numbers, got \(0\.75, inf\)"),
+    ([f"train.seed={2**70}"], r"'train\.seed' expects an integer in \[0, 2\*\*32\), got 1180591620717411303424"),
+    (["train.cpu_threads=100000000000"], r"'train\.cpu_threads' expects null or an integer in \[1, 1024\]"),
+    (["train.mixup=0.2", "data.batch_size=3"], r"'data\.batch_size' expects an even number when train\.mixup"),
+    (["model.kwargs={checkpoint_path: /nonexistent/w.pth}"],
+     r"model\.kwargs\.checkpoint_path '/nonexistent/w\.pth' does not exist"),
+], ids=["warmup-inf", "ratio-inf", "seed-2**70", "cpu-threads", "mixup-odd-batch", "checkpoint-path"])
+def test_values_that_would_fail_once_training_started(tmp_path, capsys, items, pattern):
+    _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", *items), pattern)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("tool", ["train", "eval"])
 def test_cuda_requested_without_cuda(tmp_path, capsys, tool):
