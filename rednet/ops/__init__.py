@@ -27,7 +27,8 @@ during capture uses the reference in ``auto`` and raises when forced).
 Modules, each importing only those below it: this front door; ``_selfcheck`` (the check
 on first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of
 the kernels); ``_cupy`` (CuPy compilation and launch); ``_kernel_cache`` (compiled
-binaries on disk); ``_cpu`` (the native CPU kernels: build, cache, calls); ``_plan``
+binaries on disk); ``_fused`` (the fused inference pass and its ``rednet::involution_fused`` op);
+``_cpu`` (the native CPU kernels: build, cache, calls); ``_plan``
 (launch plans and allocation, pure PyTorch); ``_reference`` (the pure-PyTorch backend);
 ``_export`` (the formulation recorded when a graph is exported).
 """
@@ -43,24 +44,30 @@ import torch
 
 from . import _cpu, _cupy, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
 from ._export import involution_export, is_exporting
+from ._fused import FusedWeights, can_use_fused_kernel, involution_fused, pack_fused_weights
 from ._plan import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
 
 __all__ = [
     "BACKENDS",
+    "FusedWeights",
     "MEMORY_FORMATS",
     "KernelCheck",
     "KernelCheckWarning",
     "can_use_cuda_kernel",
+    "can_use_fused_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
     "involution",
     "involution_cupy",
     "involution_export",
+    "involution_fused",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
+    "is_exporting",
+    "pack_fused_weights",
     "select_backend",
     "use_backend",
 ]
