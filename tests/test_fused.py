@@ -162,3 +162,24 @@ def test_fused_weights_follow_in_place_updates():
         second = inv.forward_fused(x, bn, relu=True)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, _unfused(inv, bn, True, x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_with_freezing_keeps_the_fused_op_opaque():
+    """One graph (fullgraph), the fused op a node in it, and inductor with freezing agrees with eager."""
+    import torch._inductor.config
+
+    model = live_eval_model("rednet26").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    targets = []
+
+    def capture(gm, example_inputs):
+        targets.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        ref = model(x)
+        torch.compile(model, backend=capture, fullgraph=True)(x)
+        assert targets.count(torch.ops.rednet.involution_fused.default) == 9  # every involution of RedNet-26
+        with torch._inductor.config.patch(freezing=True):
+            out = torch.compile(model, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..ops import (
     FusedWeights,
     can_use_fused_kernel,
+    exporting_fused,
     involution,
     involution_export,
     involution_fused,
@@ -90,14 +91,18 @@ class Involution(nn.Module):
         record, no autocast, the native backend (``use_backend('reference')`` or
         ``$REDNET_INVOLUTION_BACKEND=reference`` turn fusion off) and an input the fused
         pass takes (``rednet.ops.can_use_fused_kernel``: float32, channels_last, groups of
-        16k channels). Not while a graph is exported or scripted.
+        16k channels). While a graph is exported, only inside ``rednet.ops.export_fused()``;
+        never while scripted.
         """
         if self.training or self.conv1.bn.training or self.conv1.bn.running_mean is None:
             return False
         if bn is not None and (bn.training or bn.running_mean is None):
             return False
-        if not isinstance(x, torch.Tensor) or is_exporting():  # FX proxies; exported graphs stay portable
+        if not isinstance(x, torch.Tensor):  # FX proxies
             return False
+        if is_exporting():  # a portable graph unless export_fused() asks for the fused node
+            return exporting_fused() and x.dtype == torch.float32 and self.kernel_size % 2 == 1 \
+                and (self.channels // self.groups) % 16 == 0
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._fused_inputs(bn))):
             return False
         if torch.is_autocast_enabled("cpu") or select_backend(x) != "native":
@@ -127,17 +132,18 @@ class Involution(nn.Module):
     def _folded(self, bn: Optional[nn.BatchNorm2d]) -> tuple[FusedWeights, Optional[torch.Tensor],
                                                                 Optional[torch.Tensor]]:
         """The packed kernel-generation weights and ``bn``'s (scale, shift), reused while no tensor changes."""
-        # Under torch.compile the cache is skipped: freezing folds these ops into constants.
-        cache = not torch.compiler.is_compiling()
+        # Under torch.compile and export the cache is skipped: the ops are traced and folded into constants.
+        cache = not (torch.compiler.is_compiling() or is_exporting())
         if cache:
             key = tuple((t.data_ptr(), t._version) for t in self._fused_inputs(bn))
             key += (self.conv1.bn.eps, None if bn is None else bn.eps)
             if self._fused_cache is not None and self._fused_cache[0] == key:
                 return self._fused_cache[1]
-        scale, shift = _fold_batchnorm(self.conv1.bn)
-        weights = pack_fused_weights(self.conv1.conv.weight.flatten(1) * scale[:, None], shift,
-                                     self.conv2.conv.weight, self.conv2.conv.bias)
-        folded = (weights, *(_fold_batchnorm(bn) if bn is not None else (None, None)))
+        with torch.no_grad():  # inference weights: nothing to differentiate
+            scale, shift = _fold_batchnorm(self.conv1.bn)
+            weights = pack_fused_weights(self.conv1.conv.weight.flatten(1) * scale[:, None], shift,
+                                         self.conv2.conv.weight, self.conv2.conv.bias)
+            folded = (weights, *(_fold_batchnorm(bn) if bn is not None else (None, None)))
         if cache:
             self._fused_cache = (key, folded)
         return folded
@@ -154,4 +160,4 @@ def _fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    return scale.detach(), shift.detach()
+    return scale, shift

@@ -43,8 +43,9 @@ from collections.abc import Iterator
 import torch
 
 from . import _cpu, _cupy, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
-from ._export import involution_export, is_exporting
+from ._export import export_fused, exporting_fused, involution_export, is_exporting
 from ._fused import FusedWeights, can_use_fused_kernel, involution_fused, pack_fused_weights
+from ._ort import onnx_translation_table, ort_library_path
 from ._plan import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
@@ -59,6 +60,8 @@ __all__ = [
     "can_use_fused_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
+    "export_fused",
+    "exporting_fused",
     "involution",
     "involution_cupy",
     "involution_export",
@@ -67,6 +70,8 @@ __all__ = [
     "involution_reference",
     "involution_unfold",
     "is_exporting",
+    "onnx_translation_table",
+    "ort_library_path",
     "pack_fused_weights",
     "select_backend",
     "use_backend",

@@ -42,6 +42,7 @@ __all__ = [
     "SOURCE_PATH",
     "available",
     "backward_input",
+    "build_cached",
     "backward_kernel",
     "cache_dir",
     "can_run_on",
@@ -125,6 +126,23 @@ def _build(source: bytes, cxx: str, path: Path) -> None:
             _logger.debug("involution: built %s in %.1f s", path, time.perf_counter() - t0)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+
+def build_cached(source: bytes, stem: str) -> Path:
+    """``source`` built as the native kernel is (same compiler, flags, cache key, lock and atomic
+    rename) into ``<cache>/<stem>-<key>.so`` unless already there; its path.
+
+    For other libraries made from the kernel's source (the ONNX Runtime op). Raises OSError
+    (no compiler, a failed build) and subprocess errors.
+    """
+    cxx = _compiler()
+    if shutil.which(cxx) is None:
+        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
+    path = library_path(source, cxx)
+    path = path.with_name(path.name.replace("involution_cpu-", f"{stem}-", 1))
+    if not path.exists():
+        _build(source, cxx, path)
+    return path
 
 
 def openmp_runtimes() -> list[str]:

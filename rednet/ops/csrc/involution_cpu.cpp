@@ -697,11 +697,20 @@ void fused_nhwc(const float* x, float* y, const Dims& D, const FusedParams& P, i
   const FusedBlocks blocks(D, P);
   const i64 pixels = D.B * D.Ho * D.Wo, nblocks = (pixels + PB - 1) / PB;
   parallel_chunks(nblocks, nt, [&](i64 lo, i64 hi) {
-    // ks: + JB2 for the pixels a last block computes past its end (fwd_nhwc_block_fixed).
-    std::vector<float> xs(PB * D.C), rs(PB * P.R), rT(PB * P.R), ks(PB * P.N + JB2);
+    // Scratch per thread, kept from call to call: under ORT's pool the chunks are many and
+    // short, and a fresh allocation of this size (up to 150 KB) goes to mmap and faults its
+    // pages in each time. ks gets JB2 more floats for the pixels a block's last piece
+    // computes past its end (fwd_nhwc_block_fixed).
+    thread_local std::vector<float> scratch;
+    const size_t need = size_t(PB * (D.C + 2 * P.R + P.N) + JB2);
+    if (scratch.size() < need) scratch.resize(need);
+    float* xs = scratch.data();
+    float* rs = xs + PB * D.C;
+    float* rT = rs + PB * P.R;
+    float* ks = rT + PB * P.R;
     for (i64 blk = lo; blk < hi; ++blk) {
       const i64 p0 = blk * PB, p1 = p0 + PB < pixels ? p0 + PB : pixels;
-      blocks(x, y, p0, p1, xs.data(), rs.data(), rT.data(), ks.data());
+      blocks(x, y, p0, p1, xs, rs, rT, ks);
     }
   });
 }
