@@ -179,3 +179,38 @@ def test_call_overhead_measures_both_graphs(library):
     o = bench.ort_call_overhead(threads=1, calls=20)
     assert o["calls"] == 20 and o["identity_us"] > 0 and o["involution_us"] > 0
     assert o["overhead_us"] == pytest.approx(o["involution_us"] - o["identity_us"])
+
+
+def test_library_needs_nothing_from_python_or_torch(library):
+    """What a deployment must provide: the C/C++ runtime and libgomp (ELF DT_NEEDED entries)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf")
+    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    needed = {line.split("[")[1].split("]")[0] for line in dynamic.splitlines() if "(NEEDED)" in line}
+    runtime = {"libstdc++.so.6", "libm.so.6", "libgcc_s.so.1", "libc.so.6", "libgomp.so.1", "ld-linux-x86-64.so.2"}
+    assert needed <= runtime, needed
+
+
+def test_ort_folds_the_transposes_into_its_reorders(library, tmp_path):
+    """Around each rednet.Involution, ORT's NCHWc layout pass absorbs the Transposes the export adds."""
+    import onnx
+
+    model = live_eval_model("rednet26")
+    path, optimized = tmp_path / "r26.onnx", tmp_path / "r26-opt.onnx"
+    with export_fused():
+        torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), path, dynamo=True, external_data=False,
+                          verbose=False, custom_translation_table=onnx_translation_table())
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3  # the "hardware-specific optimizations" warning
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [(n.domain, n.op_type) for n in onnx.load(optimized).graph.node]
+    if not any(domain == "com.microsoft.nchwc" for domain, _ in ops):
+        pytest.skip("ONNX Runtime chose no NCHWc kernels on this CPU")
+    assert ops.count(("ai.rednet", "Involution")) == 9 and ("", "Transpose") not in ops

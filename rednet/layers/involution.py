@@ -135,7 +135,7 @@ class Involution(nn.Module):
         # Under torch.compile and export the cache is skipped: the ops are traced and folded into constants.
         cache = not (torch.compiler.is_compiling() or is_exporting())
         if cache:
-            key = tuple((t.data_ptr(), t._version) for t in self._fused_inputs(bn))
+            key = tuple((id(t), t.data_ptr(), t._version) for t in self._fused_inputs(bn))
             key += (self.conv1.bn.eps, None if bn is None else bn.eps)
             if self._fused_cache is not None and self._fused_cache[0] == key:
                 return self._fused_cache[1]
