@@ -214,3 +214,22 @@ def test_ort_folds_the_transposes_into_its_reorders(library, tmp_path):
     if not any(domain == "com.microsoft.nchwc" for domain, _ in ops):
         pytest.skip("ONNX Runtime chose no NCHWc kernels on this CPU")
     assert ops.count(("ai.rednet", "Involution")) == 9 and ("", "Transpose") not in ops
+
+
+def test_tool_check_without_a_compiler_is_one_error_line(tmp_path):
+    """--check of a custom graph needs the library; without a compiler that is exit 2 and one line."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), REDNET_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "r26.onnx"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--model", "rednet26", "--input-size",
+                          "32", "--involution", "custom", "--output", str(out), "--check"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no C++ compiler" in errors[0] and "Traceback" not in res.stderr
+    assert out.is_file()  # the export itself needs no compiler

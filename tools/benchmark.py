@@ -826,9 +826,12 @@ def main(argv: list[str] | None = None) -> int:
         cpu = cpu_info()
         log(f"CPU: {cpu['model']} ({cpu['vendor']}, family {cpu['family']} model {cpu['model_number']}), "
             f"SIMD: {' '.join(cpu['simd']) or 'unknown'}; {torch.get_num_threads()} threads")
+        load_before = _load_average()
         run = dict(date=date, time=dt.datetime.now().strftime("%H:%M:%S"), command=command, cpu=cpu,
                    threads=torch.get_num_threads(), torch=torch.__version__, onnxruntime=_ort_version(),
                    race=run_race(args))
+        # Other processes on the same cores move the ratios: say how busy the machine was.
+        run["load_average"] = dict(before=load_before, after=_load_average())
         if "ort" in args.paths:
             run["ort_call_overhead"] = ort_call_overhead(torch.get_num_threads())
             o = run["ort_call_overhead"]
@@ -840,6 +843,14 @@ def main(argv: list[str] | None = None) -> int:
     res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
     write_results(out, res, args.mode)
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes, ours included), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _ort_version() -> str | None:
@@ -860,6 +871,12 @@ def append_race(out: Path, run: dict) -> None:
     log(f"wrote {out} and {out.with_suffix('.md').name} ({len(runs)} run(s))")
 
 
+def _fmt_load(load: dict | None) -> str:
+    if not load or load.get("before") is None:
+        return "unknown"
+    return f"{load['before']} and {load['after']}"
+
+
 def race_markdown(runs: list[dict]) -> str:
     lines = ["# RedNet-50 vs ResNet-50 on the CPU, one process, interleaved", "",
              "Throughput relative to the baseline: the median of the per-repeat ratios (baseline ms / model ms; "
@@ -871,6 +888,8 @@ def race_markdown(runs: list[dict]) -> str:
                   f"{cpu['model_number']}), {cpu['logical_cpus']} logical CPUs",
                   f"- SIMD flags: {' '.join(cpu['simd']) or 'unknown'}",
                   f"- torch {run['torch']}, onnxruntime {run['onnxruntime']}",
+                  f"- 1-minute load average before and after the run: {_fmt_load(run.get('load_average'))} "
+                  f"(on {cpu['logical_cpus']} logical CPUs; above {run['threads']}, other processes shared the cores)",
                   f"- command: `{run['command']}`", "",
                   "| path | batch | model | involution | median ms | img/s | vs baseline | max abs diff vs eager |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -24,10 +24,13 @@
 // their positions across versions (new ones are appended), and OrtCustomOp is a struct of
 // callbacks that ORT reads up to the version the op declares.
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <mutex>
+#include <new>
 
 extern "C" {
 struct OrtStatus;
@@ -183,25 +186,33 @@ struct Job {
   ChunkFn fn;
   const void* body;
   i64 n, chunks;
+  std::atomic<bool> failed{false};  // an exception (out of memory for scratch) in a chunk
 };
 
+// Runs on ORT's threads: nothing may escape into ORT's pool.
 void run_chunk(void* data, size_t index) {
-  const Job* job = static_cast<const Job*>(data);
+  Job* job = static_cast<Job*>(data);
   const i64 c = static_cast<i64>(index);
   const i64 lo = job->n * c / job->chunks, hi = job->n * (c + 1) / job->chunks;
-  if (lo < hi) job->fn(job->body, lo, hi);
+  try {
+    if (lo < hi) job->fn(job->body, lo, hi);
+  } catch (...) {
+    job->failed = true;
+  }
 }
 
 void run_on_ort_pool(ChunkRunner* self, i64 n, ChunkFn fn, const void* body) {
   OrtRunner* runner = static_cast<OrtRunner*>(self);
   // More chunks than threads, so a thread that is not scheduled (a busy machine) holds back
   // only a small share; each chunk allocates nothing (the pass's scratch is per thread).
-  const Job job{fn, body, n, n < 64 ? n : 64};
+  Job job{fn, body, n, n < 64 ? n : 64};
   OrtStatus* s = entry<OrtStatus* (*)(const OrtKernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
-      KernelContext_ParallelFor)(runner->ctx, &run_chunk, static_cast<size_t>(job.chunks), 0,
-                                 const_cast<Job*>(&job));
-  if (s && !runner->error) runner->error = s;
-  else release(s);
+      KernelContext_ParallelFor)(runner->ctx, &run_chunk, static_cast<size_t>(job.chunks), 0, &job);
+  if (!s && job.failed) s = status(kFail, "rednet.Involution: a worker failed (out of memory?)");
+  if (s && !runner->error)
+    runner->error = s;
+  else
+    release(s);
 }
 
 OrtStatus* compute(void* state, OrtKernelContext* ctx) {
@@ -260,7 +271,13 @@ OrtStatus* compute(void* state, OrtKernelContext* ctx) {
   runner.run = &run_on_ort_pool;
   runner.ctx = ctx;
   t_runner = &runner;
-  fused_nhwc(x.data, static_cast<float*>(y), D, P, 1);
+  try {
+    fused_nhwc(x.data, static_cast<float*>(y), D, P, 1);
+  } catch (const std::exception& e) {  // scratch allocation on this thread
+    release(runner.error);
+    std::snprintf(msg, sizeof msg, "rednet.Involution: %s", e.what());
+    runner.error = status(kFail, msg);
+  }
   t_runner = nullptr;
   return runner.error;
 }
@@ -288,8 +305,8 @@ OrtStatus* create_kernel(const CustomOp*, const OrtApi*, const OrtKernelInfo* in
                   "positive; got %ld, %ld, %ld", long(k.kernel_size), long(k.stride), long(k.groups));
     return status(kInvalidArg, msg);
   }
-  *out = new Kernel(k);
-  return nullptr;
+  *out = new (std::nothrow) Kernel(k);
+  return *out ? nullptr : status(kFail, "rednet.Involution: out of memory");
 }
 
 void destroy_kernel(void* state) { delete static_cast<Kernel*>(state); }
