@@ -26,11 +26,17 @@ during capture uses the reference in ``auto`` and raises when forced).
 
 Modules, each importing only those below it: this front door; ``_selfcheck`` (the check
 on first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of
-the kernels); ``_cupy`` (CuPy compilation and launch); ``_kernel_cache`` (compiled
-binaries on disk); ``_fused`` (the fused inference pass and its ``rednet::involution_fused`` op);
-``_cpu`` (the native CPU kernels: build, cache, calls); ``_plan``
-(launch plans and allocation, pure PyTorch); ``_reference`` (the pure-PyTorch backend);
-``_export`` (the formulation recorded when a graph is exported).
+the kernels); ``_ort`` (the ONNX Runtime op ``rednet.Involution``: its library and export
+translation); ``_fused`` (the fused CPU inference pass and its ``rednet::involution_fused``
+op); ``_cpu`` (the native CPU kernels: build, cache, calls); ``_cupy`` (CuPy compilation and
+launch); ``_kernel_cache`` (compiled binaries on disk); ``_plan`` (launch plans and
+allocation, pure PyTorch); ``_reference`` (the pure-PyTorch backend); ``_export`` (the
+formulation recorded when a graph is exported, and ``export_fused``).
+
+On the CPU at inference, RedNet's layers call ``involution_fused`` (kernel generation,
+aggregation, BatchNorm and ReLU in one pass) where ``can_use_fused_kernel`` allows; its
+16-float vectors are AVX-512 registers where ``-march=native`` enables AVX-512 (the GEMM
+tiles are then sized for its 32 registers), two AVX2 registers otherwise.
 """
 from __future__ import annotations
 
