@@ -5,7 +5,7 @@
     python tools/benchmark.py op --device cuda                # every backend, batch 64 and 128
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
     python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
-    python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, interleaved
+    python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, every path
     python tools/benchmark.py data                            # input pipeline: CPU per image, old vs new
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
@@ -17,10 +17,18 @@ measured in the same run, and the peak memory the pass allocates beyond its inpu
 ``model``: training (forward, backward, SGD step; AMP bf16, channels_last) and inference
 images/s with peak memory, per involution backend, against ResNet-50/101.
 
-``race``: RedNet-50 against ResNet-50 in one process on the same threads (default batch 8,
-224 px, fp32, channels_last and NCHW, inference and a training step): the models' steps
-alternate, repeat after repeat, and the result is the median of each model's times and
-the median of the per-repeat ratios (ResNet ms / RedNet ms: above 1, RedNet is faster).
+``race``: RedNet-50 against ResNet-50 in one process on the same threads, 224 px, fp32, on
+every path a deployment takes (``--paths``): ``eager`` inference (channels_last,
+``torch.inference_mode``: RedNet's fused inference pass), ``train`` (one eager SGD step, at
+the largest batch), ``compile`` (``torch.compile`` with freezing, each model compiled the
+same way) and ``ort`` (ONNX Runtime on the graphs ``tools/export.py`` writes: RedNet with the
+``rednet.Involution`` op and with standard ops only, ResNet-50 with standard ops; each
+output is compared with eager PyTorch's), at batches 1 and 8. Within a path and batch the
+models' runs alternate, repeat after repeat; each row has the median time and the median of
+the per-repeat ratios (ResNet ms / RedNet ms: above 1, RedNet is faster). The run also times
+the ONNX Runtime op's per-call overhead (``ort_call_overhead``) and records the CPU's model
+and SIMD flags, on which the ratios depend. Each run is appended to
+``benchmarks/results/<date>-cpu-race.json`` (and ``.md``); earlier runs are kept.
 
 ``selfcheck``: a machine's first contact with the CUDA kernels. One pass/fail line per
 dtype, RedNet window (K, stride, dilation) and memory format of the kernels' first-contact
@@ -34,19 +42,24 @@ the path before issue 17 (PIL, float32 batches) against rednet.data's (torchvisi
 interleaved round by round, in CPU time (see ``rednet.analysis.inputbench``); into
 ``benchmarks/results/<date>-data-cpu[-N].json`` (a new file each run).
 
-Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other modes already
-in that file are kept) and a markdown table beside it.
+Results of the other modes go to ``benchmarks/results/<date>-<device>.json`` (rows of the
+other modes already in that file are kept) and a markdown table beside it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
+import importlib.util
 import json
+import os
 import platform
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -59,12 +72,16 @@ from rednet.engine import UsageError, run_command
 from rednet.ops import (
     MEMORY_FORMATS,
     can_use_cuda_kernel,
+    can_use_fused_kernel,
     check_cuda_kernel,
+    export_fused,
     involution,
     involution_cupy,
     involution_output_size,
     involution_reference,
     involution_unfold,
+    onnx_translation_table,
+    ort_library_path,
     select_backend,
     use_backend,
 )
@@ -342,46 +359,248 @@ def run_model(args, device: torch.device) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 # race mode
 
+RACE_PATHS = ("eager", "train", "compile", "ort")
+# The instruction-set flags that decide which kernels oneDNN, MLAS and the native pass use.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512dq", "avx512cd", "avx512bw",
+              "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+ORT_PAUSE_S = 0.1  # before each timed ONNX Runtime run: a session's threads spin on after run() returns
 
-def _race_step(name: str, mode: str, memory_format: str, batch: int) -> Callable[[], object]:
-    """One fp32 training step or inference pass of ``name`` on the CPU, in ``memory_format``."""
+
+def cpu_info() -> dict:
+    """The CPU's model name, vendor, family/model numbers, logical CPUs and SIMD flags (Linux; less elsewhere)."""
+    info = dict(model=platform.processor() or platform.machine(), vendor=None, family=None, model_number=None,
+                logical_cpus=os.cpu_count(), simd=[])
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = {}
+    for line in text.split("\n\n")[0].splitlines():  # the first CPU's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    info.update(model=fields.get("model name", info["model"]), vendor=fields.get("vendor_id"),
+                family=fields.get("cpu family"), model_number=fields.get("model"),
+                simd=[f for f in SIMD_FLAGS if f in flags])
+    return info
+
+
+def _race_model(name: str, memory_format: str) -> torch.nn.Module:
     fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
-    model = rednet.create_model(name, num_classes=1000).to(memory_format=fmt)
-    imgs = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
+    torch.manual_seed(0)
+    return rednet.create_model(name, num_classes=1000).to(memory_format=fmt)
+
+
+def _race_inputs(batch: int, size: int, memory_format: str) -> torch.Tensor:
+    fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).contiguous(
+        memory_format=fmt)
+
+
+def _eager_step(name: str, mode: str, memory_format: str, batch: int, size: int) -> Callable[[], object]:
+    """One fp32 training step or inference pass of ``name`` on the CPU, in ``memory_format``."""
+    model = _race_model(name, memory_format)
+    imgs = _race_inputs(batch, size, memory_format)
     target = torch.randint(0, 1000, (batch,))
     fp32 = torch.autocast("cpu", enabled=False)
     return _train_step(model, model, imgs, target, fp32) if mode == "train" else _infer_step(model, model, imgs, fp32)
 
 
-def run_race(args) -> list[dict]:
-    """Each model's step in turn, ``repeats`` times, per (memory format, mode); the last model is the baseline."""
+def _compiled_step(name: str, memory_format: str, batch: int, size: int) -> Callable[[], object]:
+    """Inference through ``torch.compile`` (inductor, freezing: weights folded as constants), compiled here."""
+    import torch._inductor.config
+
+    model = _race_model(name, memory_format).eval()
+    imgs = _race_inputs(batch, size, memory_format)
+    compiled = torch.compile(model, dynamic=False)
+    t0 = time.perf_counter()
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        compiled(imgs)  # compiles
+    log(f"  compiled {name} at batch {batch} in {time.perf_counter() - t0:.0f} s")
+
+    def step():
+        with torch.no_grad():
+            return compiled(imgs)
+    return step
+
+
+def _export_onnx(name: str, formulation: str, size: int, path: Path) -> torch.nn.Module:
+    """``name`` (eval, random weights) exported as tools/export.py does (``formulation``: fused or standard);
+    the eager model it came from."""
+    model = _race_model(name, "nchw").eval()
+    kwargs = dict(dynamo=True, external_data=False, input_names=["input"], output_names=["output"],
+                  dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
+    t0 = time.perf_counter()
+    with export_fused() if formulation == "fused" else contextlib.nullcontext():
+        torch.onnx.export(model, (torch.randn(2, 3, size, size),), path,
+                          custom_translation_table=onnx_translation_table() if formulation == "fused" else None,
+                          **kwargs)
+    log(f"  exported {name} ({formulation} involution) in {time.perf_counter() - t0:.0f} s")
+    return model
+
+
+def _ort_session(path: Path, custom: bool, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if custom:
+        options.register_custom_ops_library(ort_library_path())
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_call_overhead(threads: int, calls: int = 2000) -> dict:
+    """Per-call cost of the rednet.Involution op in ONNX Runtime, apart from its arithmetic.
+
+    Two one-node graphs on the same tiny tensor (1x1x1x16: a 1x1 window, 16 channels, one
+    group): Identity, and rednet.Involution. The median ``run()`` of each over ``calls`` calls,
+    interleaved in rounds; the difference is what the op's dispatch adds (reading seven inputs'
+    shapes through the C API, allocating the output, one ParallelFor).
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = np.random.default_rng(0).standard_normal((1, 1, 1, 16)).astype(np.float32)
+    weights = {"wr": np.eye(16, dtype=np.float32), "br": np.zeros(16, np.float32), "ws": np.eye(16, dtype=np.float32),
+               "bs": np.zeros(16, np.float32), "scale": np.ones(16, np.float32), "shift": np.zeros(16, np.float32)}
+    graphs = {
+        "identity": helper.make_node("Identity", ["X"], ["Y"]),
+        "involution": helper.make_node("Involution", ["X", *weights], ["Y"], domain="ai.rednet", kernel_size=1,
+                                       stride=1, groups=1, relu=0),
+    }
+    sessions = {}
+    for key, node in graphs.items():
+        graph = helper.make_graph([node], key, [helper.make_tensor_value_info("X", TensorProto.FLOAT, x.shape)],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(v, k) for k, v in weights.items()] if key != "identity"
+                                  else [])
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.rednet", 1)]
+        proto = helper.make_model(graph, opset_imports=opsets)
+        proto.ir_version = 9  # what ONNX Runtime 1.17+ reads
+        path = Path(tempfile.mkdtemp()) / f"{key}.onnx"
+        onnx.save(proto, path)
+        sessions[key] = _ort_session(path, key == "involution", threads)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(10):  # rounds, interleaved
+        for key, sess in sessions.items():
+            for _ in range(calls // 10):
+                t0 = time.perf_counter()
+                sess.run(None, {"X": x})
+                times[key].append((time.perf_counter() - t0) * 1e6)
+    us = {k: statistics.median(v) for k, v in times.items()}
+    return dict(identity_us=us["identity"], involution_us=us["involution"],
+                overhead_us=us["involution"] - us["identity"], calls=calls, threads=threads)
+
+
+class _Entry(NamedTuple):
+    model: str  # row label
+    involution: str  # how involution runs: fused, native, reference, standard ops; "-" without involution
+    step: Callable[[], object]
+    pause_s: float = 0.0
+
+
+def _time_interleaved(entries: list[_Entry], warmup: int, repeats: int) -> dict[str, list[float]]:
+    for e in entries:
+        for _ in range(warmup):
+            e.step()
+    times: dict[str, list[float]] = {e.model: [] for e in entries}
+    for _ in range(repeats):  # interleaved: a slow spell of the machine hits every model
+        for e in entries:
+            if e.pause_s:
+                time.sleep(e.pause_s)
+            t0 = time.perf_counter()
+            e.step()
+            times[e.model].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _race_rows(path: str, mode: str, memory_format: str, batch: int, entries: list[_Entry],
+               times: dict[str, list[float]], extra: dict | None = None) -> list[dict]:
+    base = entries[-1].model
     rows = []
-    probe = torch.empty(1, 16, 8, 8)
+    for e in entries:
+        ms = times[e.model]
+        ratio = statistics.median(b / t for b, t in zip(times[base], ms))
+        row = dict(path=path, mode=mode, model=e.model, involution=e.involution, memory_format=memory_format,
+                   batch=batch, threads=torch.get_num_threads(), ms=statistics.median(ms),
+                   img_per_s=batch / statistics.median(ms) * 1e3, baseline=base, vs_baseline=ratio, times_ms=ms,
+                   **(extra or {}).get(e.model, {}))
+        rows.append(row)
+        log(f"{path:<8} {memory_format} batch {batch:<3} {e.model:<26} {e.involution:<9} median {row['ms']:8.1f} ms  "
+            f"{row['img_per_s']:7.1f} img/s  {ratio:.2f}x {base}")
+    return rows
+
+
+def _involution_of(name: str, mode: str, memory_format: str) -> str:
+    """How ``name``'s involutions run in eager PyTorch: fused (inference, channels_last), else the backend."""
+    if not name.startswith("rednet"):
+        return "-"
+    x = torch.empty(1, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    if mode == "infer" and memory_format == "nhwc" and can_use_fused_kernel(x, 64, 7, 4)[0] \
+            and select_backend(x) == "native":
+        return "fused"
+    return select_backend(x)
+
+
+def run_race(args) -> list[dict]:
+    """Every path of ``args.paths`` at every batch, the models' runs interleaved; the last model is the baseline."""
+    rows = []
+    red, base = args.models[0], args.models[-1]
+    size, threads = args.race_size, torch.get_num_threads()
     for memory_format in args.memory_formats:
-        for mode in args.modes:
-            steps = {name: _race_step(name, mode, memory_format, args.race_batch) for name in args.models}
-            for step in steps.values():
-                for _ in range(args.warmup):
-                    step()
-            times: dict[str, list[float]] = {name: [] for name in steps}
-            for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every model
-                for name, step in steps.items():
-                    t0 = time.perf_counter()
-                    step()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-            base = args.models[-1]
-            for name, ms in times.items():
-                ratio = statistics.median(b / t for b, t in zip(times[base], ms))
-                backend = select_backend(probe) if name.startswith("rednet") else "-"
-                row = dict(model=name, memory_format=memory_format, mode=mode, batch=args.race_batch,
-                           threads=torch.get_num_threads(), backend=backend, ms=statistics.median(ms),
-                           img_per_s=args.race_batch / statistics.median(ms) * 1e3, baseline=base,
-                           vs_baseline=ratio, times_ms=ms)
-                rows.append(row)
-                log(f"{memory_format} {mode:<5} {name:<10} {backend:<9} median {row['ms']:8.1f} ms  "
-                    f"{row['img_per_s']:6.1f} img/s  {ratio:.2f}x {base}")
-            del steps
-            gc.collect()
+        for path in [p for p in args.paths if p in ("eager", "train", "compile")]:
+            batches = [max(args.race_batch)] if path == "train" else args.race_batch
+            for batch in batches:
+                mode = "train" if path == "train" else "infer"
+                if path == "compile":
+                    entries = [_Entry(m, _involution_of(m, mode, memory_format),
+                                      _compiled_step(m, memory_format, batch, size)) for m in args.models]
+                else:
+                    entries = [_Entry(m, _involution_of(m, mode, memory_format),
+                                      _eager_step(m, mode, memory_format, batch, size)) for m in args.models]
+                times = _time_interleaved(entries, args.warmup, args.repeats)
+                rows += _race_rows(path, mode, memory_format, batch, entries, times)
+                del entries
+                gc.collect()
+    if "ort" in args.paths:
+        rows += _race_ort(args, red, base, size, threads)
+    return rows
+
+
+def _race_ort(args, red: str, base: str, size: int, threads: int) -> list[dict]:
+    """RedNet with the rednet.Involution op and with standard ops, against the baseline, in ONNX Runtime."""
+    import numpy as np
+
+    tmp = Path(tempfile.mkdtemp(prefix="rednet-race-"))
+    specs = [(f"{red} (rednet.Involution)", red, "fused"), (f"{red} (standard ops)", red, "standard"),
+             (base, base, "standard")]
+    if not args.ort_standard:
+        specs = [specs[0], specs[2]]
+    sessions, models = {}, {}
+    for label, name, formulation in specs:
+        path = tmp / f"{name}-{formulation}.onnx"
+        models[label] = _export_onnx(name, formulation, size, path)
+        sessions[label] = _ort_session(path, formulation == "fused", threads)
+    rows = []
+    for batch in args.race_batch:
+        x = _race_inputs(batch, size, "nchw")
+        extra = {}
+        for label, sess in sessions.items():  # ONNX Runtime against eager PyTorch, same weights and input
+            with torch.no_grad():
+                ref = models[label](x).numpy()
+            out = sess.run(None, {"input": x.numpy()})[0]
+            extra[label] = dict(max_abs_diff=float(np.abs(out - ref).max()))
+
+        def runner(sess, feed):
+            return lambda: sess.run(None, feed)
+        feed = {"input": x.numpy()}
+        entries = [_Entry(label, "fused" if formulation == "fused" else ("standard ops" if name.startswith("rednet")
+                          else "-"), runner(sessions[label], feed), ORT_PAUSE_S) for label, name, formulation in specs]
+        times = _time_interleaved(entries, args.warmup, args.repeats)
+        rows += _race_rows("ort", "infer", "nchw", batch, entries, times, extra)
+    shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
@@ -513,7 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the last is the baseline)")
     p.add_argument("--modes", type=_csv, default=None, help="train,infer (default: both)")
     p.add_argument("--model-batch", type=int, default=128, help="first batch tried; halved on out-of-memory")
-    p.add_argument("--race-batch", type=int, default=8, help="race: images per step (default 8)")
+    p.add_argument("--race-batch", type=_csv_ints, default=None, help="race: batch sizes (default 1,8)")
+    p.add_argument("--paths", type=_csv, default=None,
+                   help=f"race: comma-separated, of {','.join(RACE_PATHS)} (default: all)")
+    p.add_argument("--race-size", type=int, default=224, help="race: image size in pixels (default 224)")
+    p.add_argument("--no-ort-standard", dest="ort_standard", action="store_false",
+                   help="race: leave out RedNet with standard ONNX ops (the slow portable graph)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--no-amp", action="store_true", help="model mode in fp32 instead of AMP bf16")
     p.add_argument("--copy-mb", type=int, default=None,
@@ -546,7 +770,16 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
                                       ["reference", "cupy"] if gpu else ["reference", "unfold"])
     args.dtypes = args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"])
     args.memory_formats = args.memory_formats or (list(MEMORY_FORMATS) if gpu else
-                                                  ["nhwc", "nchw"] if race else ["nchw"])
+                                                  ["nhwc"] if race else ["nchw"])
+    args.race_batch = args.race_batch or [1, 8]
+    args.paths = args.paths or list(RACE_PATHS)
+    bad = [p for p in args.paths if p not in RACE_PATHS]
+    if bad:
+        raise ValueError(f"--paths: unknown {bad}; choose from {list(RACE_PATHS)}")
+    if race and "ort" in args.paths:
+        for mod in ("onnx", "onnxscript", "onnxruntime"):
+            if importlib.util.find_spec(mod) is None:
+                raise ValueError(f"--paths ort needs the {mod} package (pip install {mod}); or leave ort out")
     args.modes = args.modes or list(MODES)
     args.passes = args.passes or (list(PASSES) if gpu else ["fwd+bwd"])
     args.repeats = args.repeats or (50 if gpu else 7 if race else 5)
@@ -596,13 +829,90 @@ def _benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
     command = "python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, cupy=_cupy_version(),
                date=date, copy_gbps=gbps, command=command, op=[], model=[])
-    out = args.json or default_out(device, date)
     if args.mode == "race":
-        res["race"] = run_race(args)
-    else:
-        res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
+        out = args.json or ROOT / "benchmarks" / "results" / f"{date}-cpu-race.json"
+        cpu = cpu_info()
+        log(f"CPU: {cpu['model']} ({cpu['vendor']}, family {cpu['family']} model {cpu['model_number']}), "
+            f"SIMD: {' '.join(cpu['simd']) or 'unknown'}; {torch.get_num_threads()} threads")
+        load_before = _load_average()
+        run = dict(date=date, time=dt.datetime.now().strftime("%H:%M:%S"), command=command, cpu=cpu,
+                   threads=torch.get_num_threads(), torch=torch.__version__, onnxruntime=_ort_version(),
+                   race=run_race(args))
+        # Other processes on the same cores move the ratios: say how busy the machine was.
+        run["load_average"] = dict(before=load_before, after=_load_average())
+        if "ort" in args.paths:
+            run["ort_call_overhead"] = ort_call_overhead(torch.get_num_threads())
+            o = run["ort_call_overhead"]
+            log(f"ort call overhead: Identity {o['identity_us']:.1f} us, rednet.Involution {o['involution_us']:.1f} us "
+                f"per run(): {o['overhead_us']:.1f} us more")
+        append_race(out, run)
+        return 0
+    out = args.json or default_out(device, date)
+    res[args.mode] = run_op(args, device, gbps, shapes) if args.mode == "op" else run_model(args, device)
     write_results(out, res, args.mode)
     return 0
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes, ours included), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _ort_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def append_race(out: Path, run: dict) -> None:
+    """Add ``run`` to the race file ``out`` (and rewrite its markdown), keeping the runs already there."""
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs.append(run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(race_markdown(runs))
+    log(f"wrote {out} and {out.with_suffix('.md').name} ({len(runs)} run(s))")
+
+
+def _fmt_load(load: dict | None) -> str:
+    if not load or load.get("before") is None:
+        return "unknown"
+    return f"{load['before']} and {load['after']}"
+
+
+def race_markdown(runs: list[dict]) -> str:
+    lines = ["# RedNet-50 vs ResNet-50 on the CPU, one process, interleaved", "",
+             "Throughput relative to the baseline: the median of the per-repeat ratios (baseline ms / model ms; "
+             "above 1, the model is faster). Generated by `tools/benchmark.py race`; each run is appended.", ""]
+    for run in runs:
+        cpu = run["cpu"]
+        lines += [f"## {run['date']} {run['time']}: {cpu['model']}, {run['threads']} threads", "",
+                  f"- CPU: {cpu['model']} (vendor {cpu['vendor']}, family {cpu['family']}, model "
+                  f"{cpu['model_number']}), {cpu['logical_cpus']} logical CPUs",
+                  f"- SIMD flags: {' '.join(cpu['simd']) or 'unknown'}",
+                  f"- torch {run['torch']}, onnxruntime {run['onnxruntime']}",
+                  f"- 1-minute load average before and after the run: {_fmt_load(run.get('load_average'))} "
+                  f"(on {cpu['logical_cpus']} logical CPUs; above {run['threads']}, other processes shared the cores)",
+                  f"- command: `{run['command']}`", "",
+                  "| path | batch | model | involution | median ms | img/s | vs baseline | max abs diff vs eager |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in run["race"]:
+            diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+            path = r["path"] if r["memory_format"] == "nhwc" or r["path"] == "ort" else f"{r['path']} (NCHW)"
+            lines.append(f"| {path} | {r['batch']} | {r['model']} | {r['involution']} | {r['ms']:.1f} | "
+                         f"{r['img_per_s']:.1f} | {r['vs_baseline']:.2f}x | {diff} |")
+        if run.get("ort_call_overhead"):
+            o = run["ort_call_overhead"]
+            lines += ["", f"ONNX Runtime per-call overhead of `rednet.Involution` ({o['threads']} threads, median of "
+                      f"{o['calls']} `run()` calls on a 1x1x1x16 input): {o['involution_us']:.1f} us against "
+                      f"{o['identity_us']:.1f} us for an Identity node, {o['overhead_us']:.1f} us more."]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_results(out: Path, res: dict, mode: str) -> None:

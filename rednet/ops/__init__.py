@@ -29,13 +29,20 @@ during capture uses the reference in ``auto`` and raises when forced).
 Modules, each importing only those below it: this front door; ``_dispatch`` (the ordered
 table of backends and the first-contact gate); ``_selfcheck`` (the check on first
 contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of the
-kernels); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build``
-(compiling a C++ source into a cached shared library and loading it); ``_cupy`` (CuPy
-compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
-``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
-launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
-allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
-backend); ``_export`` (the formulation recorded when a graph is exported).
+kernels); ``_ort`` (the ONNX Runtime op ``rednet.Involution``: its library and export
+translation); ``_fused`` (the fused CPU inference pass and its ``rednet::involution_fused``
+op); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build`` (compiling a
+C++ source into a cached shared library and loading it); ``_cupy`` (CuPy compilation and
+launch); ``_kernel_cache`` (compiled CUDA binaries on disk); ``_cache_files`` (the cache
+root, and which of its files may be trusted); ``_plan`` (CUDA launch plans, pure PyTorch);
+``_memory_format`` (memory formats, densified inputs and allocated outputs, shared by every
+implementation); ``_reference`` (the pure-PyTorch backend); ``_export`` (the formulation
+recorded when a graph is exported, and ``export_fused``).
+
+On the CPU at inference, RedNet's layers call ``involution_fused`` (kernel generation,
+aggregation, BatchNorm and ReLU in one pass) where ``can_use_fused_kernel`` allows; its
+16-float vectors are AVX-512 registers where ``-march=native`` enables AVX-512 (the GEMM
+tiles are then sized for its 32 registers), two AVX2 registers otherwise.
 """
 from __future__ import annotations
 
@@ -47,26 +54,37 @@ import torch
 
 from . import _cpu, _cupy, _dispatch, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
 from ._dispatch import BACKENDS
-from ._export import involution_export, is_exporting
+from ._export import export_fused, exporting_fused, involution_export, is_exporting
+from ._fused import FusedWeights, can_use_fused_kernel, involution_fused, pack_fused_weights
 from ._memory_format import MEMORY_FORMATS, memory_format_of
+from ._ort import onnx_translation_table, ort_library_path
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
 
 __all__ = [
     "BACKENDS",
+    "FusedWeights",
     "MEMORY_FORMATS",
     "KernelCheck",
     "KernelCheckWarning",
     "can_use_cuda_kernel",
+    "can_use_fused_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
     "describe_backend",
+    "export_fused",
+    "exporting_fused",
     "involution",
     "involution_cupy",
     "involution_export",
+    "involution_fused",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
+    "is_exporting",
+    "onnx_translation_table",
+    "ort_library_path",
+    "pack_fused_weights",
     "select_backend",
     "use_backend",
 ]
