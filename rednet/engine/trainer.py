@@ -34,6 +34,7 @@ from .builder import (
     build_scheduler,
     check_buildable,
     execution_summary,
+    execution_warnings,
     format_summary,
     global_batch_size,
     peak_lr,
@@ -314,7 +315,11 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
                  "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
                  device, global_batch_size(cfg, dist_info.world_size), peak_lr(cfg, dist_info.world_size), steps,
                  cfg.train.epochs)
-    _logger.info("execution: %s", format_summary(execution_summary(run.model, cfg, device)))
+    summary = execution_summary(run.model, cfg, device)
+    _logger.info("execution: %s", format_summary(summary))
+    if dist_info.is_main:  # once per run: every rank runs the same configuration
+        for warning in execution_warnings(run.model, cfg, device, summary["involution_backend"]):
+            _logger.warning("%s", warning)
 
     def on_step(state: TrainState) -> None:
         every = cfg.train.ckpt_every_iters
