@@ -7,8 +7,10 @@ tensors taking the CUDA implementation with the launch replaced by a no-op.
 """
 from __future__ import annotations
 
+import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +107,127 @@ def test_the_trainer_logs_the_warning_once_after_the_execution_line(tmp_path, mo
     warnings = [m for level, m in messages if level == logging.WARNING]
     assert len(warnings) == 1 and messages[at + 1] == (logging.WARNING, warnings[0])
     assert "--set train.channels_last=true" in warnings[0]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Host overhead: launch plans cached by shape, the host cost measured with a fake launch,
+# and CUDA graphs through torch.compile's reduce-overhead mode.
+
+
+def _nhwc(b=2, c=64, g=4, h=14, w=14, k=7, s=1, dtype=torch.bfloat16):
+    p = (k - 1) // 2
+    ho, wo = ((n + 2 * p - k) // s + 1 for n in (h, w))
+    x = torch.randn(b, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    kernel = torch.randn(b, g * k * k, ho, wo).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, kernel.view(b, g, k, k, ho, wo), s, p
+
+
+def test_launch_plans_are_cached_by_shape_and_never_hold_a_pointer():
+    from rednet.ops import _plan
+
+    _plan._geometry.cache_clear()
+    x, kernel, s, p = _nhwc()
+    first = _plan.plan_forward(x, kernel, s, p, 1)[1]
+    x2, kernel2, _, _ = _nhwc()  # the same shapes, other storage
+    y2, second = _plan.plan_forward(x2, kernel2, s, p, 1)
+    info = _plan._geometry.cache_info()
+    assert (info.misses, info.hits, info.maxsize) == (1, 1, 1024)  # planned once; bounded
+    assert (first.name, first.grid, first.smem, first.args[3:]) == (second.name, second.grid, second.smem,
+                                                                     second.args[3:])
+    # The addresses are this call's, put in front of the cached arguments.
+    assert [int(a) for a in second.args[:3]] == [x2.data_ptr(), _plan.dense_kernel(kernel2, "nhwc").data_ptr(),
+                                                 y2.data_ptr()]
+    assert first.args[:3] != second.args[:3]
+    kept = _plan._geometry("fwd", x.dtype, tuple(x.shape), tuple(kernel.shape), s, p, 1, "nhwc", True,
+                           _plan.max_shared_bytes(x.device))
+    assert kept.name == first.name and _plan._geometry.cache_info().misses == 1  # what the cache holds
+    assert not any(isinstance(v, np.uint64) for v in kept.tail)  # no pointer in it
+
+
+def test_what_a_plan_depends_on_besides_the_shape_is_in_the_cache_key(monkeypatch):
+    from rednet.ops import _plan
+
+    x, kernel, s, p = _nhwc()
+    assert "_nhwc<" in _plan.plan_forward(x, kernel, s, p, 1)[1].name
+    off = torch.empty(x.numel() + 8, dtype=x.dtype)[1:1 + x.numel()]  # 2 bytes off 16-byte alignment
+    x_off = off.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+    assert x_off.is_contiguous(memory_format=torch.channels_last) and x_off.data_ptr() % 16
+    assert "_nhwc_scalar<" in _plan.plan_forward(x_off, kernel, s, p, 1)[1].name  # not the aligned plan
+    monkeypatch.setattr(_plan, "max_shared_bytes", lambda device: 16 * 1024)  # a device with less shared memory
+    assert "_nhwc_scalar<" in _plan.plan_forward(x, kernel, s, p, 1)[1].name
+    nchw = _plan.plan_forward(x.contiguous(), kernel.contiguous(), s, p, 1)[1]
+    assert "_nchw<" in nchw.name  # the memory format is part of it too
+
+
+def test_the_host_cost_is_measured_on_the_cuda_path_and_leaves_nothing_behind(monkeypatch):
+    from rednet.ops import _cpu, _plan, _selfcheck, involution, involution_reference, measure_host_overhead
+
+    before = (_cupy.launch, _cupy.can_run_on, _cpu.can_run_on, dict(_selfcheck._verdicts))
+    planned = []
+    real = _plan._launch
+    monkeypatch.setattr(_plan, "_launch", lambda kind, *a: planned.append(kind) or real(kind, *a))
+    x, kernel, s, p = _nhwc(b=1, c=32, g=2, h=9, w=9)
+    us = measure_host_overhead(x, kernel, s, p, calls=3, rounds=2)
+    assert set(us) == {"fwd_us", "fwd_us_min", "fwd_bwd_us", "fwd_bwd_us_min"} and all(v > 0 for v in us.values())
+    assert set(planned) == {"fwd", "bwd_input", "bwd_kernel"}  # the CUDA implementations ran every pass
+    assert (_cupy.launch, _cupy.can_run_on, _cpu.can_run_on, _selfcheck._verdicts) == before
+    planned.clear()
+    xf, kf = x.float(), kernel.float()
+    torch.testing.assert_close(involution(xf, kf, s, p), involution_reference(xf, kf, s, p, 1))
+    assert planned == []  # the CPU path again
+
+
+def test_benchmark_host_mode_reports_per_layer_step(tmp_path, capsys):
+    from .helpers import load_tool
+
+    out = tmp_path / "host.json"
+    assert load_tool("benchmark").main(["host", "--batch", "1", "--repeats", "1", "--dtypes", "bf16",
+                                        "--memory-formats", "nhwc", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 8 and sum(r["count"] for r in res["rows"]) == 17  # RedNet-50's involution layers
+    (total,) = res["totals"]
+    assert total["layers"] == 17 and total["per_layer_step_us"] > 0
+    assert total["per_step_ms"] == pytest.approx(total["per_layer_step_us"] * 17 / 1e3)
+    assert "per layer-step us" in out.with_suffix(".md").read_text()
+    assert "| bf16 | nhwc | 17 |" in capsys.readouterr().out
+
+
+def test_compile_mode_is_a_checked_config_key():
+    from rednet.engine import ConfigError
+
+    assert load_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"]).train.compile_mode == \
+        "reduce-overhead"
+    with pytest.raises(ConfigError, match="train.compile_mode.*'default' unless train.compile is true"):
+        load_config(None, ["train.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        load_config(None, ["train.compile=true", "train.compile_mode=cudagraphs"])
+
+
+@pytest.mark.parametrize("sets,mode", [
+    (["train.compile=true", "train.compile_mode=reduce-overhead"], "reduce-overhead"),
+    (["train.compile=true"], None),
+    ([], "not compiled"),
+])
+def test_the_trainer_compiles_with_the_configured_mode(monkeypatch, sets, mode):
+    from rednet.engine.distributed import DistInfo
+    from rednet.engine.trainer import _wrap_for_training
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    wrapped, no_sync = _wrap_for_training(model, load_config(None, sets), DistInfo())
+    assert wrapped is model and no_sync is None
+    assert calls == ([] if mode == "not compiled" else [{"mode": mode}])
+
+
+def test_the_op_compiles_fullgraph_in_reduce_overhead_mode():
+    # On a CPU the capture is skipped (CUDA graphs are for CUDA tensors); what is checked is that the
+    # op traces through its fake function into one graph with the mode set, and computes the same.
+    from rednet.ops import involution, involution_reference
+
+    x, kernel, s, p = _nhwc(b=2, c=32, g=2, h=9, w=9, k=3, dtype=torch.float32)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b: involution(a * 2, b, s, p) + 1, mode="reduce-overhead", fullgraph=True)
+    for _ in range(2):
+        torch.testing.assert_close(fn(x, kernel), involution_reference(x * 2, kernel, s, p, 1) + 1)
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@
     python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
     python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, interleaved
     python tools/benchmark.py data                            # input pipeline: CPU per image, old vs new
+    python tools/benchmark.py host                            # host cost of a CUDA call, launches faked
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
 stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
@@ -33,6 +34,12 @@ failed (its cause is printed: include this output in a report), 2 no GPU.
 the path before issue 17 (PIL, float32 batches) against rednet.data's (torchvision.io, uint8),
 interleaved round by round, in CPU time (see ``rednet.analysis.inputbench``); into
 ``benchmarks/results/<date>-data-cpu[-N].json`` (a new file each run).
+
+``host``: the host's share of the CUDA path (validation, backend choice, the custom op and its
+autograd, launch plans, allocation) per involution layer-step (forward and both gradients),
+with each launch replaced by a no-op (``rednet.ops.measure_host_overhead``), over RedNet-50's
+involution layers at 224x224 (default batch 32, bf16, both memory formats). It runs on a CPU,
+its tensors standing in for CUDA ones; into ``benchmarks/results/<date>-host-<device>[-N].json``.
 
 Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other modes already
 in that file are kept) and a markdown table beside it.
@@ -493,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("mode", choices=("op", "model", "selfcheck", "race", "data"))
+    p.add_argument("mode", choices=("op", "model", "selfcheck", "race", "data", "host"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
@@ -579,7 +586,8 @@ def _cupy_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    modes = {"selfcheck": lambda: run_selfcheck(args), "data": lambda: run_data(args, argv)}
+    modes = {"selfcheck": lambda: run_selfcheck(args), "data": lambda: run_data(args, argv),
+             "host": lambda: run_host(args, argv)}
     return run_command(modes.get(args.mode, lambda: _benchmark(args, argv)))
 
 
@@ -645,6 +653,78 @@ def run_data(args: argparse.Namespace, argv: list[str] | None) -> int:
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(inputbench.markdown(res))
     print(inputbench.markdown(res))
+    log(f"wrote {out} and {out.with_suffix('.md').name}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# host mode
+
+
+def _new_results_path(stem: str) -> Path:
+    """``benchmarks/results/<stem>.json``, or ``<stem>-N.json``: an earlier run's file is never overwritten."""
+    out, n = ROOT / "benchmarks" / "results" / f"{stem}.json", 2
+    while out.exists():
+        out, n = out.with_name(f"{stem}-{n}.json"), n + 1
+    return out
+
+
+def host_markdown(res: dict) -> str:
+    lines = [f"# Host cost of the CUDA involution path {res['date']}: {res['device']}", "",
+             f"torch {res['torch']}; launches replaced by no-ops; batch {res['batch']}; {res['rounds']} rounds of "
+             f"{res['calls']} calls, median (fastest round in brackets).", f"Command: `{res['command']}`", "",
+             "| dtype | layout | shape | name | count | fwd us | fwd+bwd us |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['dtype']} | {r['layout']} | {r['shape']} | {r['name']} | {r['count']} | "
+                     f"{r['fwd_us']:.1f} ({r['fwd_us_min']:.1f}) | {r['fwd_bwd_us']:.1f} ({r['fwd_bwd_us_min']:.1f}) |")
+    lines += ["", "| dtype | layout | layers | per layer-step us | per RedNet-50 step ms |", "|---|---|---|---|---|"]
+    for t in res["totals"]:
+        lines.append(f"| {t['dtype']} | {t['layout']} | {t['layers']} | {t['per_layer_step_us']:.1f} "
+                     f"({t['per_layer_step_us_min']:.1f}) | {t['per_step_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_host(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Host microseconds per involution layer-step of the CUDA path over RedNet-50's layers; a new file each run."""
+    from rednet.ops import measure_host_overhead
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch, rounds = (args.batch or [32])[0], args.repeats or 7
+    dtypes, formats = args.dtypes or ["bf16"], args.memory_formats or list(MEMORY_FORMATS)
+    for flag, vals, allowed in (("--dtypes", dtypes, DTYPES), ("--memory-formats", formats, MEMORY_FORMATS)):
+        if any(v not in allowed for v in vals):
+            raise UsageError(f"{flag}: unknown {[v for v in vals if v not in allowed]}; choose from {list(allowed)}")
+    if batch < 1 or rounds < 1:
+        raise UsageError("--batch and --repeats must be >= 1")
+    shapes = involution_shapes("rednet50", 224)
+    rows, totals = [], []
+    for dname in dtypes:
+        for fmt in formats:
+            part = []
+            for s in shapes:
+                x, kernel, stride, pad = op_inputs(s, batch, DTYPES[dname], fmt, device)
+                us = measure_host_overhead(x, kernel, stride, pad, calls=100, rounds=rounds)
+                part.append(dict(shape=shape_str(s), name=s["name"], count=s["count"], batch=batch, dtype=dname,
+                                 layout=fmt, **us))
+                log(f"{dname} {fmt} {s['name']:<12} {shape_str(s):<24} fwd {us['fwd_us']:7.1f} us  "
+                    f"fwd+bwd {us['fwd_bwd_us']:7.1f} us")
+            layers = sum(r["count"] for r in part)
+            per_step = {k: sum(r[k] * r["count"] for r in part) for k in ("fwd_bwd_us", "fwd_bwd_us_min")}
+            totals.append(dict(dtype=dname, layout=fmt, layers=layers, per_step_ms=per_step["fwd_bwd_us"] / 1e3,
+                               per_layer_step_us=per_step["fwd_bwd_us"] / layers,
+                               per_layer_step_us_min=per_step["fwd_bwd_us_min"] / layers))
+            rows += part
+    date = dt.date.today().isoformat()
+    res = dict(date=date, device=device_name(device), torch=torch.__version__, batch=batch, rounds=rounds, calls=100,
+               command="python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               rows=rows, totals=totals)
+    out = args.json or _new_results_path(f"{date}-host-{device.type}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(host_markdown(res))
+    print(host_markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
     return 0
 

@@ -35,7 +35,8 @@ compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
 ``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
 launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
 allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
-backend); ``_export`` (the formulation recorded when a graph is exported).
+backend); ``_export`` (the formulation recorded when a graph is exported); ``_host_overhead`` (the
+host's share of a CUDA call, measured with the launch replaced by a no-op).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ import torch
 from . import _cpu, _cupy, _dispatch, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
 from ._dispatch import BACKENDS
 from ._export import involution_export, is_exporting
+from ._host_overhead import measure_host_overhead
 from ._memory_format import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
@@ -67,6 +69,8 @@ __all__ = [
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
+    "measure_host_overhead",
+    "memory_format_of",
     "select_backend",
     "use_backend",
 ]
