@@ -181,15 +181,19 @@ def test_benchmark_host_mode_reports_per_layer_step(tmp_path, capsys):
     from .helpers import load_tool
 
     out = tmp_path / "host.json"
-    assert load_tool("benchmark").main(["host", "--batch", "1", "--repeats", "1", "--dtypes", "bf16",
-                                        "--memory-formats", "nhwc", "--json", str(out)]) == 0
+    benchmark = load_tool("benchmark")
+    assert benchmark.main(["host", "--batch", "1", "--repeats", "2", "--dtypes", "bf16", "--memory-formats", "nhwc",
+                           "--baseline", "HEAD", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 8 and sum(r["count"] for r in res["rows"]) == 17  # RedNet-50's involution layers
     (total,) = res["totals"]
-    assert total["layers"] == 17 and total["per_layer_step_us"] > 0
+    assert total["layers"] == 17 and total["per_layer_step_us"] > 0 and total["baseline_per_layer_step_us"] > 0
     assert total["per_step_ms"] == pytest.approx(total["per_layer_step_us"] * 17 / 1e3)
+    assert total["vs_baseline"] > 0 and res["baseline"] == "HEAD"
     assert "per layer-step us" in out.with_suffix(".md").read_text()
     assert "| bf16 | nhwc | 17 |" in capsys.readouterr().out
+    assert benchmark.main(["host", "--baseline", "no-such-revision", "--json", str(out)]) == 2
+    assert "--baseline no-such-revision: git cannot show" in capsys.readouterr().err
 
 
 def test_compile_mode_is_a_checked_config_key():

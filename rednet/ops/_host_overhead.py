@@ -15,6 +15,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -25,19 +26,21 @@ __all__ = ["measure_host_overhead"]
 
 
 @contextlib.contextmanager
-def _cuda_path_without_launches(x: torch.Tensor, kernel: torch.Tensor, stride: int, dilation: int) -> Iterator[None]:
+def _cuda_path_without_launches(x: torch.Tensor, kernel: torch.Tensor, stride: int, dilation: int,
+                                plans: ModuleType | None = None) -> Iterator[None]:
     from . import _custom_op
 
     device_type = x.device.type
     key = _dispatch.selfcheck_key(device_type, x.device.index, x.dtype, kernel.shape[2], stride, dilation,
                                   memory_format_of(x))
-    saved = (_cupy.can_run_on, _cpu.can_run_on, _cupy.launch)
+    saved = (_cupy.can_run_on, _cpu.can_run_on, _cupy.launch, _custom_op._plan)
     real_cupy, real_cpu = saved[0], saved[1]
     had_verdict = key in _selfcheck._verdicts
     try:
         _cupy.can_run_on = lambda t, i, d: (True, "ok") if t == device_type else real_cupy(t, i, d)
         _cpu.can_run_on = lambda t, d: (False, "stood in for") if t == device_type else real_cpu(t, d)
         _cupy.launch = lambda plan, device: None
+        _custom_op._plan = plans or saved[3]
         if not had_verdict:
             _selfcheck._verdicts[key] = _selfcheck.KernelCheck(True, "passed", "", 0.0)
         with contextlib.ExitStack() as stack:
@@ -47,13 +50,13 @@ def _cuda_path_without_launches(x: torch.Tensor, kernel: torch.Tensor, stride: i
                     stack.enter_context(op.set_kernel_enabled(device_type, False))
             yield
     finally:
-        _cupy.can_run_on, _cpu.can_run_on, _cupy.launch = saved
+        _cupy.can_run_on, _cpu.can_run_on, _cupy.launch, _custom_op._plan = saved
         if not had_verdict:
             _selfcheck._verdicts.pop(key, None)
 
 
 def measure_host_overhead(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int = 1,
-                          calls: int = 200, rounds: int = 7) -> dict[str, float]:
+                          calls: int = 200, rounds: int = 7, plans: ModuleType | None = None) -> dict[str, float]:
     """Host microseconds of one CUDA involution call, launches replaced by no-ops.
 
     Args:
@@ -62,6 +65,7 @@ def measure_host_overhead(x: torch.Tensor, kernel: torch.Tensor, stride: int, pa
         stride / padding / dilation: as for ``involution``.
         calls: calls timed together in one round.
         rounds: rounds; each statistic is over the rounds' per-call means.
+        plans: a module standing in for ``_plan`` (the launch plans of another revision, for an A/B).
 
     Returns:
         ``fwd_us`` and ``fwd_bwd_us`` (forward alone; forward and both gradients through autograd):
@@ -81,7 +85,7 @@ def measure_host_overhead(x: torch.Tensor, kernel: torch.Tensor, stride: int, pa
         torch.autograd.grad(y, (xg, kg), grad_y)
 
     out = {}
-    with _cuda_path_without_launches(x, kernel, stride, dilation):
+    with _cuda_path_without_launches(x, kernel, stride, dilation, plans):
         for name, fn in (("fwd_us", forward), ("fwd_bwd_us", forward_backward)):
             for _ in range(max(1, calls // 10)):  # warm-up
                 fn()
