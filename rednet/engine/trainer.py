@@ -43,6 +43,7 @@ from .checkpoint import CheckpointError, capture_rng_state, read_checkpoint, res
 from .config import Config
 from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
+from .kernelcheck import check_kernels
 from .logger import RunLogger
 from .loop import StepContext, TrainState, evaluate, train_one_epoch
 from .meter import EpochStats
@@ -306,6 +307,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
 def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: int) -> dict[str, Any]:
     """The epoch loop from ``run.state`` to ``train.epochs``: train, validate, log, checkpoint."""
     cfg, dist_info, device = run.cfg, run.dist, run.dist.device
+    check_kernels(run.model, cfg, dist_info)  # every rank, one verdict, before anything is wrapped or traced
     train_model, no_sync = _wrap_for_training(run.model, cfg, dist_info)
     loss_fn, mixup = build_loss_and_mixup(cfg)
     resumed_at = run.state.global_step or None

@@ -62,6 +62,7 @@ __all__ = [
     "can_use_cuda_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
+    "decline_cuda_kernel",
     "describe_backend",
     "involution",
     "involution_cupy",
@@ -97,6 +98,25 @@ def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
 def can_use_native_kernel(x: torch.Tensor) -> tuple[bool, str]:
     """Whether the native CPU kernel can run on ``x`` (building it on first call), and if not, why."""
     return _cpu.can_run_on(x.device.type, x.dtype)
+
+
+def decline_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
+                        dilation: int = 1, memory_format: str = "nchw", cause: str = "") -> KernelCheck:
+    """Keep ``auto`` off the CUDA kernel for one configuration in this process, as if its check had failed.
+
+    For jobs of several processes: a configuration whose check failed in one of them is declined
+    in the others, so that every process runs the same backend (see ``rednet.engine.kernelcheck``).
+    ``auto`` then warns once and runs the reference; a forced ``cupy`` raises with ``cause``. A
+    failure of this process's own check is kept as it is. Arguments as for ``check_cuda_kernel``.
+
+    Returns:
+        The configuration's verdict now.
+    """
+    device = torch.device(device)
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
+    return _selfcheck.decline(_dispatch.selfcheck_key(device.type, device.index, dtype, kernel_size, stride, dilation,
+                                                      memory_format), cause)
 
 
 def check_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
