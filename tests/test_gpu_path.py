@@ -235,3 +235,64 @@ def test_the_op_compiles_fullgraph_in_reduce_overhead_mode():
     for _ in range(2):
         torch.testing.assert_close(fn(x, kernel), involution_reference(x * 2, kernel, s, p, 1) + 1)
     torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------
+# On a GPU (``pytest -m gpu``; skipped without one).
+
+
+def _cuda_kernel_or_skip():
+    ok, why = _cupy.can_run_on("cuda", None, torch.float32)
+    if not ok:
+        pytest.skip(why)
+
+
+class _Block(torch.nn.Module):
+    """Conv, BatchNorm, involution: a RedNet block's kinds of layers, small enough to compile fast."""
+
+    def __init__(self):
+        super().__init__()
+        from rednet.layers import Involution
+
+        self.conv = torch.nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(32)
+        self.inv = Involution(32, 7, 1)
+
+    def forward(self, x):
+        return self.inv(torch.relu(self.bn(self.conv(x)))).mean((2, 3))
+
+
+@pytest.mark.gpu
+def test_gpu_training_steps_in_cuda_graphs_match_eager(monkeypatch):
+    _cuda_kernel_or_skip()
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    torch.manual_seed(0)
+    eager = _Block().cuda().to(memory_format=torch.channels_last)
+    graphed = _Block().cuda().to(memory_format=torch.channels_last)
+    graphed.load_state_dict(eager.state_dict())
+    compiled = torch.compile(graphed, mode="reduce-overhead")
+    launches = []
+    real = _cupy.launch
+    monkeypatch.setattr(_cupy, "launch", lambda plan, dev: launches.append(plan.name) or real(plan, dev))
+    for step in range(4):  # warm-up, record, replays
+        x = torch.randn(8, 32, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want, got = eager(x), compiled(x)
+        want.float().square().sum().backward()
+        got.float().square().sum().backward()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        for a, b in zip(eager.parameters(), graphed.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=5e-2, atol=5e-2)
+            a.grad = b.grad = None
+    assert any("_nhwc" in n for n in launches)  # the kernels ran, not the reference
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_host_overhead_with_the_launch_left_out():
+    from rednet.ops import measure_host_overhead
+
+    _cuda_kernel_or_skip()
+    x, kernel, s, p = _nhwc()
+    us = measure_host_overhead(x.cuda(), kernel.cuda(), s, p, calls=20, rounds=3)
+    assert 0 < us["fwd_us"] < us["fwd_bwd_us"]

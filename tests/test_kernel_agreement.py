@@ -244,3 +244,17 @@ def test_a_rank_that_hangs_in_its_check_is_waited_for_only_the_timeout(tmp_path)
     r0 = json.loads(Path(pattern.format(rank=0)).read_text())
     assert "did not answer within 3 s" in r0["error"] and "REDNET_KERNEL_CHECK_TIMEOUT" in r0["error"]
     assert r0["seconds"] < 40
+
+
+@pytest.mark.gpu
+def test_gpu_rednet_configurations_pass_up_front(monkeypatch):
+    ok, why = _cupy.can_run_on("cuda", None, torch.float32)
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = _model().to(device)
+    cfg = _cfg("train.device=cuda", "train.amp=bf16", "data.img_size=224")
+    result = check_kernels(model, cfg, DistInfo(device=device))
+    assert [(str(c), ok) for c, ok in result] == [(f"bfloat16 K={k} stride={s} dilation=1 nhwc", True)
+                                                  for k, s in ((3, 1), (7, 1), (7, 2))]
