@@ -25,6 +25,8 @@ uses the reference for that configuration from then on and warns once
 The check runs eagerly at dispatch, outside ``torch.compile``'s graph (the decision is a
 traced constant) and never inside CUDA graph capture (an unchecked configuration met
 during capture uses the reference in ``auto`` and raises when forced).
+``decline_cuda_kernel`` records a configuration as failed in another process of the job, so
+that every process runs the same backend (the trainer checks and agrees before its first step).
 
 Modules, each importing only those below it: this front door; ``_dispatch`` (the ordered
 table of backends and the first-contact gate); ``_selfcheck`` (the check on first
