@@ -48,10 +48,10 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _cpu, _cupy, _dispatch, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
+# Cheap: CuPy is imported, and the C++ built, only when a kernel runs.
+from . import _cpu, _cupy, _dispatch, _host_overhead, _selfcheck
 from ._dispatch import BACKENDS
 from ._export import involution_export, is_exporting
-from ._host_overhead import measure_host_overhead
 from ._memory_format import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
@@ -299,6 +299,28 @@ def involution(
             memory_format_of(x))):
         return _involution_op(x, kernel, stride, padding, dilation)  # the kernels of the rednet::involution op
     return involution_reference(x, kernel, stride, padding, dilation)
+
+
+def measure_host_overhead(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int = 1,
+                          calls: int = 200, rounds: int = 7, plans=None) -> dict[str, float]:
+    """Host microseconds of one CUDA ``involution`` call (forward; forward and both gradients), launches left out.
+
+    Everything the host does for the CUDA kernels runs as it would, on ``x`` and ``kernel``; only
+    each launch is a no-op. CPU tensors stand in for CUDA ones (CuPy's availability, the native
+    kernel and the first-contact verdict are stood in for while it runs: not for use while other
+    threads call the operator).
+
+    Args:
+        x / kernel: the inputs, on a CUDA device or the CPU.
+        stride / padding / dilation: as for ``involution``.
+        calls: calls timed together in one round.
+        rounds: rounds; each statistic is over the rounds' per-call means.
+        plans: a module standing in for the launch plans (``_plan``) of another revision, for an A/B.
+
+    Returns:
+        ``fwd_us``, ``fwd_bwd_us`` (median over rounds) and ``fwd_us_min``, ``fwd_bwd_us_min`` (fastest round).
+    """
+    return _host_overhead.measure_host_overhead(involution, x, kernel, stride, padding, dilation, calls, rounds, plans)
 
 
 def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
