@@ -28,17 +28,17 @@ during capture uses the reference in ``auto`` and raises when forced).
 ``decline_cuda_kernel`` records a configuration as failed in another process of the job, so
 that every process runs the same backend (the trainer checks and agrees before its first step).
 
-Modules, each importing only those below it: this front door; ``_dispatch`` (the ordered
-table of backends and the first-contact gate); ``_selfcheck`` (the check on first
-contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of the
+Modules, each importing only those below it: this front door; ``_host_overhead`` (the
+host's share of a CUDA call, measured with the launch replaced by a no-op); ``_dispatch``
+(the ordered table of backends and the first-contact gate); ``_selfcheck`` (the check on
+first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of the
 kernels); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build``
 (compiling a C++ source into a cached shared library and loading it); ``_cupy`` (CuPy
 compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
 ``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
 launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
 allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
-backend); ``_export`` (the formulation recorded when a graph is exported); ``_host_overhead`` (the
-host's share of a CUDA call, measured with the launch replaced by a no-op).
+backend); ``_export`` (the formulation recorded when a graph is exported).
 """
 from __future__ import annotations
 
