@@ -190,7 +190,8 @@ def test_library_needs_nothing_from_python_or_torch(library):
 
     if shutil.which("readelf") is None:
         pytest.skip("no readelf")
-    dynamic = subprocess.run(["readelf", "-d", os.path.realpath(library)], capture_output=True, text=True, check=True).stdout
+    dynamic = subprocess.run(["readelf", "-d", os.path.realpath(library)], capture_output=True, text=True,
+                             check=True).stdout
     needed = {line.split("[")[1].split("]")[0] for line in dynamic.splitlines() if "(NEEDED)" in line}
     runtime = {"libstdc++.so.6", "libm.so.6", "libgcc_s.so.1", "libc.so.6", "libgomp.so.1", "ld-linux-x86-64.so.2"}
     assert needed <= runtime, needed
