@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Convert RedNet weights in any supported layout to this project's safetensors layout.
 
-    python tools/convert_weights.py RedNet50_pretrained.pdparams rednet50.safetensors
-    python tools/convert_weights.py rednet50-xxxx.pth rednet50.safetensors --json
-    python tools/convert_weights.py https://.../RedNet26_pretrained.pdparams rednet26.safetensors --sha256 HEX
+    rednet-convert-weights RedNet50_pretrained.pdparams runs/rednet50.safetensors
+    rednet-convert-weights rednet50-xxxx.pth --output runs/rednet50.safetensors --json
+    rednet-convert-weights https://.../RedNet26_pretrained.pdparams runs/rednet26.safetensors --sha256 HEX
 
 The source layout (this project's safetensors, the authors' mmcls ``.pth``, the
 PaddleClas ``.pdparams``) is detected from the content. The result is checked
@@ -16,7 +15,6 @@ destination without --force, a failed download).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,23 +22,27 @@ from pathlib import Path
 import timm
 import torch
 
-from rednet.engine import CheckpointError, UsageError, run_command
+from rednet.engine import CheckpointError, UsageError, check_path_options, run_command
+from rednet.fileio import check_output_file
 from rednet.models import create_model, fit_state_dict, load_weights, save_weights
+from rednet.tools._options import add_json, check_json, write_json
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description="Convert RedNet weights (safetensors, mmcls .pth, PaddleClas .pdparams) to this project's "
         "safetensors layout, printing what was mapped."
     )
     p.add_argument("src", help="source checkpoint: a local path or a URL (downloads into the torch.hub cache)")
-    p.add_argument("dst", help="destination .safetensors file")
+    p.add_argument("dst", nargs="?", help="destination .safetensors file (or --output)")
+    p.add_argument("--output", help="destination .safetensors file, as DST")
     p.add_argument("--arch", default=None, help="model name (default: inferred from the number of blocks per stage)")
     p.add_argument("--sha256", default=None, type=_sha256, metavar="HEX",
                    help="expected sha256 of the source file (or a prefix); a URL may also end in #sha256=HEX")
     p.add_argument("--timeout", default=None, type=_seconds, metavar="SECONDS",
                    help="abandon a download after this long without data (default: $REDNET_DOWNLOAD_TIMEOUT or 30)")
-    p.add_argument("--json", action="store_true", help="print the mapping summary as one JSON object")
+    add_json(p, "the mapping summary")
     p.add_argument("--force", action="store_true",
                    help="overwrite dst if it exists, and write weights even if they hold NaN or infinite values")
     return p
@@ -62,14 +64,20 @@ def _seconds(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     return run_command(lambda: _convert(args))
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if (args.dst is None) == (args.output is None):
+        raise UsageError("give the destination once: DST or --output FILE")
+    args.dst = args.dst if args.dst is not None else args.output
+    check_path_options(args, ("src", "dst", "json"))
     if Path(args.dst).exists() and not args.force:
         raise UsageError(f"{args.dst} exists; pass --force to overwrite it")
+    check_output_file(args.dst, "the destination")  # before a download or a conversion that would be lost
+    check_json(args.json)
     try:
         wf = load_weights(args.src, sha256=args.sha256, progress=not args.json, timeout=args.timeout)
         arch = args.arch or wf.arch
@@ -93,7 +101,7 @@ def _convert(args: argparse.Namespace) -> int:
     s = wf.summary()
     s.update(arch=arch, dst=args.dst)
     if args.json:
-        print(json.dumps(s))
+        write_json(s, args.json)
         return 0
     print(
         f"read   {s['source']} ({s['container']}, {s['layout']} layout): "
@@ -112,6 +120,3 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote  {args.dst} (safetensors, rednet layout)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,14 @@
-#!/usr/bin/env python
-"""Single-crop evaluation: top-1, top-5, loss and images/s, optionally written as JSON.
+"""Single-crop evaluation: top-1, top-5, loss and images/s, optionally as JSON.
 
-  python tools/eval.py --checkpoint runs/digits/best.pt --json results.json
-  python tools/eval.py --model rednet50 --pretrained --data /data/imagenet
-  torchrun --nproc_per_node 8 tools/eval.py --model rednet50 --pretrained --data /data/imagenet
+  rednet-eval --checkpoint runs/digits/best.pt --json results.json
+  rednet-eval --model rednet50 --pretrained --data /data/imagenet --json
+  torchrun --nproc_per_node 8 -m rednet eval --model rednet50 --pretrained --data /data/imagenet
 
 With a checkpoint the data and eval transform come from its stored config; with
 --pretrained they follow the model's pretrained config (input size, crop_pct,
 interpolation, mean/std). What the command line gives (--img-size, --crop-pct,
 --interpolation, --set data.img_size=...) wins over either; the transform used is
-logged and stored in the --json file. Under torchrun every image is scored exactly once.
+logged and stored in the --json result. Under torchrun every image is scored exactly once.
 
 The model's classes must be the data's: the same count, and with a checkpoint the same names
 (checkpoints store them; --allow-config-change scores renamed folders anyway). With a weights
@@ -22,14 +21,15 @@ fails at the end, the results are printed on stdout); 130 Ctrl-C (no results wri
 from __future__ import annotations
 
 import argparse
-import sys
+
+from rednet.tools._options import add_json, add_pretrained
 
 # Path options and the config keys they set (--pretrained goes to run_eval, whose transform follows it).
 PATH_KEYS = {"data": "data.root", "split": "data.val_split"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="YAML config giving the model and data: a file, or the name of a bundled "
                                       "config (see --list-configs)")
@@ -38,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a dotted config key (repeatable)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--checkpoint", help="a training checkpoint (its stored config is used unless --config is given)")
-    w.add_argument("--pretrained", nargs="?", const="default", metavar="PATH|URL",
-                   help="published weights of the model, or a local file / URL")
+    add_pretrained(w)
     p.add_argument("--data", help="dataset root with a val/ folder per class (ImageNet layout)")
     p.add_argument("--split", default=None, help="split folder under --data (default: data.val_split, 'val')")
     p.add_argument("--img-size", type=int, help="eval crop size (data.img_size), over the weights' pretrained config")
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's train.device")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="autocast dtype, on a CPU too (default: the config's train.amp on CUDA, fp32 on a CPU)")
-    p.add_argument("--json", help="write the results to this JSON file")
+    add_json(p, "the results (what was scored, top-1, top-5, loss, images/s)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="score a checkpoint on data whose class names differ from those it was trained on "
                         "(same count), e.g. renamed class folders")
@@ -85,19 +84,19 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not (args.list_configs or args.checkpoint or args.pretrained is not None or args.config):
         parser.error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
     # Only now: the engine imports torch, which --help and a usage error need not wait for.
-    from rednet.engine import check_paths_not_empty, list_configs, path_values, run_command, run_eval
+    from rednet.engine import check_path_options, list_configs, path_values, run_command, run_eval
 
     if args.list_configs:
         return list_configs()
 
     def evaluate() -> int:
-        check_paths_not_empty(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
+        check_path_options(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
         run_eval(args.config, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                  overrides=_config_overrides(args), values=path_values(args, PATH_KEYS), json_path=args.json,
                  allow_config_change=args.allow_config_change)
@@ -105,6 +104,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_command(evaluate, log=True, interrupted="interrupted by SIGINT; no results written")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

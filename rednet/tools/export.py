@@ -1,11 +1,12 @@
-#!/usr/bin/env python
 """Export a RedNet for deployment: ONNX, or a torch.export program (.pt2).
 
-    python tools/export.py --model rednet50 --pretrained default --output rednet50.onnx --check
-    python tools/export.py --model rednet50 --involution custom --output rednet50-ort.onnx --check
-    python tools/export.py --model rednet26 --format export --output rednet26.pt2 --check --json
+    rednet-export --model rednet50 --pretrained --output runs/rednet50.onnx --check
+    rednet-export --model rednet50 --involution custom --output runs/rednet50-ort.onnx --check
+    rednet-export --model rednet26 --format export --output runs/rednet26.pt2 --check --json
 
-The graph is taken in eval mode with a dynamic batch dimension and a fixed image size.
+The graph is taken in eval mode with a dynamic batch dimension and a fixed image size. The
+file goes to --output (default: runs/<model>.onnx or .pt2; its folder is created), which is
+checked before anything is exported.
 ``--involution`` chooses how involution is recorded:
 
 - ``standard`` (default): a one-hot tap convolution, a multiply and a sum (a few standard ops
@@ -25,18 +26,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from rednet.engine import CheckpointError, UsageError, run_command
+from rednet.engine import CheckpointError, UsageError, check_device_option, check_path_options, run_command
+from rednet.fileio import check_output_file
 from rednet.models import create_model, list_models
 from rednet.ops import export_fused, onnx_translation_table, ort_library_path
+from rednet.tools._options import (
+    DEFAULT_WEIGHTS,
+    add_json,
+    add_option,
+    add_pretrained,
+    check_json,
+    pretrained_argument,
+    write_json,
+)
 
 FORMULATIONS = ("standard", "custom")
 CUSTOM_DOMAIN = "ai.rednet"  # of the rednet.Involution op (rednet/ops/_ort.py)
@@ -46,8 +55,8 @@ SUFFIX = {"onnx": ".onnx", "export": ".pt2"}
 TOLERANCE = 1e-4  # |exported - eager| <= TOLERANCE * (1 + |eager|), elementwise
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=f"model name: {', '.join(list_models())}")
     p.add_argument("--format", default="onnx", choices=FORMATS,
                    help="'onnx' (an .onnx file) or 'export' (a torch.export ExportedProgram, .pt2); default: onnx")
@@ -55,15 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'standard': standard ONNX ops, runs anywhere; 'custom': the rednet.Involution op of "
                         "ONNX Runtime (fused, fast on a CPU; needs rednet.ops.ort_library_path() registered); "
                         "default: standard")
-    p.add_argument("--output", default=None, help="output file (default: <model>.onnx or <model>.pt2)")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="image height and width in pixels (default: the model's pretrained config, 224)")
+    p.add_argument("--output", default=None, help="output file (default: runs/<model>.onnx or runs/<model>.pt2)")
+    add_option(p, "--img-size", old=("--input-size",), type=int, default=None, metavar="PX",
+               help="image height and width in pixels (default: the model's pretrained config, 224)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's own)")
-    p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="weights: 'default' (the published ones), a local file or a URL; random weights if omitted")
+    add_pretrained(p, "random weights if omitted")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
     p.add_argument("--check", action="store_true", help="run the result at batches 1 and 3 and compare with PyTorch")
-    p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+    add_json(p, "what was written (nodes, size, time, the check's largest difference)")
     return p
 
 
@@ -72,20 +80,21 @@ def _progress(msg: str) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the export: the options, the files, the packages it needs."""
+    check_path_options(args, ("output", "pretrained", "json"))
     if args.model not in list_models():
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(list_models())}")
-    if args.input_size is not None and args.input_size < 32:
-        raise UsageError(f"--input-size must be at least 32 (the network downsamples by 32), got {args.input_size}")
+    if args.img_size is not None and args.img_size < 32:
+        raise UsageError(f"--img-size must be at least 32 (the network downsamples by 32), got {args.img_size}")
     if args.num_classes is not None and args.num_classes < 0:
         raise UsageError(f"--num-classes must be >= 0, got {args.num_classes}")
     if args.opset is not None and args.format != "onnx":
         raise UsageError("--opset applies to --format onnx only")
-    parent = Path(args.output).resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"output directory {parent} does not exist")
-    if args.pretrained and args.pretrained != "default" and "://" not in args.pretrained \
+    if args.pretrained not in (None, DEFAULT_WEIGHTS) and "://" not in args.pretrained \
             and not os.path.isfile(args.pretrained):
-        raise UsageError(f"--pretrained {args.pretrained}: no such file (pass 'default', a file or a URL)")
+        raise UsageError(f"--pretrained {args.pretrained}: no such file (give a file or a URL, or --pretrained "
+                         "alone for the default weights)")
+    check_device_option("cpu")  # the model is built, exported and checked on the CPU
     needed = ["onnx", "onnxscript"] if args.format == "onnx" else []
     if args.check and args.format == "onnx":
         needed.append("onnxruntime")
@@ -95,12 +104,15 @@ def _validate(args: argparse.Namespace) -> None:
         except ImportError:
             raise UsageError(f"--format onnx{' --check' if mod == 'onnxruntime' else ''} needs the {mod} package "
                              f"(pip install {mod})") from None
+    # Last, as it makes the file's folder: a folder, a file under a file or a folder that cannot be written was
+    # found only after exporting.
+    check_output_file(args.output, "--output")
+    check_json(args.json)
 
 
 def _build(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    pretrained = True if args.pretrained == "default" else args.pretrained
-    return create_model(args.model, pretrained=pretrained or False, **kwargs).eval()
+    return create_model(args.model, pretrained=pretrained_argument(args.pretrained), **kwargs).eval()
 
 
 def _export_onnx(model, x, args) -> tuple[int, int]:
@@ -163,9 +175,9 @@ def _check(model, args, size) -> float:
     return worst
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.output = args.output or f"{args.model}{SUFFIX[args.format]}"
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    args.output = args.output if args.output is not None else os.path.join("runs", f"{args.model}{SUFFIX[args.format]}")
     return run_command(lambda: _export(args))
 
 
@@ -178,7 +190,7 @@ def _export(args: argparse.Namespace) -> int:
     except (CheckpointError, OSError, ValueError) as e:  # a missing, unreadable or mismatched weights file
         raise CheckpointError(f"{args.model}: {e}") from None
     size = (model.pretrained_cfg["input_size"][0],
-            *((args.input_size,) * 2 if args.input_size else model.pretrained_cfg["input_size"][1:]))
+            *((args.img_size,) * 2 if args.img_size else model.pretrained_cfg["input_size"][1:]))
     x = torch.randn(2, *size)  # batch 2: an example batch of 1 would be specialised to a constant
     _progress(f"exporting to {args.format} at {'x'.join(map(str, size))}, dynamic batch ...")
     t0 = time.perf_counter()
@@ -203,9 +215,6 @@ def _export(args: argparse.Namespace) -> int:
             return 1
         _progress(f"check passed: max abs diff {result['max_abs_diff']:.2e}")
     if args.json:
-        print(json.dumps(result))
+        write_json(result, args.json)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

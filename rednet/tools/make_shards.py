@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Write an ImageFolder split as tar shards of about 1 GB (webdataset layout) for ``data.dataset: wds``.
 
-    python tools/make_shards.py /data/imagenet/train /data/shards            # split "train"
-    python tools/make_shards.py /data/imagenet/val /data/shards --shard-size 1GB --json
+    rednet-make-shards /data/imagenet/train /data/shards            # split "train"
+    rednet-make-shards /data/imagenet/val --output /data/shards --shard-size 1GB --json
 
 Each shard holds ``<key>.<ext>`` (the image file's bytes, unchanged) and ``<key>.cls`` (the
 class index) per image, the images in a random order fixed by ``--seed``. ``OUT/_info.json``
@@ -23,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from rednet.tools._options import add_json, check_json, write_json
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -34,15 +35,17 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="an ImageFolder split: one folder per class (e.g. /data/imagenet/train)")
-    p.add_argument("out", help="the shards' folder (created; shared by the splits of one dataset)")
+    p.add_argument("out", nargs="?", metavar="OUT",
+                   help="the shards' folder (created; shared by the splits of one dataset), or --output")
+    p.add_argument("--output", help="the shards' folder, as OUT")
     p.add_argument("--split", default=None, help="the split's name (default: SRC's folder name)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="about this many bytes a shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the images across shards")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    add_json(p, "the summary")
     return p
 
 
@@ -51,8 +54,8 @@ def _progress(done: int, total: int, t0: float) -> None:
     print(f"shard {done}/{total}, eta {rate * (total - done):.0f} s", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     from rednet.engine import run_command
 
     return run_command(lambda: _make_shards(args),
@@ -62,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
 def _make_shards(args: argparse.Namespace) -> int:
     from rednet.data import DataError
     from rednet.data.shards import INFO_FILE, plan_shards, write_shard
-    from rednet.engine import OutputDirError
+    from rednet.engine import OutputDirError, UsageError, check_path_options
     from rednet.fileio import check_output_dir
 
+    if (args.out is None) == (args.output is None):
+        raise UsageError("give the shards' folder once: OUT or --output DIR")
+    args.out = args.out if args.out is not None else args.output
+    check_path_options(args, ("source", "out", "json"))
+    check_json(args.json)
     source, out = Path(args.source), Path(args.out)
     split = args.split or source.resolve().name
     try:
@@ -106,12 +114,9 @@ def _make_shards(args: argparse.Namespace) -> int:
                "classes": len(plan.classes), "bytes": sum((out / f).stat().st_size for f in entry["filenames"]),
                "out": str(out)}
     if args.json:
-        print(json.dumps(summary))
+        write_json(summary, args.json)
     else:
         print(f"{split}: {summary['images']} images of {summary['classes']} classes in {summary['shards']} shards "
               f"({summary['bytes'] / 1e9:.2f} GB; {summary['written']} written now) in {out}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

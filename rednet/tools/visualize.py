@@ -1,17 +1,17 @@
 """Draw the kernels a RedNet generates for an image, one heat map per involution group.
 
-    python tools/visualize.py --model rednet50 --pretrained --image photo.jpg --out maps.png
-    python tools/visualize.py --checkpoint runs/digits/last.pt --layer layer2.1.conv2
-    python tools/visualize.py --model rednet26 --layer list
+    rednet-visualize --model rednet50 --pretrained --image photo.jpg --output maps.png
+    rednet-visualize --checkpoint runs/digits/last.pt --layer layer2.1.conv2
+    rednet-visualize --model rednet26 --layer list
 
 Each map is, at every position, the sum of the K*K kernel generated there (the paper's
 Figure 3), drawn over the eval-transformed crop the model saw. With no --image the
-astronaut photo bundled with scikit-image is used.
+astronaut photo bundled with scikit-image is used. The PNG goes to --output, by default
+runs/visualize/kernels_<model>_<layer>.png.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,32 +19,36 @@ import torch
 
 from rednet.analysis.kernels import default_layer, involution_layers
 from rednet.analysis.plot import DEFAULT_TOP, load_image, visualize_kernels
-from rednet.engine import load_model_from_checkpoint, run_command
+from rednet.engine import check_device_option, check_path_options, load_model_from_checkpoint, run_command
+from rednet.fileio import check_output_file
+from rednet.tools._options import add_json, add_option, add_pretrained, check_json, pretrained_argument, write_json
+
+OUTPUT_DIR = Path("runs") / "visualize"  # where the PNG goes without --output
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="visualize.py",
+        prog=prog,
         description="Plot an involution layer's generated kernels (sum per position, one map per group).",
     )
     p.add_argument("--model", help="registered model name (rednet26 ... rednet152); taken from --checkpoint if omitted")
     weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH|URL",
-                         help="pretrained weights: a file or URL, or the model's default weights if no value")
-    weights.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by tools/train.py")
+    add_pretrained(weights)
+    weights.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by rednet-train")
     p.add_argument("--image", metavar="PATH", help="input image (default: scikit-image's astronaut photo)")
     p.add_argument("--layer", metavar="NAME",
                    help="involution layer, e.g. layer3.3.conv2 (default: last block of stage 3); 'list' prints them")
-    p.add_argument("--out", metavar="FILE.png", help="output PNG (default: kernels_<model>_<layer>.png)")
+    add_option(p, "--output", old=("--out",), metavar="FILE.png",
+               help=f"output PNG (default: {OUTPUT_DIR}/kernels_<model>_<layer>.png)")
     p.add_argument("--top", type=int, default=DEFAULT_TOP, metavar="N",
                    help=f"draw the N groups of largest spatial variance (default {DEFAULT_TOP}; 0: all groups)")
-    p.add_argument("--input-size", type=int, metavar="PX",
-                   help="square eval crop size, overriding the model's (smaller runs faster)")
+    add_option(p, "--img-size", old=("--input-size",), type=int, metavar="PX",
+               help="square eval crop size, overriding the model's (smaller runs faster)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available)")
     p.add_argument("--cmap", default="turbo", help="matplotlib colour map (default turbo)")
     p.add_argument("--dpi", type=int, default=100, help="PNG pixels per inch (default 100)")
-    p.add_argument("--json", action="store_true", help="print the result (or the layer list) as JSON")
+    add_json(p, "what was drawn (or the layer list)")
     return p
 
 
@@ -71,14 +75,14 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if args.model not in names:
             parser.error(f"unknown model {args.model!r}; registered: {', '.join(names)}")
         try:
-            model = rednet.create_model(args.model, pretrained=args.pretrained)
+            model = rednet.create_model(args.model, pretrained=pretrained_argument(args.pretrained))
         except (OSError, ValueError, RuntimeError) as e:
             parser.error(f"cannot load pretrained weights {args.pretrained}: {e}")
-    return model, eval_data_config(model, run_config, args.input_size)
+    return model, eval_data_config(model, run_config, args.img_size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     return run_command(lambda: _visualize(args, parser))
 
@@ -86,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.top < 0:
         parser.error("--top must be >= 0")
-    if args.out and Path(args.out).suffix.lower() != ".png":
-        parser.error(f"--out must be a .png file, got {args.out}")
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        parser.error(f"--output must be a .png file, got {args.output}")
+    check_path_options(args, ("output", "image", "checkpoint", "pretrained", "json"))
+    check_json(args.json)
     import matplotlib
 
     if args.cmap not in matplotlib.colormaps:
@@ -96,8 +102,7 @@ def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         device = torch.device(args.device)
     except RuntimeError as e:
         parser.error(f"bad --device {args.device!r}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+    check_device_option(args.device)
 
     image = None
     if args.layer != "list":
@@ -113,7 +118,7 @@ def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         rows = [dict(name=n, channels=m.channels, groups=m.groups, kernel_size=m.kernel_size, stride=m.stride)
                 for n, m in layers.items()]
         if args.json:
-            print(json.dumps(rows, indent=2))
+            write_json(rows, args.json, indent=2)
         else:
             for r in rows:
                 print(f"{r['name']:<16} channels={r['channels']:<4} groups={r['groups']:<3} "
@@ -132,7 +137,8 @@ def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         # Random kernels look structured too (they follow image edges); say so on the figure.
         note = f"{args.model} with random weights (no --pretrained or --checkpoint)"
         print(f"warning: {note}", file=sys.stderr)
-    out = args.out or f"kernels_{args.model}_{layer}.png"
+    out = args.output or str(OUTPUT_DIR / f"kernels_{args.model}_{layer}.png")
+    check_output_file(out, "--output")  # its folder is made here, before the forward pass
     result = visualize_kernels(model.to(device), image, data_config, out, layer=layer, top=args.top or None,
                                note=note, cmap=args.cmap, dpi=args.dpi)
     result.update(model=args.model, device=str(device), image=args.image or "skimage:astronaut",
@@ -143,7 +149,7 @@ def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"warning: {layer} maps are only {ho}x{wo} at a {result['image_size'][1]} px crop; "
               "an earlier layer shows more (--layer list)", file=sys.stderr)
     if args.json:
-        print(json.dumps(result, indent=2))
+        write_json(result, args.json, indent=2)
     else:
         shown = len(result["shown"])
         print(f"wrote {result['out']}: {result['layer']}, {shown} of {result['groups']} groups, "
@@ -151,6 +157,3 @@ def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
               f"{result['image_size'][1]}x{result['image_size'][0]} crop")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
