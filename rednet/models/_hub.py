@@ -21,7 +21,6 @@ import http.client
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 from urllib.error import HTTPError, URLError
@@ -31,7 +30,7 @@ from urllib.request import Request, urlopen
 import torch
 from tqdm import tqdm
 
-from ..fileio import CheckpointError, file_sha256
+from ..fileio import CheckpointError, file_sha256, new_temp_file
 
 try:
     import fcntl
@@ -173,8 +172,7 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool, timeout:
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(dest)
     _logger.info("downloading %s to %s", url, dest)
-    fd, name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
-    partial = Path(name)
+    fd, partial = new_temp_file(dest.parent, f"{dest.name}.", ".partial")  # the umask's mode, not mkstemp's 0600
     try:
         try:
             if fcntl is not None:
