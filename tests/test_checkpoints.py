@@ -200,8 +200,9 @@ def _check_old_or_new(run_dir) -> None:
         assert steps["best.pt"] == 4 and state["best_top1"] == 60.0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs in ([1], [1, 2])
+    RunDir(run_dir).lock()
     RunDir(run_dir).remove_orphans()
-    left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl"}
+    left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl", RunDir.LOCK}
     assert left <= {"checkpoint-000000001.pt", "checkpoint-000000002.pt", "checkpoint-000000004.pt", "best.pt",
                     "last.pt"}, left
 

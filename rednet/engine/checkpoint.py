@@ -157,11 +157,18 @@ def verify_checkpoint_file(path: str | Path) -> bool:
     """Check a checkpoint's bytes against its digest; True if it is a legacy file verified by its sidecar.
 
     Raises:
-        CheckpointError: missing, truncated, damaged, or without a digest.
+        CheckpointError: missing, unreadable (permissions), truncated, damaged, or without a digest.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return _verify(path)
+    except OSError as e:  # a file this user may not read (permissions), or an I/O error
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+
+
+def _verify(path: Path) -> bool:
     found = _embedded_digest(path)
     if found is not None:
         expected, covered = found
