@@ -20,6 +20,7 @@ from .meter import EpochStats, TrainMeter
 
 __all__ = [
     "EpochResult",
+    "EvaluationStopped",
     "NonFiniteLossError",
     "StepContext",
     "StepResult",
@@ -34,6 +35,10 @@ _logger = logging.getLogger("rednet")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops before the optimizer step."""
+
+
+class EvaluationStopped(Exception):
+    """``evaluate`` stopped before the end of the data: a stop was requested on some rank."""
 
 
 @dataclass
@@ -71,7 +76,7 @@ class StepContext:
         ema_source: the unwrapped model the EMA follows.
         mixup: a timm ``Mixup`` applied to each batch, or None.
         no_sync: ``model.no_sync`` for DDP (skip the all-reduce on non-final micro-batches), or None.
-        stop_requested: returns True once a SIGTERM/SIGINT arrived.
+        stop_requested: returns True once a signal asked training to stop (the trainer's ``_Signals``).
         on_step: called after each optimizer step with the state; may write a checkpoint.
     """
 
@@ -242,8 +247,10 @@ class EpochResult:
     stopped: bool
 
 
-def _until_steps(batches: Iterator, state: TrainState, steps: int) -> Iterator:
-    yield from batches
+def _until_steps(loader: DataLoader, state: TrainState, steps: int) -> Iterator:
+    # A generator, so the loader (and its workers) starts only when a step asks for a batch:
+    # an epoch resumed after its last step takes none.
+    yield from loader
     # Only when max_iters/epoch arithmetic disagrees with the loader.
     raise RuntimeError(f"the loader ran out after {state.iteration} of {steps} steps")
 
@@ -256,6 +263,7 @@ def train_one_epoch(
     logger: Optional[RunLogger] = None,
     desc: str = "",
     main_process: bool = True,
+    meter: Optional[TrainMeter] = None,
 ) -> EpochResult:
     """Train from ``state.iteration`` to ``steps`` optimizer steps of epoch ``state.epoch``.
 
@@ -271,6 +279,8 @@ def train_one_epoch(
         logger: TensorBoard / JSON sink (rank 0).
         desc: progress prefix.
         main_process: rank 0 shows progress.
+        meter: the epoch's running statistics; a fresh one when None. The trainer passes its own,
+            holding the totals of the steps before a resume, and checkpoints it with the run.
 
     Raises:
         NonFiniteLossError: the loss was NaN/inf; raised before the optimizer step, so no bad weights are saved.
@@ -278,15 +288,16 @@ def train_one_epoch(
     """
     ctx.model.train()
     progress = Progress(steps, state.iteration, desc, main_process, ctx.log_every)
-    batches = _until_steps(iter(loader), state, steps)
-    meter = TrainMeter(ctx.device, ctx.world_size)
-    stopped = False
+    batches = _until_steps(loader, state, steps)
+    meter = meter if meter is not None else TrainMeter(ctx.device, ctx.world_size)
+    stopped, taken = False, 0
     while state.iteration < steps and not stopped:
         step = train_step(ctx, batches, state)
         meter.update(step.loss, step.images, step.skipped, step.wait_s)
         stopped = step.stop
         if step.loss is None:
             continue
+        taken += 1
         progress.update({"loss": step.loss, "lr": step.lr})
         if logger is not None and state.global_step % ctx.log_every == 0:
             logger.scalars("train", meter.take_window(step.lr), state.global_step)
@@ -298,7 +309,7 @@ def train_one_epoch(
         raise DataError(f"every image of epoch {state.epoch + 1} was unreadable ({int(skipped)} skipped): "
                         "check the training split")
     stats = meter.epoch_stats(state.epoch + 1, state.global_step, ctx.optimizer.param_groups[0]["lr"])
-    return EpochResult(stats, int(done) // ctx.world_size, stopped)
+    return EpochResult(stats, taken, stopped)
 
 
 @torch.no_grad()
@@ -310,11 +321,19 @@ def evaluate(
     channels_last: bool = False,
     main_process: bool = True,
     desc: str = "eval",
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, float]:
     """Single-pass top-1/top-5/loss over the loader's samples, summed exactly across ranks.
 
     Use an unwrapped model (not DDP): ranks may hold one batch more or less (see
     ``ShardSampler``), so no collective may run inside the loop.
+
+    A stop request is checked before every batch; this rank then leaves the loop. With no
+    collective in the loop, the ranks agree in the one all-reduce at its end, where each
+    brings a stop flag with its sums: every rank raises ``EvaluationStopped`` if any rank was
+    asked to stop. A signal that reaches every rank (SLURM, ``scancel``, ``kill -- -PGID``,
+    torchrun forwarding it) stops them all within one batch; a rank that received none
+    finishes its shard first.
 
     Args:
         model: the network.
@@ -324,16 +343,24 @@ def evaluate(
         channels_last: NHWC inputs.
         main_process: show progress on rank 0.
         desc: progress prefix.
+        stop_requested: returns True once the evaluation should stop (a signal arrived).
 
     Returns:
         ``top1``, ``top5`` (percent), ``loss`` (plain cross-entropy), ``count`` (images scored over all
         ranks), ``skipped`` (unreadable), ``images_per_s``.
+
+    Raises:
+        EvaluationStopped: a stop was requested on some rank (on every rank alike).
+        DataError: no image could be scored.
     """
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped, stopped
     progress = Progress(len(loader), 0, desc, main_process, max(1, len(loader) // 4))
     t0 = time.perf_counter()
     for images, targets, skipped in loader:
+        if stop_requested():
+            sums[5] = 1
+            break
         sums[4] += skipped
         if images.numel() == 0:
             progress.update({})
@@ -353,7 +380,9 @@ def evaluate(
     progress.close()
     all_reduce(sums, "sum")
     elapsed = time.perf_counter() - t0
-    loss, c1, c5, n, skipped = sums.tolist()
+    loss, c1, c5, n, skipped, stopped = sums.tolist()
+    if stopped:
+        raise EvaluationStopped(f"{desc}: stopped after {int(n)} images")
     if n == 0:
         raise DataError("evaluation scored no images (empty or entirely unreadable validation set)")
     if not math.isfinite(loss):

@@ -72,18 +72,38 @@ class TrainMeter:
     """Running statistics of one training epoch on this rank: totals for ``EpochStats`` and a window
     of them for the TensorBoard scalars every ``train.log_every`` steps.
 
+    A checkpoint written in mid-epoch stores each rank's totals (``state``); the run that resumes
+    from it starts from them (``resumed``), so that the epoch's record covers all its steps, not
+    only those after the resume.
+
     Args:
         device: where training runs (CUDA adds the peak memory to the scalars).
         world_size: processes; images/s counts them all.
+        resumed: ``state()`` of this rank's meter in the checkpoint the run resumed from, or None.
     """
 
-    def __init__(self, device: torch.device, world_size: int):
+    def __init__(self, device: torch.device, world_size: int, resumed: Optional[dict[str, float]] = None):
         self.device, self.world_size = device, world_size
-        self._totals = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
-        self.wait_s = 0.0
-        self.images = 0
+        resumed = resumed or {}
+        # loss sum, steps, skipped images
+        self._totals = torch.tensor([float(resumed.get(k, 0.0)) for k in ("loss_sum", "steps", "skipped")],
+                                    dtype=torch.float64)
+        self._reduced = self._totals
+        self.wait_s = float(resumed.get("wait_s", 0.0))
+        self.images = int(resumed.get("images", 0))
+        self._elapsed_before = float(resumed.get("elapsed_s", 0.0))  # the epoch's time before the resume
         self.start = self._window_start = time.perf_counter()
         self._window = _Window()
+
+    def state(self) -> dict[str, float]:
+        """This rank's totals so far, for a checkpoint (plain numbers)."""
+        loss_sum, steps, skipped = self._totals.tolist()
+        return {"loss_sum": loss_sum, "steps": steps, "skipped": skipped, "images": self.images,
+                "wait_s": self.wait_s, "elapsed_s": self.elapsed()}
+
+    def elapsed(self) -> float:
+        """Seconds of training in this epoch, the runs before a resume included."""
+        return self._elapsed_before + time.perf_counter() - self.start
 
     def update(self, loss: Optional[float], images: int, skipped: int, wait_s: float) -> None:
         """Count one step; ``loss`` None: a step of only unreadable images, which only counts those."""
@@ -112,15 +132,18 @@ class TrainMeter:
         return scalars
 
     def reduce(self) -> tuple[float, float, float]:
-        """Sum the totals over all ranks (a collective: every rank calls it); returns (loss sum, steps, skipped)."""
-        all_reduce(self._totals, "sum")
-        loss_sum, steps, skipped = self._totals.tolist()
+        """Sum the totals over all ranks (a collective: every rank calls it); returns (loss sum, steps, skipped).
+
+        This rank's own totals stay as they are: a checkpoint written after it stores them.
+        """
+        self._reduced = all_reduce(self._totals.clone(), "sum")
+        loss_sum, steps, skipped = self._reduced.tolist()
         return loss_sum, steps, skipped
 
     def epoch_stats(self, epoch: int, global_step: int, lr: float) -> EpochStats:
         """The epoch's statistics, from the totals ``reduce`` summed."""
-        loss_sum, steps, skipped = self._totals.tolist()
-        elapsed = time.perf_counter() - self.start
+        loss_sum, steps, skipped = self._reduced.tolist()
+        elapsed = self.elapsed()
         return EpochStats(
             epoch=epoch,
             global_step=global_step,
