@@ -6,25 +6,51 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
+# Written into every environment this Makefile creates. Only such an environment (or one an
+# earlier version made, which left an .installed-* stamp) is ever deleted and rebuilt: VENV
+# may name a folder of the user's.
+OWNED := .created-by-rednet-make
+CXX ?= g++
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: env test train clean
+.PHONY: env test train clean lock check-python check-cxx
 
 env: $(STAMP)
 
-$(STAMP):
+check-python:
+	@command -v python3 >/dev/null 2>&1 || { echo "error: python3 not found: install Python 3.10 or newer (Debian/Ubuntu: apt install python3 python3-venv)" >&2; exit 2; }
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: $$(python3 --version) is too old: install Python 3.10 or newer" >&2; exit 2; }
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "error: python3 cannot create virtual environments: install python3-venv (Debian/Ubuntu: apt install python3-venv)" >&2; exit 2; }
+
+# The native CPU involution kernel is C++ built at first use: the tests need a compiler, training
+# runs without one (slower, on the PyTorch reference).
+check-cxx:
+	@command -v $(firstword $(CXX)) >/dev/null 2>&1 || { echo "error: no C++ compiler ($(CXX)) for the native CPU kernel: install g++ (Debian/Ubuntu: apt install g++), or set CXX" >&2; exit 2; }
+
+$(STAMP): | check-python
+	@if [ -d "$(VENV)" ] && [ -n "$$(ls -A "$(VENV)")" ] && [ ! -e "$(VENV)/$(OWNED)" ] \
+	    && ! ls "$(VENV)"/.installed-* >/dev/null 2>&1; then \
+	  echo "error: VENV=$(VENV) is a folder this Makefile did not create; it deletes and rebuilds only its own environments: give a new or empty path" >&2; exit 2; fi
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.lock
+	touch $(VENV)/$(OWNED)
+	@echo "Installing requirements.lock into $(VENV): about 5.5 GB (torch with its CUDA libraries), several minutes on a first run."
+	$(PY) -m pip install --require-hashes --progress-bar on -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: env
+test: env check-cxx
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# requirements.lock from requirements.in: every dependency pinned, with its sha256, for the
+# platform `make` and CI install on.
+lock: env
+	$(VENV)/bin/uv pip compile requirements.in --generate-hashes --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" --output-file requirements.lock
 
 # The README's first command: RedNet-26 on scikit-learn's bundled digits (CPU, or a GPU when
 # present), then the single-crop evaluation of the best checkpoint. --resume auto makes a
@@ -35,5 +61,6 @@ clean:
 # make cannot import them before the environment exists; tests/test_rundir.py keeps the two in step.
 TRAIN_ARGS ?=
 train: env
+	@command -v $(firstword $(CXX)) >/dev/null 2>&1 || echo "warning: no C++ compiler ($(CXX)): training runs on the slower PyTorch reference; install g++ for the native CPU kernel" >&2
 	$(PY) tools/train.py --config digits --output runs/digits --resume auto $(TRAIN_ARGS)
 	$(PY) tools/eval.py --checkpoint runs/digits/best.pt --json runs/digits/eval.json

@@ -22,6 +22,7 @@ from rednet.ops import (
     KernelCheckWarning,
     _cpu,
     _cupy,
+    _dispatch,
     _selfcheck,
     check_cuda_kernel,
     involution,
@@ -319,16 +320,16 @@ def test_cupy_installed_but_unusable_warns_once_for_cuda_tensors(monkeypatch):
     monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
     with pytest.warns(KernelCheckWarning, match=r"cannot run on cuda:0: CuPy is not importable.*libnvrtc.so.13.*"
                                                 r"benchmark.py selfcheck") as record:
-        assert ops._select_backend("cuda", 0, torch.float32, None, None) == "reference"
-        assert ops._select_backend("cuda", 0, torch.bfloat16, None, None) == "reference"
+        assert _dispatch.choose_backend("cuda", 0, torch.float32, None, None) == "reference"
+        assert _dispatch.choose_backend("cuda", 0, torch.bfloat16, None, None) == "reference"
     assert len(record) == 1
     with pytest.raises(RuntimeError, match="'cupy' was forced but cannot run: CuPy is not importable"):
-        ops._select_backend("cuda", 0, torch.float32, "cupy", None)
+        _dispatch.choose_backend("cuda", 0, torch.float32, "cupy", None)
     monkeypatch.setattr(_selfcheck, "_warned", set())
     monkeypatch.setattr(_cupy, "installed", lambda: False)  # an optional extra never installed: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", KernelCheckWarning)
-        assert ops._select_backend("cuda", 0, torch.float32, None, None) == "reference"
+        assert _dispatch.choose_backend("cuda", 0, torch.float32, None, None) == "reference"
 
 
 def test_check_cuda_kernel_without_the_seams_says_why_it_cannot_run():

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import stat
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rednet.ops import _cupy, _kernel_cache, _plan
+from rednet.ops import _cpu, _cupy, _kernel_cache, _native_build, _plan
 from rednet.ops._kernel_cache import Entry
 
 NAMES = _plan.name_expressions(torch.float32, 7, 2, 1)
@@ -70,10 +71,21 @@ def test_the_key_changes_with_everything_the_binary_depends_on():
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("REDNET_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert _kernel_cache.cache_dir() == tmp_path / "home" / ".cache" / "rednet" / "kernels"
     monkeypatch.setenv("REDNET_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert _kernel_cache.cache_dir() == tmp_path / "elsewhere" / "kernels"
+
+
+def test_both_compiled_caches_share_one_root(monkeypatch, tmp_path):
+    # With $XDG_CACHE_HOME set, the CUDA binaries once went to ~/.cache and the native libraries to $XDG_CACHE_HOME.
+    monkeypatch.delenv("REDNET_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _kernel_cache.cache_dir() == tmp_path / "xdg" / "rednet" / "kernels"
+    monkeypatch.setattr(_native_build, "describe_compiler", lambda cxx: "a compiler")
+    assert _native_build.library_path(_cpu.library(), "c++").parent == tmp_path / "xdg" / "rednet"
 
 
 def test_a_second_process_loads_instead_of_compiling(compiles, cache):
@@ -117,6 +129,38 @@ def test_a_damaged_entry_is_compiled_again_not_fatal(compiles, cache, how):
     again, _, cached = _cupy._binary(NAMES, "90")
     assert not cached and again == entry and len(compiles) == 2
     assert _kernel_cache.load(key, NAMES) == entry  # rewritten whole
+
+
+@pytest.mark.parametrize("planted", ["another user's", "writable by all", "a symbolic link"])
+def test_an_entry_this_user_did_not_write_is_never_read(compiles, cache, tmp_path, planted):
+    # A team cache (mode 0777): whatever sits under this user's entry name is ignored unless this user wrote it.
+    entry, key, _ = _cupy._binary(NAMES, "90")
+    path = cache / f"{key}.bin"
+    cache.chmod(0o777)
+    foreign = _kernel_cache.encode(Entry(b"\x7fELF planted cubin", entry.names))  # well-formed, checksum right
+    if planted == "a symbolic link":
+        target = tmp_path / "elsewhere.bin"
+        target.write_bytes(foreign)
+        target.chmod(0o644)
+        path.unlink()
+        path.symlink_to(target)
+    else:
+        path.write_bytes(foreign)
+        if planted == "writable by all":
+            path.chmod(0o666)
+        elif os.geteuid() == 0:
+            path.chmod(0o644)
+            os.chown(path, 65534, 65534)
+        else:
+            pytest.skip("planting another user's file needs root")
+    assert _kernel_cache.load(key, NAMES) is None
+    again, _, cached = _cupy._binary(NAMES, "90")
+    assert not cached and again == entry and len(compiles) == 2  # compiled, and written as this user's entry
+    st = path.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+    assert _kernel_cache.load(key, NAMES) == entry
+    if planted == "a symbolic link":
+        assert target.read_bytes() == foreign  # replaced the link, did not write through it
 
 
 def test_an_unwritable_cache_costs_a_compile_not_an_error(compiles, monkeypatch, tmp_path):

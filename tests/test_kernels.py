@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from rednet.ops import _cupy, _plan, involution_reference
+from rednet.ops import _cupy, _memory_format, _plan, involution_reference
 
 from . import cuda_emu
 
@@ -150,7 +150,7 @@ def _reference_with_grads(x, kernel, stride, padding, dilation, grad_out):
     return y, gx, gw
 
 
-@pytest.mark.parametrize("memory_format", _plan.MEMORY_FORMATS)
+@pytest.mark.parametrize("memory_format", _memory_format.MEMORY_FORMATS)
 @pytest.mark.parametrize("dtype,k,s,d,shape", _EMU_CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d, shape):
     # Odd sizes, several group widths (EMU_SHAPES), "same" padding.
@@ -166,7 +166,7 @@ def test_kernels_host_emulation(emulator, memory_format, dtype, k, s, d, shape):
     gen = torch.randn(b, g * k * k, ho, wo).to(dtype).contiguous(memory_format=fmt)  # as the span conv makes it
     kernel = gen.view(b, g, k, k, ho, wo)
     grad_out = torch.randn(b, c, ho, wo).to(dtype).contiguous(memory_format=fmt)
-    assert _plan.memory_format_of(x) == memory_format
+    assert _memory_format.memory_format_of(x) == memory_format
 
     y, gx, gw = _emulated_involution(emulator, x, kernel, s, pad, d, grad_out)
     ry, rgx, rgw = _reference_with_grads(x, kernel, s, pad, d, grad_out)

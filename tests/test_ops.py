@@ -1,5 +1,6 @@
 """The involution operator's front door (validation, autocast, backend selection) and reference backend (CPU)."""
 import ast
+import contextlib
 import logging
 import subprocess
 import threading
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from rednet.ops import (
+    _cpu,
     _cupy,
     can_use_cuda_kernel,
     can_use_native_kernel,
+    describe_backend,
     involution,
     involution_output_size,
     involution_reference,
@@ -213,6 +216,41 @@ def _auto_on_cpu(x):
     return "native" if can_use_native_kernel(x)[0] else "reference"
 
 
+def test_describe_backend_says_which_runs_and_why(monkeypatch):
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    x = torch.empty(0)
+    ok, why = can_use_native_kernel(x)
+    assert describe_backend("cpu", torch.float32) == ("native" if ok else f"reference ({why})")
+    assert describe_backend(torch.device("cpu"), torch.float16).startswith(
+        "reference (dtype torch.float16 has no native CPU kernel")
+    assert describe_backend("meta", torch.float32) == (
+        "reference (input is on meta, the CUDA kernel needs a CUDA tensor)")
+    with use_backend("reference"):
+        assert describe_backend("cpu", torch.float32) == (
+            "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)" if ok else f"reference ({why})")
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
+    assert describe_backend("cpu", torch.float32).startswith(
+        "unavailable (involution backend 'cupy' was forced but cannot run: input is on cpu")
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "fast")
+    assert describe_backend("cpu", torch.float32).startswith("unavailable (unknown involution backend 'fast'")
+
+
+def test_choosing_asks_each_backend_at_most_once(monkeypatch):
+    # The choice walks one table: each backend is asked whether it can run once per choice.
+    monkeypatch.delenv("REDNET_INVOLUTION_BACKEND", raising=False)
+    asked = []
+    for module in (_cpu, _cupy):
+        real = module.can_run_on
+        monkeypatch.setattr(module, "can_run_on", lambda *a, real=real, name=module.__name__: asked.append(name)
+                            or real(*a))
+    x = torch.randn(1, 4, 5, 5)
+    for backend in (None, "native", "auto"):
+        asked.clear()
+        with contextlib.suppress(RuntimeError):  # 'native' forced where it cannot be built
+            select_backend(x, backend)
+        assert sorted(set(asked)) == sorted(asked), asked
+
+
 def test_use_backend_forces_and_restores(monkeypatch):
     x, k, _ = _inputs(1, 4, 1, 5, 5, 3, 1, 1)
     monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", "cupy")
@@ -325,7 +363,8 @@ def test_importing_the_cuda_backend_needs_no_cupy():
 
 def test_ops_modules_import_in_one_direction():
     """Each module of rednet/ops imports only modules after it here: no cycle, CuPy-free planning."""
-    order = ["__init__", "_selfcheck", "_custom_op", "_cpu", "_cupy", "_kernel_cache", "_plan", "_reference", "_export"]
+    order = ["__init__", "_dispatch", "_selfcheck", "_custom_op", "_cpu", "_native_build", "_cupy", "_kernel_cache",
+             "_cache_files", "_plan", "_memory_format", "_reference", "_export"]
     ops = Path(__file__).resolve().parents[1] / "rednet" / "ops"
     assert sorted(p.stem for p in ops.glob("*.py")) == sorted(order)
     for i, name in enumerate(order):

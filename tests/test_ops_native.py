@@ -12,7 +12,15 @@ import sys
 import pytest
 import torch
 
-from rednet.ops import _cpu, can_use_native_kernel, involution, involution_output_size, involution_reference
+from rednet.ops import (
+    _cache_files,
+    _cpu,
+    _native_build,
+    can_use_native_kernel,
+    involution,
+    involution_output_size,
+    involution_reference,
+)
 
 from .helpers import OP_SHAPES
 
@@ -272,26 +280,26 @@ def _load_without_compiling(cache: str) -> None:
     def no_build(*a):
         raise AssertionError("compiled again")
 
-    _cpu._build = no_build
+    _native_build._build = no_build
     os._exit(0 if _cpu.available() == (True, "ok") else 1)
 
 
 @native
 def test_second_process_loads_the_cached_library_without_compiling():
-    assert _in_child(_load_without_compiling, str(_cpu.cache_dir())) == 0
+    assert _in_child(_load_without_compiling, str(_cache_files.cache_root())) == 0
 
 
 def test_cache_key_follows_the_source_and_compiler(monkeypatch, tmp_path):
     if not _cpu.available()[0]:
         pytest.skip(_cpu.available()[1])
     monkeypatch.setenv("REDNET_CACHE_DIR", str(tmp_path))
-    source = _cpu.SOURCE_PATH.read_bytes()
-    cxx = _cpu._compiler()
-    path = _cpu.library_path(source, cxx)
-    assert path.parent == tmp_path and path == _cpu.library_path(source, cxx)
-    assert _cpu.library_path(source + b"\n// changed\n", cxx) != path
-    monkeypatch.setattr(_cpu, "_describe_compiler", lambda cxx: "another compiler or CPU")
-    assert _cpu.library_path(source, cxx) != path
+    lib = _cpu.library()
+    cxx = _native_build.compiler()
+    path = _native_build.library_path(lib, cxx)
+    assert path.parent == tmp_path and path == _native_build.library_path(lib, cxx)
+    assert _native_build.library_path(lib._replace(source=lib.source + b"\n// changed\n"), cxx) != path
+    monkeypatch.setattr(_native_build, "describe_compiler", lambda cxx: "another compiler or CPU")
+    assert _native_build.library_path(lib, cxx) != path
 
 
 def _build_into(cache: str) -> None:

@@ -81,7 +81,8 @@ class Side:
                 text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:rednet/ops/{name}"], check=True,
                                       capture_output=True, text=True).stdout
                 path.write_text(text)
-        spec = importlib.util.spec_from_file_location(f"_kernel_report_plan_{label}", plan_path)
+        # Named inside rednet.ops so that its relative imports (_memory_format) resolve there.
+        spec = importlib.util.spec_from_file_location(f"rednet.ops._kernel_report_plan_{label}", plan_path)
         self.plan: ModuleType = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.plan)
 

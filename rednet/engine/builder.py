@@ -18,7 +18,7 @@ from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
 from ..models import create_model
-from ..ops import can_use_cuda_kernel, can_use_native_kernel, select_backend
+from ..ops import describe_backend
 from .checkpoint import read_checkpoint
 from .config import Config, ConfigError, config_from_dict
 
@@ -88,16 +88,7 @@ def format_summary(summary: dict[str, str]) -> str:
 def _involution_backend(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:
     if not any(isinstance(m, Involution) for m in model.modules()):
         return "none (the model has no involution layers)"
-    probe = torch.empty(0, device=device, dtype=dtype)
-    try:
-        backend = select_backend(probe)
-    except (RuntimeError, ValueError) as e:  # a backend forced by $REDNET_INVOLUTION_BACKEND that cannot run
-        return f"unavailable ({e})"
-    if backend != "reference":
-        return backend
-    # Why the device's own kernel was declined: the native one on a CPU, the CUDA one elsewhere.
-    ok, why = can_use_native_kernel(probe) if device.type == "cpu" else can_use_cuda_kernel(probe)
-    return f"reference ({why})" if not ok else "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)"
+    return describe_backend(device, dtype)
 
 
 def _nearest(name: str, choices: list[str]) -> str:

@@ -10,10 +10,12 @@ Which backend runs, first match wins:
 1. the ``backend=`` argument of ``involution`` / ``select_backend``;
 2. the innermost ``with use_backend(name):`` block;
 3. ``REDNET_INVOLUTION_BACKEND=auto|reference|cupy|native`` in the environment;
-4. ``auto``: for CUDA tensors the CUDA kernel when ``can_use_cuda_kernel(x)``, for CPU
-   tensors the native kernel when ``can_use_native_kernel(x)``, else the reference.
+4. ``auto``: the first row of ``_dispatch.TABLE`` that can run: for CUDA tensors the CUDA
+   kernel when ``can_use_cuda_kernel(x)``, for CPU tensors the native kernel when
+   ``can_use_native_kernel(x)``, else the reference.
 
-Forcing ``cupy`` or ``native`` where it cannot run is an error that says why.
+Forcing ``cupy`` or ``native`` where it cannot run is an error that says why;
+``describe_backend(device, dtype)`` says in words which backend runs and why.
 
 The kernels are checked on first contact: before the kernel first runs for a (device,
 dtype, window, memory format) in a process, ``_selfcheck`` compiles it and compares its
@@ -24,26 +26,29 @@ The check runs eagerly at dispatch, outside ``torch.compile``'s graph (the decis
 traced constant) and never inside CUDA graph capture (an unchecked configuration met
 during capture uses the reference in ``auto`` and raises when forced).
 
-Modules, each importing only those below it: this front door; ``_selfcheck`` (the check
-on first contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of
-the kernels); ``_cupy`` (CuPy compilation and launch); ``_kernel_cache`` (compiled
-binaries on disk); ``_cpu`` (the native CPU kernels: build, cache, calls); ``_plan``
-(launch plans and allocation, pure PyTorch); ``_reference`` (the pure-PyTorch backend);
-``_export`` (the formulation recorded when a graph is exported).
+Modules, each importing only those below it: this front door; ``_dispatch`` (the ordered
+table of backends and the first-contact gate); ``_selfcheck`` (the check on first
+contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of the
+kernels); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build``
+(compiling a C++ source into a cached shared library and loading it); ``_cupy`` (CuPy
+compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
+``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
+launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
+allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
+backend); ``_export`` (the formulation recorded when a graph is exported).
 """
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import threading
 from collections.abc import Iterator
 
 import torch
 
-from . import _cpu, _cupy, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
+from . import _cpu, _cupy, _dispatch, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
+from ._dispatch import BACKENDS
 from ._export import involution_export, is_exporting
-from ._plan import MEMORY_FORMATS, memory_format_of
+from ._memory_format import MEMORY_FORMATS, memory_format_of
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
 
@@ -55,6 +60,7 @@ __all__ = [
     "can_use_cuda_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
+    "describe_backend",
     "involution",
     "involution_cupy",
     "involution_export",
@@ -65,13 +71,10 @@ __all__ = [
     "use_backend",
 ]
 
-_logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "reference", "cupy", "native")
-_ENV = "REDNET_INVOLUTION_BACKEND"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 is left alone, as autocast does
 _AUTOCAST_DEVICES = ("cuda", "cpu")  # is_autocast_enabled raises for others (e.g. meta)
+_CHECKED = {row.name: row.checked for row in _dispatch.TABLE}  # the backends the first-contact check gates
 
 
 def involution_output_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
@@ -112,9 +115,8 @@ def check_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_siz
     ok, why = _cupy.can_run_on(device.type, device.index, dtype)
     if not ok:
         return KernelCheck(False, "unavailable", why, 0.0)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _selfcheck.verdict(_selfcheck.Key(device, dtype, kernel_size, stride, dilation, memory_format))
+    return _selfcheck.verdict(_dispatch.selfcheck_key(device.type, device.index, dtype, kernel_size, stride, dilation,
+                                                      memory_format))
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,88 +159,30 @@ def use_backend(name: str) -> Iterator[None]:
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """Resolve ``backend``, ``use_backend`` or the environment variable to ``'reference'``, ``'cupy'`` or
     ``'native'``."""
-    return _select_backend(x.device.type, x.device.index, x.dtype, backend, _forced)
+    return _dispatch.choose_backend(x.device.type, x.device.index, x.dtype, backend, _forced)
 
 
-# Depends only on static facts (device, dtype, the forced backend, the environment), so
-# torch.compile runs it once while tracing and keeps the answer as a constant instead of
-# tracing CuPy and logging. The use_backend setting is an argument, which Dynamo guards on;
-# the environment is read inside, once per trace.
-@torch.compiler.assume_constant_result
-def _select_backend(device_type: str, device_index: int | None, dtype: torch.dtype, backend: str | None,
-                    forced: str | None) -> str:
-    backend, hint = _requested(backend, forced)
-    if backend == "reference":
-        return backend
-    if backend == "native" or (backend == "auto" and device_type == "cpu" and _native_ok(device_type, dtype)):
-        return _select_native(device_type, dtype, backend, hint)
-    ok, why = _cupy.can_run_on(device_type, device_index, dtype)
-    if backend == "cupy" and not ok:
-        raise RuntimeError(f"involution backend 'cupy' was forced but cannot run: {why}. {hint}")
-    if not ok:
-        if device_type == "cuda" and _cupy.installed():
-            _selfcheck.warn_unavailable(torch.device(device_type, device_index), why)
-        _logger.debug("involution: CUDA kernel declined, using the reference: %s", why)
-        return "reference"
-    from . import _custom_op  # noqa: F401  (registers rednet::involution before it is traced or called)
+def describe_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which backend ``involution`` runs for tensors of this device and dtype, and why, in words.
 
-    return "cupy"
+    ``'native'`` or ``'cupy'`` (the CUDA kernel's first-contact check, which depends on the
+    window, is not run); ``'reference (<why the device's kernel declined>)'``;
+    ``'reference (forced by ...)'``; or ``'unavailable (<the error>)'`` when a forced
+    backend cannot run there, so ``involution`` would raise.
 
-
-def _requested(backend: str | None, forced: str | None) -> tuple[str, str]:
-    """The backend asked for (argument, else use_backend, else the environment) and how to undo it."""
-    if backend or not forced:
-        backend = (backend or os.environ.get(_ENV) or "auto").lower()
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"unknown involution backend {backend!r} (from argument or ${_ENV}); choose one of {BACKENDS}"
-            )
-        return backend, f"Unset ${_ENV} or set it to 'reference'."
-    return forced, "Force 'reference' or 'auto' with use_backend instead."
-
-
-# Like _select_backend, a constant under torch.compile: Dynamo calls it while tracing, so
-# the check runs eagerly then (on its own small tensors) and never becomes part of a graph.
-@torch.compiler.assume_constant_result
-def _kernel_passes(device_type: str, device_index: int | None, dtype: torch.dtype, backend: str | None,
-                   forced: str | None, kernel_size: int, stride: int, dilation: int, memory_format: str) -> bool:
-    """Whether the kernel passed its first-contact check for this configuration (running it once).
-
-    On failure ``auto`` warns once and answers False; a forced ``cupy`` raises with the cause,
-    as does a fault that leaves the device unusable (nothing can run there any more).
+    Args:
+        device: where the tensors live.
+        dtype: their dtype (after autocast).
     """
-    device = torch.device(device_type, device_index)
-    if device_index is None and device_type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = _selfcheck.Key(device, dtype, kernel_size, stride, dilation, memory_format)
-    check = _selfcheck.verdict(key)
-    if check.ok:
-        return True
-    requested, hint = _requested(backend, forced)
-    if requested == "cupy" or check.stage == "context":
-        hint = f" {hint}" if requested == "cupy" else ""
-        raise RuntimeError(f"involution: {_selfcheck.describe(key, check)}.{hint} {_selfcheck.REPORT_HINT}")
-    _selfcheck.warn_once(key, check)
-    return False
-
-
-def _native_ok(device_type: str, dtype: torch.dtype) -> bool:
-    ok, why = _cpu.can_run_on(device_type, dtype)
-    if not ok:
-        _logger.debug("involution: native CPU kernel declined: %s", why)
-    return ok
-
-
-def _select_native(device_type: str, dtype: torch.dtype, backend: str, hint: str) -> str:
-    ok, why = _cpu.can_run_on(device_type, dtype)
-    if backend == "native" and not ok:
-        raise RuntimeError(f"involution backend 'native' was forced but cannot run: {why}. {hint}")
-    if not ok:
-        _logger.debug("involution: native CPU kernel declined, using the reference: %s", why)
-        return "reference"
-    from . import _custom_op  # noqa: F401  (registers rednet::involution, whose CPU kernel is the native one)
-
-    return "native"
+    device = torch.device(device)
+    try:
+        chosen = _dispatch.choose_backend(device.type, device.index, dtype, None, _forced)
+    except (RuntimeError, ValueError) as e:  # a forced backend that cannot run, or an unknown name
+        return f"unavailable ({e})"
+    if chosen != "reference":
+        return chosen
+    ok, why = _dispatch.kernel_for_device(device.type, device.index, dtype)
+    return f"reference ({why})" if not ok else "reference (forced by $REDNET_INVOLUTION_BACKEND or use_backend)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,12 +268,10 @@ def involution(
     if is_exporting():  # a few portable ops instead of a per-tap loop or a CuPy call (see _export.py)
         return involution_export(x, kernel, stride, padding, dilation)
     chosen = select_backend(x, backend)
-    if chosen == "native":  # the CPU kernel of the rednet::involution custom op
-        return _involution_op(x, kernel, stride, padding, dilation)
-    if chosen == "cupy" and _kernel_passes(
+    if chosen != "reference" and (not _CHECKED[chosen] or _dispatch.first_contact_passes(
             x.device.type, x.device.index, x.dtype, backend, _forced, kernel.shape[2], stride, dilation,
-            memory_format_of(x)):
-        return _involution_op(x, kernel, stride, padding, dilation)
+            memory_format_of(x))):
+        return _involution_op(x, kernel, stride, padding, dilation)  # the kernels of the rednet::involution op
     return involution_reference(x, kernel, stride, padding, dilation)
 
 
@@ -341,8 +283,8 @@ def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding:
     a forced ``cupy``: a configuration that failed it raises with the cause.
     """
     if x.is_cuda:
-        _kernel_passes(x.device.type, x.device.index, x.dtype, "cupy", None, kernel.shape[2], stride, dilation,
-                       memory_format_of(x))
+        _dispatch.first_contact_passes(x.device.type, x.device.index, x.dtype, "cupy", None, kernel.shape[2], stride,
+                                       dilation, memory_format_of(x))
     return _involution_op(x, kernel, stride, padding, dilation)
 
 

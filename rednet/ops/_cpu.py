@@ -2,12 +2,10 @@
 
 The C++ source has no PyTorch headers, so a build takes 3-5 s of CPU time (2-core Xeon)
 where the same source through ``torch.utils.cpp_extension`` took 47 s, and it needs only
-a C++ compiler (``$CXX``, else ``g++``). The shared library is cached on disk under
-``$REDNET_CACHE_DIR`` (default ``$XDG_CACHE_HOME/rednet`` or ``~/.cache/rednet``), keyed
-by a hash of the source, the flags and the compiler's own description of itself and of
-``-march=native`` on this CPU, so a changed source, compiler or machine builds anew and
-every other process (DDP ranks included) just loads it. Concurrent builders serialise on
-a lock file; the library is written to a temporary file and renamed into place.
+a C++ compiler. ``_native_build`` compiles it (``$CXX``, else ``g++``) and caches the
+library on disk, keyed by the source, the flags, the compiler, this CPU and the user, and
+checks it before every load, so every other process of the user (DDP ranks included) just
+loads it.
 
 Threads come from OpenMP, and it must be PyTorch's OpenMP runtime: a second one in the
 process makes each spin against the other (2 threads were seen running 3x slower than 1). The library
@@ -21,20 +19,16 @@ says why (one WARNING per process) and callers use the reference instead.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from ._plan import alloc_grad_input, alloc_grad_kernel, alloc_output, memory_format_of
+from . import _native_build
+from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, dense, dense_kernel, memory_format_of
 
 __all__ = [
     "CXX_FLAGS",
@@ -43,10 +37,9 @@ __all__ = [
     "available",
     "backward_input",
     "backward_kernel",
-    "cache_dir",
     "can_run_on",
     "forward",
-    "library_path",
+    "library",
     "openmp_runtimes",
 ]
 
@@ -60,70 +53,15 @@ DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # as in involu
 _ABI = 1  # rednet_involution_abi() of the source this module speaks to
 _LAYOUTS = {"nchw": 0, "nhwc": 1}
 _FWD, _BWD_INPUT, _BWD_KERNEL = 0, 1, 2
-_COMPILE_TIMEOUT_S = 300
 # Multiply-adds per thread below which more threads cost more than they save (PyTorch's own
 # ops have a grain size for the same reason): on a busy machine a second OpenMP thread that
 # is not scheduled makes a 0.3 ms call take 20+ ms at the barrier.
 _GRAIN = 1 << 17
 
 
-def cache_dir() -> Path:
-    """Where built libraries live: ``$REDNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rednet``, else ``~/.cache/rednet``."""
-    if os.environ.get("REDNET_CACHE_DIR"):
-        return Path(os.environ["REDNET_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rednet"
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
-
-
-def _describe_compiler(cxx: str) -> str:
-    """The compiler's version and what ``-march=native`` resolves to here (its ``-v`` output).
-
-    Raises OSError when the compiler cannot be run.
-    """
-    res = subprocess.run([cxx, "-march=native", "-E", "-v", "-x", "c++", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise OSError(f"{cxx} -march=native -E -v failed: {res.stderr.strip()[-500:]}")
-    return res.stderr
-
-
-def library_path(source: bytes, cxx: str) -> Path:
-    """The cached library for ``source`` built by ``cxx`` on this CPU (raises OSError without a compiler)."""
-    h = hashlib.sha256()
-    for part in (source, " ".join(CXX_FLAGS).encode(), _describe_compiler(cxx).encode()):
-        h.update(hashlib.sha256(part).digest())
-    return cache_dir() / f"involution_cpu-{h.hexdigest()[:20]}.so"
-
-
-def _build(source: bytes, cxx: str, path: Path) -> None:
-    """Compile ``source`` into ``path``: under a lock, into a temporary file, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        try:
-            import fcntl  # POSIX only; elsewhere concurrent builders each build and rename
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:
-            pass
-        if path.exists():  # another process built it while this one waited
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            # The source goes in on stdin so the library is built from exactly the bytes hashed.
-            cmd = [cxx, *CXX_FLAGS, "-x", "c++", "-", "-o", tmp]
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, input=source, capture_output=True, timeout=_COMPILE_TIMEOUT_S)
-            if res.returncode != 0:
-                raise OSError(f"`{' '.join(cmd)}` failed: {res.stderr.decode(errors='replace').strip()[-2000:]}")
-            os.replace(tmp, path)
-            _logger.debug("involution: built %s in %.1f s", path, time.perf_counter() - t0)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+def library() -> _native_build.NativeLibrary:
+    """The native involution library: this module's C++ source and flags."""
+    return _native_build.NativeLibrary("involution_cpu", SOURCE_PATH.read_bytes(), CXX_FLAGS)
 
 
 def openmp_runtimes() -> list[str]:
@@ -138,21 +76,16 @@ def openmp_runtimes() -> list[str]:
 
 def _load() -> ctypes.CDLL:
     """Build (or find) and load the library; raises OSError/subprocess errors with the reason."""
-    cxx = _compiler()
-    if shutil.which(cxx) is None:
-        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
-    source = SOURCE_PATH.read_bytes()
-    path = library_path(source, cxx)
-    if not path.exists():
-        _build(source, cxx, path)
     before = openmp_runtimes()
-    lib = ctypes.CDLL(str(path))
+    lib = _native_build.load(library())
     after = openmp_runtimes()
     if len(after) > max(len(before), 1):
         # Too late to unload it; say so, since every parallel region now competes with PyTorch's.
-        _logger.warning("involution: loading %s added an OpenMP runtime beside PyTorch's: %s", path, after)
+        _logger.warning("involution: loading the native library added an OpenMP runtime beside PyTorch's: %s",
+                        after)
     if lib.rednet_involution_abi() != _ABI:
-        raise OSError(f"{path} speaks ABI {lib.rednet_involution_abi()}, this module {_ABI}")
+        raise OSError(f"the library built from {SOURCE_PATH.name} speaks ABI {lib.rednet_involution_abi()}, "
+                      f"this module {_ABI}")
     fn = lib.rednet_involution
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
@@ -196,9 +129,9 @@ def can_run_on(device_type: str, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------
-# The three passes on torch tensors. Outputs are allocated as the CUDA kernels (and the
-# custom op's fake functions) allocate them: in x's layout, grad_kernel stored as
-# (B, Ho, Wo, G, K, K) when x is channels_last.
+# The three passes on torch tensors. Outputs are allocated, and inputs densified, by
+# ``_memory_format``, as for the CUDA kernels and the custom op's fake functions: in x's
+# memory format, grad_kernel stored as (B, Ho, Wo, G, K, K) when x is channels_last.
 
 
 def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, x_shape, kernel_shape,
@@ -218,18 +151,6 @@ def _call(pass_: int, layout: str, a: torch.Tensor, b: torch.Tensor, out: torch.
         raise RuntimeError(f"involution (native): library returned {rc} for pass {pass_}, {layout}, {out.dtype}")
 
 
-def _dense(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
-
-
-def _dense_kernel(kernel: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nhwc":
-        # (B, G, K, K, Ho, Wo) -> (B, Ho, Wo, G, K, K); no copy when the kernel is a view of
-        # a channels_last (B, G*K*K, Ho, Wo) conv output.
-        return kernel.permute(0, 4, 5, 1, 2, 3).contiguous()
-    return kernel.contiguous()
-
-
 def forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:
     """Involution of x (B, C, H, W) with kernel (B, G, K, K, Ho, Wo); (B, C, Ho, Wo) in x's layout.
 
@@ -244,7 +165,7 @@ def forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, di
     if y.numel() == 0:
         return y
     layout = memory_format_of(x)
-    _call(_FWD, layout, _dense(x, layout), _dense_kernel(kernel, layout), y, x.shape, kernel.shape, stride, padding,
+    _call(_FWD, layout, dense(x, layout), dense_kernel(kernel, layout), y, x.shape, kernel.shape, stride, padding,
           dilation)
     return y
 
@@ -267,7 +188,7 @@ def backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor
     if grad_out.numel() == 0:  # no output pixels: nothing reads x
         return gx.zero_()
     layout = memory_format_of(x)
-    _call(_BWD_INPUT, layout, _dense(grad_out, layout), _dense_kernel(kernel, layout), gx, x.shape, kernel.shape,
+    _call(_BWD_INPUT, layout, dense(grad_out, layout), dense_kernel(kernel, layout), gx, x.shape, kernel.shape,
           stride, padding, dilation)
     return gx
 
@@ -290,6 +211,6 @@ def backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tenso
     if x.shape[1] == 0:  # no channels to sum over
         return gw.zero_()
     layout = memory_format_of(x)
-    _call(_BWD_KERNEL, layout, _dense(grad_out, layout), _dense(x, layout), gw, x.shape, kernel.shape, stride,
+    _call(_BWD_KERNEL, layout, dense(grad_out, layout), dense(x, layout), gw, x.shape, kernel.shape, stride,
           padding, dilation)
     return gw

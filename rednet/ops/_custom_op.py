@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpu, _cupy, _plan
+from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output
 from ._reference import involution_unfold
 
 __all__ = ["involution_backward_input", "involution_backward_kernel", "involution_op"]
@@ -65,17 +66,17 @@ def involution_backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: 
 
 @involution_op.register_fake
 def _(x, kernel, stride, padding, dilation):
-    return _plan.alloc_output(x, kernel)
+    return alloc_output(x, kernel)
 
 
 @involution_backward_input.register_fake
 def _(grad_out, x, kernel, stride, padding, dilation):
-    return _plan.alloc_grad_input(x)
+    return alloc_grad_input(x)
 
 
 @involution_backward_kernel.register_fake
 def _(grad_out, x, kernel, stride, padding, dilation):
-    return _plan.alloc_grad_kernel(x, kernel)
+    return alloc_grad_kernel(x, kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def _(x, kernel, stride, padding, dilation):
     _check_dtypes(x, kernel)
     if _native(x.dtype):
         return _cpu.forward(x, kernel, stride, padding, dilation)
-    return _plan.alloc_output(x, kernel).copy_(involution_unfold(x, kernel, stride, padding, dilation))
+    return alloc_output(x, kernel).copy_(involution_unfold(x, kernel, stride, padding, dilation))
 
 
 def _unfold_parts(grad_out, x, kernel, stride, padding, dilation):
@@ -110,7 +111,7 @@ def _(grad_out, x, kernel, stride, padding, dilation):
     b, c, h, w, g, k, ho, wo, go = _unfold_parts(grad_out, x, kernel, stride, padding, dilation)
     cols = (go * kernel.reshape(b, g, 1, k * k, ho, wo)).reshape(b, c * k * k, ho * wo)  # (B, C*K*K, Ho*Wo)
     gx = F.fold(cols, (h, w), k, dilation=dilation, padding=padding, stride=stride)  # sums the taps per pixel
-    return _plan.alloc_grad_input(x).copy_(gx)
+    return alloc_grad_input(x).copy_(gx)
 
 
 @involution_backward_kernel.register_kernel("cpu")
@@ -121,7 +122,7 @@ def _(grad_out, x, kernel, stride, padding, dilation):
     b, c, h, w, g, k, ho, wo, go = _unfold_parts(grad_out, x, kernel, stride, padding, dilation)
     cols = F.unfold(x, k, dilation=dilation, padding=padding, stride=stride)  # (B, C*K*K, Ho*Wo)
     gw = (go * cols.view(b, g, c // g, k * k, ho, wo)).sum(2)  # (B, G, K*K, Ho, Wo)
-    return _plan.alloc_grad_kernel(x, kernel).copy_(gw.view(kernel.shape))
+    return alloc_grad_kernel(x, kernel).copy_(gw.view(kernel.shape))
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,17 +2,20 @@
 
 CuPy 13.x and 14.0 do not read their own disk cache for modules compiled with name
 expressions, so without this every process recompiled each module (seconds per dtype).
-An entry is one file, ``<key>.bin`` under ``$REDNET_CACHE_DIR/kernels`` (default
-``~/.cache/rednet/kernels``): a magic line, a one-line JSON header (the lowered name of
-each name expression, the binary's size and sha256) and the binary (cubin, or PTX when
-CuPy compiles to PTX).
+An entry is one file, ``<key>.bin`` in the ``kernels`` folder of the cache root
+(``_cache_files``: ``$REDNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/rednet``, else
+``~/.cache/rednet``): a magic line, a one-line JSON header (the lowered name of each name
+expression, the binary's size and sha256) and the binary (cubin, or PTX when CuPy compiles
+to PTX).
 
 The key hashes everything the binary depends on: the source, the compile options, the
-target architecture, the name expressions, and the CuPy and NVRTC versions. Entries are
-written with ``rednet.fileio.atomic_write`` (a temporary file renamed over the entry), so
-concurrent ranks that compile the same module at once each write a complete file and a
-reader sees the old entry, no entry, or a complete one. A file that does not decode or
-whose checksum is wrong is a miss: the caller recompiles and rewrites it.
+target architecture, the name expressions, and the CuPy and NVRTC versions, and the user:
+entries are per user (``_cache_files`` says why). Entries are written with
+``rednet.fileio.atomic_write`` (a temporary file renamed over the entry, which replaces a
+link under that name instead of following it), so concurrent ranks that compile the same
+module at once each write a complete file and a reader sees the old entry, no entry, or a
+complete one. A file that is not this user's to trust (``_cache_files.open_trusted``), does
+not decode, or whose checksum is wrong is a miss: the caller recompiles and rewrites it.
 
 Pure Python: no CuPy, no device; the tests drive it with a fake compiler.
 """
@@ -27,12 +30,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..fileio import atomic_write
+from ._cache_files import CACHE_ENV, UntrustedFile, cache_root, open_trusted, read_all, user
 
 __all__ = ["CACHE_ENV", "Entry", "cache_dir", "entry_key", "load", "store"]
 
 _logger = logging.getLogger(__name__)
 
-CACHE_ENV = "REDNET_CACHE_DIR"
 # Part of every key and of every file: bump it when the layout or the key's contents change,
 # so older entries are simply never looked up again.
 _FORMAT = 1
@@ -47,9 +50,8 @@ class Entry(NamedTuple):
 
 
 def cache_dir() -> Path:
-    """``$REDNET_CACHE_DIR/kernels``, or ``~/.cache/rednet/kernels``."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rednet"
-    return Path(root) / "kernels"
+    """The ``kernels`` folder of the cache root (``_cache_files.cache_root``)."""
+    return cache_root() / "kernels"
 
 
 def entry_key(source: str, options: Sequence[str], arch: str, names: Sequence[str],
@@ -62,6 +64,7 @@ def entry_key(source: str, options: Sequence[str], arch: str, names: Sequence[st
         "arch": arch,
         "names": sorted(names),
         "versions": dict(sorted(versions.items())),
+        "user": user(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -100,8 +103,15 @@ def load(key: str, names: Sequence[str]) -> Entry | None:
     """The cached entry ``key``, or None when there is none or it is unusable (then it is recompiled)."""
     path = _path(key)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        fd = open_trusted(path)
+        if fd is None:
+            return None
+        try:
+            data = read_all(fd)
+        finally:
+            os.close(fd)
+    except UntrustedFile as e:
+        _logger.warning("involution kernel cache: ignoring %s; compiling this user's own", e)
         return None
     except OSError as e:
         _logger.debug("involution kernel cache: cannot read %s (%s); compiling", path, e)

@@ -1,7 +1,7 @@
-"""Launch plans for the CUDA involution kernels: memory formats, allocation, geometry, arguments.
+"""Launch plans for the CUDA involution kernels: geometry, arguments, outputs.
 
-Pure PyTorch and numpy, no CuPy: the custom op's fake functions allocate through the same
-``alloc_*`` functions as its CUDA implementations (so strides agree), ``_cupy.launch``
+Pure PyTorch and numpy, no CuPy: outputs are allocated, and inputs densified, by
+``_memory_format`` (as the fake functions and the CPU kernels do), ``_cupy.launch``
 executes the plans, and tests run the same plans on a host emulation of the kernels.
 """
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, dense_kernel, memory_format_of
+
 __all__ = [
     "KINDS",
-    "MEMORY_FORMATS",
     "NCHW_TILES",
     "NHWC_MAX_STAGED_K",
     "NHWC_PATCH_W",
@@ -21,11 +22,7 @@ __all__ = [
     "THREADS",
     "TYPE_NAMES",
     "Launch",
-    "alloc_grad_input",
-    "alloc_grad_kernel",
-    "alloc_output",
     "kernel_name",
-    "memory_format_of",
     "name_expressions",
     "nchw_tile",
     "nhwc_groups_per_block",
@@ -37,8 +34,6 @@ __all__ = [
 
 TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 KINDS = ("fwd", "bwd_input", "bwd_kernel")
-# The memory formats the kernels are written for: 'nchw' (contiguous) and 'nhwc' (channels_last).
-MEMORY_FORMATS = ("nchw", "nhwc")
 # Kernel families: 'nchw'; 'nhwc', 128-bit accesses, for group widths of 16 bytes times a power of
 # two; 'nhwc_scalar', any group width, alignment or window.
 PATHS = ("nchw", "nhwc", "nhwc_scalar")
@@ -114,51 +109,6 @@ def nhwc_threads_per_item(channels: int, groups: int, k: int, dtype: torch.dtype
 
 
 # ----------------------------------------------------------------------------------------
-# Memory formats and allocation; shared with the fake implementations so strides agree.
-
-
-def memory_format_of(x: torch.Tensor) -> str:
-    """``'nhwc'`` for channels_last inputs (and strided ones closer to it), else ``'nchw'``."""
-    if x.is_contiguous():
-        return "nchw"
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return "nhwc"
-    # Neither: copy into the format whose innermost dimension is already densest.
-    return "nhwc" if x.stride(1) < x.stride(3) else "nchw"
-
-
-def _torch_format(memory_format: str) -> torch.memory_format:
-    return torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
-
-
-def alloc_output(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """(B, C, Ho, Wo) in x's memory format."""
-    b, c = x.shape[:2]
-    ho, wo = kernel.shape[-2:]
-    fmt = _torch_format(memory_format_of(x))
-    return torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-def alloc_grad_input(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_torch_format(memory_format_of(x)))
-
-
-def alloc_grad_kernel(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """(B, G, K, K, Ho, Wo), stored as (B, Ho, Wo, G, K, K) when x is channels_last."""
-    b, g, k, _, ho, wo = kernel.shape
-    if memory_format_of(x) == "nhwc":
-        gw = torch.empty((b, ho, wo, g, k, k), dtype=kernel.dtype, device=kernel.device)
-        return gw.permute(0, 3, 4, 5, 1, 2)  # (B, G, K, K, Ho, Wo) view
-    return torch.empty(kernel.shape, dtype=kernel.dtype, device=kernel.device)
-
-
-def _kernel_nhwc(kernel: torch.Tensor) -> torch.Tensor:
-    # (B, G, K, K, Ho, Wo) -> (B, Ho, Wo, G, K, K) contiguous; no copy when the kernel is a
-    # view of a channels_last (B, G*K*K, Ho, Wo) conv output.
-    return kernel.permute(0, 4, 5, 1, 2, 3).contiguous()
-
-
-# ----------------------------------------------------------------------------------------
 # Launch plans.
 
 
@@ -218,7 +168,7 @@ def plan_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: in
     if fmt == "nchw":
         ins = (x.contiguous(), kernel.contiguous())
     else:
-        ins = (x.contiguous(memory_format=torch.channels_last), _kernel_nhwc(kernel))
+        ins = (x.contiguous(memory_format=torch.channels_last), dense_kernel(kernel, "nhwc"))
     return y, _launch("fwd", ins, y, x.shape, kernel.shape, stride, padding, dilation, fmt)
 
 
@@ -233,7 +183,7 @@ def plan_backward_input(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.T
     if fmt == "nchw":
         ins = (grad_out.contiguous(), kernel.contiguous())
     else:
-        ins = (grad_out.contiguous(memory_format=torch.channels_last), _kernel_nhwc(kernel))
+        ins = (grad_out.contiguous(memory_format=torch.channels_last), dense_kernel(kernel, "nhwc"))
     return gx, _launch("bwd_input", ins, gx, x.shape, kernel.shape, stride, padding, dilation, fmt)
 
 
