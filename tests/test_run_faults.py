@@ -76,6 +76,16 @@ def _finish(proc: subprocess.Popen, timeout: float = 60) -> str:
 # --- signals to the whole process group (SLURM's time limit, scancel, kill -TERM -PGID) -------------------------
 
 
+def test_the_help_lists_the_exit_codes(capsys):
+    from .helpers import load_tool
+
+    with pytest.raises(SystemExit):
+        load_tool("train").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "129 SIGHUP, 130 SIGINT, 138 SIGUSR1, 143 SIGTERM" in text and "that another trainer holds" in text
+    assert signal.SIGHUP == 1 and signal.SIGUSR1 == 10 and signal.SIGTERM == 15  # the numbers the help gives
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_stop_signal_to_the_process_group_checkpoints_and_exits_128_plus_n(tmp_path, sig):

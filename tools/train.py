@@ -4,8 +4,10 @@
 Single process:  python tools/train.py --config digits
 One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config rednet50 --data /data/imagenet
 --config takes a YAML file or the name of a bundled config (--list-configs lists them).
-Exit status: 0 done; 2 bad config, data or checkpoint, or a run directory whose results the command would
-overwrite (see --resume, --restart); 3 non-finite loss; 128+N stopped by signal N after checkpointing.
+Exit status: 0 done (or the run was already finished); 2 bad config, data or checkpoint, or a run directory whose
+results the command would overwrite (see --resume, --restart), that another trainer holds, or whose disk is full;
+3 non-finite loss; 128+N stopped by signal N after checkpointing: 129 SIGHUP, 130 SIGINT, 138 SIGUSR1,
+143 SIGTERM (Linux's numbers).
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     except KeyboardInterrupt:
         # A Ctrl-C outside the training loop (which checkpoints and stops by itself): before
-        # the first step or during the final validation, so there is nothing to save.
+        # the first step, so there is nothing to save.
         print("interrupted by SIGINT", file=sys.stderr)
         return 130
 

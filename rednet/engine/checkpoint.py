@@ -12,6 +12,8 @@ weights_only=True)`` reads it without executing pickled code:
                        (iteration 0: the epoch has not started)
     global_step        optimizer steps since the start of training
     rng                one entry per rank: RNG states of python, numpy, torch (CPU and CUDA)
+    epoch_meter        one entry per rank: the running totals of the epoch in progress (loss sum,
+                       steps, images, loader wait, time), or None at an epoch's end; optional
     world_size, best_top1, metrics   bookkeeping
 
 The file is the zip archive ``torch.save`` writes, whose zip comment (the last bytes of
