@@ -102,6 +102,37 @@ def test_a_stop_signal_to_the_process_group_checkpoints_and_exits_128_plus_n(tmp
     assert state["epoch"] == 0 and state["iteration"] >= 2 and state["iteration"] == state["global_step"]
 
 
+_WORKER_SCRIPT = """
+import signal, subprocess, sys, time
+from torch.utils.data import DataLoader
+from rednet.engine.trainer import _shield_workers
+
+loader = DataLoader(list(range(1000)), batch_size=1, num_workers=1, persistent_workers=True)
+_shield_workers(loader)
+batches = iter(loader)
+next(batches)
+(worker,) = batches._workers
+for name in ("TERM", "INT", "USR1", "HUP"):  # from another process, as a scheduler's are
+    subprocess.run(["kill", "-" + name, str(worker.pid)], check=True)
+time.sleep(1)
+print("after the others' signals:", worker.is_alive(), int(next(batches)[0]), flush=True)
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise on the death that follows
+worker.terminate()  # the trainer's own SIGTERM: how torch and multiprocessing end a worker
+worker.join(timeout=10)
+print("after the trainer's:", worker.exitcode, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the worker cannot tell who sent a SIGTERM")
+def test_a_loader_worker_ignores_anyones_stop_signal_but_its_trainers_sigterm():
+    """A worker deaf to every SIGTERM would be waited for for ever by the clean-up that ends it with one."""
+    result = subprocess.run([sys.executable, "-c", _WORKER_SCRIPT], cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["after the others' signals: True 1",
+                                          f"after the trainer's: {-signal.SIGTERM}"], result.stdout + result.stderr
+
+
 @pytest.mark.slow
 def test_a_stop_signal_during_validation_checkpoints_within_seconds(tmp_path):
     """A validation of 100000 images, one per batch, is stopped at the next batch: the checkpoint holds the

@@ -5,8 +5,10 @@ Signals: SIGINT, SIGTERM, SIGUSR1 (SLURM's ``--signal=USR1@N``) and SIGHUP each 
 stop: at the end of the step in progress, or at the next batch of a validation, every rank
 writes its part of a checkpoint and the run raises ``TrainingInterrupted`` (the tools exit
 128 + the signal's number). A second signal acts at once, without a checkpoint. The loader
-workers ignore all four: a scheduler signals the whole process group, and a worker that died
-of it would take the run down before its checkpoint.
+workers ignore all four, but for a SIGTERM from the trainer itself: a scheduler signals the
+whole process group, and a worker that died of it would take the run down before its
+checkpoint, while torch and multiprocessing end a worker that does not stop by itself with
+their own SIGTERM (``terminate()``), and would wait for it for ever.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -115,16 +118,44 @@ class _Signals:
             signal.signal(s, h)
 
 
+# Where a worker can learn who sent a SIGTERM (Linux, most Unixes; not macOS or Windows).
+_CAN_TELL_SENDER = hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")
+
+
 def _ignore_stop_signals(init: Optional[Callable[[int], None]], worker_id: int) -> None:
-    # A scheduler signals the whole process group, workers included; they must outlive the
-    # main process's checkpoint. The worker was started with these signals blocked (see
-    # _WorkerContext): ignoring them discards one that arrived meanwhile.
-    for s in _STOP_SIGNALS:
+    """A loader worker's ``worker_init_fn``: ignore the stop signals, then call the loader's own ``init``.
+
+    SIGTERM is the exception: ``terminate()`` (torch ends workers that do not stop by themselves
+    with it, and multiprocessing every worker still alive at exit) sends it from the trainer, and
+    a worker deaf to it would be waited for for ever. It stays blocked, and a thread takes each
+    one with its sender: the trainer's ends the worker, anyone else's is dropped. Where the sender
+    cannot be known, the worker keeps SIGTERM's default.
+    """
+    # The worker was started with these signals blocked (see _WorkerContext): ignoring them
+    # discards one that arrived meanwhile.
+    ignored = tuple(s for s in _STOP_SIGNALS if s != signal.SIGTERM)
+    for s in ignored:
         signal.signal(s, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if _CAN_TELL_SENDER:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not torch's handler, which prints first
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_the_trainers_sigterm, args=(os.getppid(),), name="rednet-sigterm",
+                         daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if init is not None:
         init(worker_id)
+
+
+def _end_on_the_trainers_sigterm(trainer: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+            # This thread alone lets SIGTERM through: its default action ends the worker.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
 
 if hasattr(multiprocessing.context, "ForkProcess"):  # POSIX
@@ -133,7 +164,7 @@ if hasattr(multiprocessing.context, "ForkProcess"):  # POSIX
         """A forked loader worker that starts with the stop signals blocked.
 
         torch's worker loop installs its own SIGTERM handler (print, then die) before it calls
-        ``worker_init_fn``; blocked, a signal waits until ``_ignore_stop_signals`` discards it.
+        ``worker_init_fn``; blocked, a signal waits until ``_ignore_stop_signals`` deals with it.
         """
 
         def start(self) -> None:
@@ -148,7 +179,7 @@ if hasattr(multiprocessing.context, "ForkProcess"):  # POSIX
 
 
 def _shield_workers(loader: DataLoader) -> None:
-    """Make ``loader``'s workers ignore the stop signals from their first instruction on."""
+    """Make ``loader``'s workers ignore the stop signals (but the trainer's SIGTERM) from their first instruction on."""
     if loader.num_workers == 0:
         return
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
