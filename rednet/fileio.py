@@ -1,5 +1,6 @@
 """File plumbing shared by weights files (``rednet.models``) and training checkpoints
-(``rednet.engine``): the one error type for both, hashing, and atomic writes.
+(``rednet.engine``): the one error type for both, hashing, atomic writes, and the check
+that an output folder can be written.
 
 New files get the mode every other program gives them: 0666 less the umask (0644 under
 the usual umask 022), so that teammates can read results. ``tempfile.mkstemp`` would make
@@ -16,15 +17,29 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-__all__ = ["CheckpointError", "NoSpaceError", "atomic_temp_pattern", "atomic_write", "file_sha256",
-           "new_temp_file", "no_space_error"]
+__all__ = [
+    "CheckpointError",
+    "NoSpaceError",
+    "OutputDirError",
+    "atomic_temp_pattern",
+    "atomic_write",
+    "check_output_dir",
+    "file_sha256",
+    "new_temp_file",
+    "no_space_error",
+]
 
 
 class CheckpointError(RuntimeError):
     """A weights file or training checkpoint could not be read, is unsafe, or does not fit."""
+
+
+class OutputDirError(ValueError):
+    """A folder that a command is to write into is empty, a file, or cannot be created or written."""
 
 
 class NoSpaceError(CheckpointError):
@@ -173,3 +188,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         raise full from None
     _fsync_dir(path.parent)
     return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder ``path`` if needed and check that files can be written in it.
+
+    Called before a long job, so a run directory that cannot hold its checkpoints (or a
+    results file that cannot be written) stops it at once rather than after an epoch.
+
+    Args:
+        path: the folder.
+        what: how the user named it (``train.output``, ``--json``), for the message.
+
+    Raises:
+        OutputDirError: ``path`` is empty, is or lies under a file, or cannot be created or written.
+    """
+    if str(path) == "":
+        raise OutputDirError(f"{what} is empty; give a folder")
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is" if p == path else f"lies under {p}, which is"
+            raise OutputDirError(f"{what} {path} {where} a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OutputDirError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder") from None
+    return path
+

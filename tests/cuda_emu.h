@@ -6,7 +6,17 @@
 //   releases the barrier when every thread of the block (or lane of the warp) waits at it. A
 //   barrier some thread can never reach (it returned, or waits at another barrier) is reported
 //   as an error instead of hanging, so the tests also prove the kernels' barriers are uniform.
-// - Blocks run one after another, so a function-static array is the block's shared memory.
+// - Blocks run one after another, so a function-static array is the block's shared memory; the
+//   static arrays live in their own section, and before every block they and the dynamic shared
+//   memory are filled with a poison pattern (0xff bytes: NaN in every float type), so a kernel that
+//   reads shared memory it did not write in this block computes NaN.
+// - Threads run in a schedule chosen by emu_set_order: odd blocks in reverse (the default), or a
+//   fresh random permutation of the block's threads at every round between barriers.
+// - cp.async copies (copy16_async, copy4_async) are carried out when their thread calls
+//   async_wait(), as late as the hardware may: reading their destination earlier reads poison.
+// - Every global access and every 128-bit shared access is checked for alignment to its size;
+//   with bounds on (emu_bounds), global accesses must fall inside the launch's tensors, and
+//   shared vector accesses inside the block's shared memory.
 // - fp16 conversions use the compiler's _Float16 (IEEE binary16, round to nearest even), the
 //   same rounding as the device's cvt.rn.f16.f32; the tests check them against torch.
 // - Every global load and store goes through the kernel source's REDNET_TRACE_* hooks; with
@@ -33,7 +43,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static __attribute__((section("emu_shared")))
 
 struct emu_dim3 { unsigned x, y, z; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
@@ -105,7 +115,20 @@ inline std::unordered_set<unsigned long long> block_set[2][4];
 
 inline bool checking = false;  // every access must fall inside one of the three tensors
 
+// Ends the current thread with an error (the first one is kept).
+inline void fail(const std::string& what) {
+  if (error.empty()) {
+    error = std::string("block ") + std::to_string(blockIdx.x) + " thread " + std::to_string(threadIdx.x) + ": " + what;
+  }
+  fibers[current].state = DONE;
+  swapcontext(&fibers[current].ctx, &scheduler);
+}
+
 inline void trace(const void* p, unsigned bytes, int st) {
+  if ((unsigned long long)p % bytes) {
+    fail(std::string("global ") + (st ? "store" : "load") + " of " + std::to_string(bytes) +
+         " bytes at an address not aligned to its size");
+  }
   if (checking) {
     const char* q = (const char*)p;
     bool inside = false;
@@ -153,10 +176,65 @@ inline void flush_block() {
   }
 }
 
+// ---- shared memory ----
+inline std::vector<uint4> dyn;  // the launch's dynamic shared memory
+inline size_t dyn_bytes = 0;
+}  // namespace emu
+extern "C" char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
+namespace emu {
+
+inline void poison_shared() {
+  if (!dyn.empty()) std::memset(dyn.data(), 0xff, dyn.size() * sizeof(uint4));
+  if (__start_emu_shared && __stop_emu_shared) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+}
+
+inline void check_shared(const void* p, unsigned bytes, const char* what) {
+  const char* q = (const char*)p;
+  if ((unsigned long long)q % bytes) fail(std::string(what) + " of " + std::to_string(bytes) + " bytes in shared memory, misaligned");
+  const char* d0 = (const char*)dyn.data();
+  const bool in_dyn = q >= d0 && q + bytes <= d0 + dyn_bytes;
+  const bool in_static = __start_emu_shared && q >= __start_emu_shared && q + bytes <= __stop_emu_shared;
+  if (!in_dyn && !in_static) fail(std::string(what) + " of " + std::to_string(bytes) + " bytes outside shared memory");
+}
+
+// A thread's asynchronous copies, carried out at its async_wait().
+struct Copy { void* dst; const void* src; unsigned bytes; bool valid; };
+inline std::vector<std::vector<Copy>> pending;
+
+inline void copy_async(void* dst, const void* src, unsigned bytes, bool valid) {
+  check_shared(dst, bytes, "asynchronous copy");
+  if (valid) trace(src, bytes, 0);
+  pending[threadIdx.x].push_back({dst, src, bytes, valid});
+}
+
+inline void wait_copies() {
+  for (const Copy& c : pending[threadIdx.x]) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, c.bytes);
+    } else {
+      std::memset(c.dst, 0, c.bytes);
+    }
+  }
+  pending[threadIdx.x].clear();
+}
+
+// ---- scheduling ----
+inline int order_mode = 0;  // 0: odd blocks in reverse; 1: a random permutation every round
+inline unsigned long long order_state = 1;
+inline std::vector<unsigned> order;
+
+inline unsigned next_random() {  // xorshift64*
+  order_state ^= order_state >> 12, order_state ^= order_state << 25, order_state ^= order_state >> 27;
+  return (unsigned)((order_state * 2685821657736338717ull) >> 32);
+}
+
 // Runs one block to completion; false (with `error` set) when its barriers cannot complete.
 inline bool run_block(unsigned nthreads) {
   if (fibers.size() < nthreads) fibers.resize(nthreads);
   for (int st = 0; st < 2; ++st) seq[st].assign(nthreads, 0);
+  pending.assign(nthreads, {});
+  poison_shared();
   for (unsigned t = 0; t < nthreads; ++t) {
     Fiber& f = fibers[t];
     if (f.stack.empty()) f.stack.resize(kStack);
@@ -167,12 +245,17 @@ inline bool run_block(unsigned nthreads) {
     makecontext(&f.ctx, (void (*)())trampoline, 1, (int)t);
     f.state = RUNNABLE;
   }
+  order.resize(nthreads);
   for (;;) {
-    // Odd blocks run their threads in reverse order, so a missing barrier shows up whichever
-    // side of a shared-memory race the kernel gets wrong.
-    const bool reverse = blockIdx.x & 1;
+    // Mode 0: odd blocks run their threads in reverse order, so a missing barrier shows up
+    // whichever side of a shared-memory race the kernel gets wrong; mode 1: a new random order
+    // every round, which also interleaves warps.
+    for (unsigned k = 0; k < nthreads; ++k) order[k] = (order_mode == 0 && (blockIdx.x & 1)) ? nthreads - 1 - k : k;
+    if (order_mode == 1) {
+      for (unsigned k = nthreads - 1; k > 0; --k) std::swap(order[k], order[next_random() % (k + 1)]);
+    }
     for (unsigned k = 0; k < nthreads; ++k) {
-      const unsigned t = reverse ? nthreads - 1 - k : k;
+      const unsigned t = order[k];
       if (fibers[t].state != RUNNABLE) continue;
       current = t;
       threadIdx = {t, 0, 0};
@@ -184,7 +267,16 @@ inline bool run_block(unsigned nthreads) {
       at_block += fibers[t].state == AT_BLOCK_BARRIER;
     }
     if (!error.empty()) return false;
-    if (done == nthreads) break;
+    if (done == nthreads) {
+      for (unsigned t = 0; t < nthreads; ++t) {
+        if (!pending[t].empty()) {
+          error = "block " + std::to_string(blockIdx.x) + " thread " + std::to_string(t) +
+                  ": asynchronous copies never waited for";
+          return false;
+        }
+      }
+      break;
+    }
     bool released = false;
     if (at_block == nthreads) {
       for (unsigned t = 0; t < nthreads; ++t) fibers[t].state = RUNNABLE;
@@ -212,6 +304,16 @@ inline bool run_block(unsigned nthreads) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::wait(emu::AT_BLOCK_BARRIER); }
+
+// The device's asynchronous copies and dynamic shared memory (involution.cu declares them only
+// for the device).
+inline void copy16_async(uint4* dst, const void* src, bool valid) { emu::copy_async(dst, src, 16, valid); }
+inline void copy4_async(unsigned* dst, const unsigned* src) { emu::copy_async(dst, src, 4, true); }
+inline void async_wait() { emu::wait_copies(); }
+#define REDNET_DYNAMIC_SHARED(name) uint4* const name = emu::dyn.data()
+inline unsigned dynamic_shared_bytes() { return (unsigned)emu::dyn_bytes; }
+inline void __trap() { emu::fail("__trap()"); }
+#define REDNET_TRACE_SHARED(p, bytes) emu::check_shared((p), (bytes), "load")
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
@@ -247,8 +349,10 @@ inline void emu_call(void (*k)(P...), void** args) { emu_call_with(k, args, std:
 // Launch `body` on blocks [0, grid) or, when `blocks` is given, on those blocks of a grid of
 // `grid` blocks (the report samples blocks of large grids). 0 on success, else see emu_error().
 extern "C" int emu_launch_blocks(void (*body)(void**), unsigned grid, unsigned threads, const unsigned* blocks,
-                                 unsigned nblocks, void** args) {
+                                 unsigned nblocks, unsigned smem, void** args) {
   emu::error.clear();
+  emu::dyn.assign((smem + 15) / 16, uint4{});
+  emu::dyn_bytes = smem;
   emu::body = body;
   emu::body_args = args;
   gridDim = {grid, 1, 1};
@@ -262,6 +366,12 @@ extern "C" int emu_launch_blocks(void (*body)(void**), unsigned grid, unsigned t
 }
 
 extern "C" const char* emu_error() { return emu::error.c_str(); }
+
+// Thread schedule of the following launches: 0, odd blocks reversed; 1, random from `seed`.
+extern "C" void emu_set_order(int mode, unsigned long long seed) {
+  emu::order_mode = mode;
+  emu::order_state = seed | 1;
+}
 
 // Trace the global accesses of the following launches; the three tensors are told apart by address.
 extern "C" void emu_trace_begin(const char* a, size_t na, const char* b, size_t nb, const char* o, size_t no) {

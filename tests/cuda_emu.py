@@ -58,6 +58,12 @@ class Emulator:
         lib.emu_half_to_float.argtypes = [ctypes.c_ushort]
         lib.emu_float_to_half.restype = ctypes.c_ushort
         lib.emu_float_to_half.argtypes = [ctypes.c_float]
+        lib.emu_set_order.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+
+    def set_order(self, mode: str, seed: int = 1) -> None:
+        """Thread schedule of later launches: 'reverse-odd' (odd blocks run their threads in reverse)
+        or 'random' (a new random order of the block's threads at every round between barriers)."""
+        self.lib.emu_set_order({"reverse-odd": 0, "random": 1}[mode], seed)
 
     def launch(self, plan, threads: int, blocks: list[int] | None = None,
                tensors: tuple[torch.Tensor, ...] | None = None) -> None:
@@ -75,8 +81,9 @@ class Emulator:
         vals = [_CTYPES[type(a)](int(a)) for a in plan.args]
         args = (ctypes.c_void_p * len(vals))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals))
         sel = None if blocks is None else (ctypes.c_uint * len(blocks))(*blocks)
+        smem = int(getattr(plan, "smem", 0) or 0)
         rc = self.lib.emu_run(self.index[plan.name], ctypes.c_uint(plan.grid), ctypes.c_uint(threads), sel,
-                              ctypes.c_uint(0 if blocks is None else len(blocks)), args)
+                              ctypes.c_uint(0 if blocks is None else len(blocks)), ctypes.c_uint(smem), args)
         if rc != 0:
             raise RuntimeError(f"{plan.name}: {self.lib.emu_error().decode()}")
 
@@ -110,8 +117,8 @@ def build(names: list[str], workdir: Path, source: Path, opt: str = "-O1") -> Em
     lines.append("static void (*const emu_kernels[])(void**) = {" + ", ".join(f"emu_k{i}" for i in range(len(names)))
                  + "};")
     lines.append('extern "C" int emu_run(int k, unsigned grid, unsigned threads, const unsigned* blocks, '
-                 "unsigned nblocks, void** args) { return emu_launch_blocks(emu_kernels[k], grid, threads, blocks, "
-                 "nblocks, args); }")
+                 "unsigned nblocks, unsigned smem, void** args) { return emu_launch_blocks(emu_kernels[k], grid, "
+                 "threads, blocks, nblocks, smem, args); }")
     cpp, so = workdir / "emu.cpp", workdir / "emu.so"
     cpp.write_text("\n".join(lines) + "\n")
     cmd = ["g++", "-std=c++20", opt, "-shared", "-fPIC", "-w", str(cpp), "-o", str(so)]

@@ -7,8 +7,9 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
-# The bundled configs (package data; `--config NAME` finds them from any directory).
-CONFIGS = ROOT / "rednet" / "configs"
+# The bundled configs (the one copy; a wheel ships them as rednet/configs, and `--config NAME`
+# finds them from any directory).
+CONFIGS = ROOT / "configs"
 
 # Blocks per stage of each released variant.
 DEPTHS = {

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from rednet.engine import CheckpointError, config_to_dict, load_config, read_checkpoint, save_checkpoint
+from rednet.engine import CheckpointError, config_to_dict, load_config
+from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.rundir import RunDir
 
 from .helpers import load_tool

@@ -2,7 +2,8 @@
 
 The ``seams`` fixture makes CPU tensors take the CUDA path: CuPy "can run", compiling is a
 no-op, and the ``rednet::involution`` op's CPU implementations stand in for the kernels
-(they are correct, so a check passes unless a test breaks a stage). Each test then breaks
+(in float32 for half types, so they are as accurate as the kernels and a check passes unless
+a test breaks a stage). Each test then breaks
 one stage (compile, launch, the device's report at synchronisation, a result) and checks
 that ``auto`` falls back to the reference with one warning naming the cause, and that a
 forced ``cupy`` raises with it. The real kernels are checked on a GPU in ``test_ops_gpu.py``.
@@ -10,6 +11,7 @@ forced ``cupy`` raises with it. The real kernels are checked on a GPU in ``test_
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import warnings
 from types import SimpleNamespace
@@ -50,13 +52,17 @@ def seams(monkeypatch):
     monkeypatch.setattr(_cupy, "prepare", lambda device, module: state.prepared.append(module))
     monkeypatch.setattr(_selfcheck, "_verdicts", {})  # a fresh process, as far as the check knows
     monkeypatch.setattr(_selfcheck, "_warned", set())
-    state.real_outputs = real_outputs = _selfcheck._kernel_outputs
+    state.real_pass = real_pass = _selfcheck._kernel_pass
 
-    def outputs(x, kernel, grad_out, stride, padding, dilation):
-        state.checked.append((x.dtype, kernel.shape[2], stride, dilation, x.is_contiguous()))
-        return real_outputs(x, kernel, grad_out, stride, padding, dilation)
+    def one_pass(name, x, kernel, grad_out, stride, padding, dilation):
+        if name == "output":  # one entry per problem checked
+            state.checked.append((x.dtype, kernel.shape[2], stride, dilation, x.is_contiguous()))
+        if x.dtype in (torch.float16, torch.bfloat16):  # the CPU op computes in the dtype; a kernel accumulates
+            up = [t.float() for t in (x, kernel, grad_out)]  # in float32 and rounds once, as the check demands
+            return real_pass(name, *up, stride, padding, dilation).to(x.dtype)
+        return real_pass(name, x, kernel, grad_out, stride, padding, dilation)
 
-    monkeypatch.setattr(_selfcheck, "_kernel_outputs", outputs)
+    monkeypatch.setattr(_selfcheck, "_kernel_pass", one_pass)
     state.real_op = real_op = ops._involution_op
     state.real_ref = real_ref = ops.involution_reference
 
@@ -141,36 +147,52 @@ def _raising(exc):
     return lambda real: _raise(exc)
 
 
-def _wrong(index, how):
-    """A _kernel_outputs with output ``index`` (0 y, 1 grad_x, 2 grad_kernel) broken ``how``, given the real one."""
-    return lambda real: lambda *args: _break(real(*args), index, how)
+def _wrong(name, how):
+    """A _kernel_pass whose pass ``name`` (output, grad_input, grad_kernel) is broken ``how``, given the real one."""
+    def broken(real):
+        def one_pass(pass_name, *args):
+            out = real(pass_name, *args)
+            return _break(out, how) if pass_name == name else out
+        return one_pass
+    return broken
 
 
-def _break(outputs, index, how):
-    outs = list(outputs)
-    t = outs[index].contiguous().clone()
+def _break(out, how):
+    t = out.contiguous().clone()
     if how == "nan":
         t.view(-1)[3] = float("nan")
     elif how == "unwritten":
         t.zero_()
     else:  # one element off by 1% of the scale: far beyond float32's tolerance
         t.view(-1)[5] += 0.01 * t.abs().max()
-    outs[index] = t
-    return tuple(outs)
+    return t
+
+
+def _fails_at(name, exc):
+    """A _kernel_pass that raises ``exc`` at pass ``name``."""
+    def broken(real):
+        def one_pass(pass_name, *args):
+            if pass_name == name:
+                raise exc
+            return real(pass_name, *args)
+        return one_pass
+    return broken
 
 
 @pytest.mark.parametrize("name,stage,patch,detail", [
-    ("launch raises", "launch", ("_kernel_outputs", _raising(RuntimeError("CUDA_ERROR_INVALID_VALUE: invalid"))),
+    ("launch raises", "launch", ("_kernel_pass", _fails_at("grad_input", RuntimeError("CUDA_ERROR_INVALID_VALUE"))),
+     "grad_input kernel involution_bwd_input_nhwc_scalar<float, 7, 2, 1> for x (2, 6, 9, 37): RuntimeError: "
      "CUDA_ERROR_INVALID_VALUE"),
     ("device error at sync", "launch", ("_synchronize", _raising(RuntimeError("CUDA error: launch failure"))),
-     "CUDA error: launch failure"),
-    ("wrong y", "result", ("_kernel_outputs", _wrong(0, "off")), "output differs from the reference at 1 of"),
-    ("wrong grad_x", "result", ("_kernel_outputs", _wrong(1, "off")), "grad_input differs"),
-    ("unwritten grad_kernel", "result", ("_kernel_outputs", _wrong(2, "unwritten")), "grad_kernel differs"),
-    ("nan in y", "result", ("_kernel_outputs", _wrong(0, "nan")), "output differs from the reference at 1 of"),
+     "output kernel involution_fwd_nhwc_scalar<float, 7, 2, 1> for x (2, 6, 9, 37): RuntimeError: CUDA error: "
+     "launch failure"),
+    ("wrong y", "result", ("_kernel_pass", _wrong("output", "off")), "output differs from the reference at 1 of"),
+    ("wrong grad_x", "result", ("_kernel_pass", _wrong("grad_input", "off")), "grad_input differs"),
+    ("unwritten grad_kernel", "result", ("_kernel_pass", _wrong("grad_kernel", "unwritten")), "grad_kernel differs"),
+    ("nan in y", "result", ("_kernel_pass", _wrong("output", "nan")), "output differs from the reference at 1 of"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_every_failing_stage_falls_back_and_forcing_raises(seams, monkeypatch, name, stage, patch, detail):
-    monkeypatch.setattr(_selfcheck, patch[0], patch[1](seams.real_outputs))
+    monkeypatch.setattr(_selfcheck, patch[0], patch[1](seams.real_pass))
     monkeypatch.setattr(_selfcheck, "_device_usable", lambda device: True)
     x, kernel, s = _inputs(k=7, stride=2, channels_last=True)
     key = "cpu float32 K=7 stride=2 dilation=1 nhwc"
@@ -179,7 +201,7 @@ def test_every_failing_stage_falls_back_and_forcing_raises(seams, monkeypatch, n
     assert len(rec) == 1 and detail in str(rec[0].message)
     torch.testing.assert_close(y, involution_reference(x, kernel, 2, 3, 1))
     assert seams.kernel_calls == 0
-    with pytest.raises(RuntimeError, match=f"at the {stage} stage.*{detail[:20]}"):
+    with pytest.raises(RuntimeError, match=f"at the {stage} stage.*{re.escape(detail[:20])}"):
         involution(x, kernel, s, backend="cupy")
     check = check_cuda_kernel("cpu", torch.float32, 7, 2, 1, "nhwc")
     assert (check.ok, check.stage) == (False, stage)
@@ -193,18 +215,18 @@ def test_a_fault_that_kills_the_device_raises_even_in_auto(seams, monkeypatch):
         with pytest.raises(RuntimeError, match="context stage.*illegal memory access.*"
                                                "REDNET_INVOLUTION_BACKEND=reference"):
             involution(x, kernel, s)
-    assert len(seams.checked) == len(_selfcheck.PROBLEMS)
+    assert len(seams.checked) == 1  # stopped at the first pass whose synchronisation failed; not run again
 
 
 def test_verdicts_are_per_configuration(seams, monkeypatch):
-    real = _selfcheck._kernel_outputs
+    real = _selfcheck._kernel_pass
 
-    def nhwc_k7_broken(x, kernel, grad_out, stride, padding, dilation):
+    def nhwc_k7_broken(name, x, kernel, grad_out, stride, padding, dilation):
         if kernel.shape[2] == 7 and not x.is_contiguous() and x.dtype == torch.float32:
             raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
-        return real(x, kernel, grad_out, stride, padding, dilation)
+        return real(name, x, kernel, grad_out, stride, padding, dilation)
 
-    monkeypatch.setattr(_selfcheck, "_kernel_outputs", nhwc_k7_broken)
+    monkeypatch.setattr(_selfcheck, "_kernel_pass", nhwc_k7_broken)
     with pytest.warns(KernelCheckWarning, match="K=7 stride=1 dilation=1 nhwc at the launch stage"):
         involution(*_inputs(k=7, channels_last=True))
     assert seams.kernel_calls == 0
@@ -337,3 +359,81 @@ def test_check_cuda_kernel_without_the_seams_says_why_it_cannot_run():
     assert check == (False, "unavailable", "input is on cpu, the CUDA kernel needs a CUDA tensor", 0.0)
     with pytest.raises(ValueError, match="unknown memory format 'nhcw'"):
         check_cuda_kernel("cpu", torch.float32, 3, memory_format="nhcw")
+
+
+def _families(problems, dtype, k, stride, memory_format) -> set[str]:
+    """Kernel families the plans pick for problems (B, C, G, H, W): path, nchw tile, nhwc patches a block,
+    partly empty blocks."""
+    from rednet.ops import _plan
+
+    out = set()
+    fmt = torch.channels_last if memory_format == "nhwc" else torch.contiguous_format
+    for b, c, g, h, w in problems:
+        p = (k - 1) // 2
+        ho, wo = ((n + 2 * p - k) // stride + 1 for n in (h, w))
+        x = torch.empty(b, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
+        kernel = torch.empty(b, g * k * k, ho, wo, dtype=dtype).contiguous(memory_format=fmt).view(b, g, k, k, ho, wo)
+        go = torch.empty(b, c, ho, wo, dtype=dtype).contiguous(memory_format=fmt)
+        for plan in (_plan.plan_forward(x, kernel, stride, p, 1)[1],
+                     _plan.plan_backward_input(go, x, kernel, stride, p, 1)[1],
+                     _plan.plan_backward_kernel(go, x, kernel, stride, p, 1)[1]):
+            kind, path = re.match(r"involution_(fwd|bwd_input|bwd_kernel)_(\w+)<", plan.name).groups()
+            out.add(f"{kind} {path}")
+            if path == "nchw":
+                tw, th, planes = int(plan.args[10]), int(plan.args[11]), int(plan.args[14])
+                out.add(f"{kind} nchw {tw}x{th}")
+                if planes % (_plan.THREADS // (tw * th)):
+                    out.add("nchw partly empty block")
+            elif path == "nhwc":
+                gb, tiles = int(plan.args[10]), int(plan.args[12])
+                ppb = _plan.NHWC_SLOTS // (gb * dtype.itemsize)
+                out.add(f"{kind} nhwc {ppb} patches a block")
+                if tiles % ppb:
+                    out.add("nhwc partly empty block")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("memory_format", ["nchw", "nhwc"])
+def test_the_check_runs_every_kernel_family_rednet_selects(dtype, memory_format):
+    """What the first-contact check runs covers what RedNet-50 runs, for every window it uses, plus
+    partly empty blocks and (channels_last) groups whose kernel rows are not 32-bit words or fill
+    half a block."""
+    from rednet.analysis.shapes import involution_shapes
+
+    shapes = involution_shapes("rednet50", 224)
+    for k, stride in sorted({(s["K"], s["stride"]) for s in shapes}):
+        used = [(1, s["C"], s["G"], s["H"], s["W"]) for s in shapes if (s["K"], s["stride"]) == (k, stride)]
+        rednet = _families(used, dtype, k, stride, memory_format)
+        checked = _families(_selfcheck.PROBLEMS, dtype, k, stride, memory_format)
+        assert rednet <= checked, (k, stride, rednet - checked)
+        extra = {"nchw partly empty block"} if memory_format == "nchw" else {"fwd nhwc_scalar"}
+        assert extra <= checked, (k, stride, extra - checked)
+        if memory_format == "nhwc" and stride == 1:
+            assert "nhwc partly empty block" in checked
+
+
+def test_the_bf16_bound_is_what_fp32_accumulation_guarantees_and_rejects_bf16_accumulation():
+    """error_bound accepts a result accumulated in float32 and rounded once, and rejects one
+    accumulated in bfloat16, which the previous tolerance, 1.6e-2 x (|ref| + max|ref|), let through."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 9, 9).bfloat16()
+    w = torch.randn(2, 2, 7, 7, 9, 9).bfloat16()
+    exact = involution_reference(x.double(), w.double(), 1, 3, 1)
+    abs_sum = involution_reference(x.double().abs(), w.double().abs(), 1, 3, 1)
+    bound = _selfcheck.error_bound(torch.bfloat16, 49, exact, abs_sum)
+
+    def err(t):
+        return (t.double() - exact).abs()
+
+    fp32 = involution_reference(x.float(), w.float(), 1, 3, 1).bfloat16()
+    assert (err(fp32) <= bound).all()
+    # Accumulated in bfloat16: each partial sum over the taps rounded to bfloat16.
+    cols = torch.nn.functional.unfold(x.float(), 7, padding=3).view(2, 2, 16, 49, 9, 9)  # (B, G, C/G, K*K, H, W)
+    prods = (w.float().view(2, 2, 1, 49, 9, 9) * cols)
+    acc = torch.zeros(2, 2, 16, 9, 9).bfloat16()
+    for t in range(49):
+        acc = (acc.float() + prods[:, :, :, t]).bfloat16()
+    bf16_acc = acc.view(2, 32, 9, 9)
+    assert not (err(bf16_acc) <= bound).all()
+    assert (err(bf16_acc) <= 1.6e-2 * (exact.abs() + exact.abs().max())).all()  # the old tolerance: passed

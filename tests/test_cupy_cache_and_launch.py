@@ -7,13 +7,16 @@
   cached binary the driver refuses is rebuilt;
 - launching (``_cupy.launch``): the stream handed to the kernel is PyTorch's current
   stream of the tensor's device, and no device other than the tensor's is made current
-  (CuPy's ``Device`` context, which sets the previous device on exit, is not used).
+  (CuPy's ``Device`` context, which sets the previous device on exit, is not used); the
+  first launch of each kernel on a device is synchronised (not during graph capture) and a
+  failure names the kernel; a block's dynamic shared memory above 48 KB is opted into once.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import stat
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -229,8 +232,19 @@ class _FakeCuda:
 
         self.cupy = SimpleNamespace(cuda=SimpleNamespace(
             Module=Module, Device=forbidden,
-            Stream=SimpleNamespace(from_external=lambda ts: SimpleNamespace(ptr=ts.cuda_stream)),
-            ExternalStream=lambda ptr, device: SimpleNamespace(ptr=ptr)))
+            Stream=SimpleNamespace(from_external=lambda ts: fake.stream(ts.cuda_stream)),
+            ExternalStream=lambda ptr, device: fake.stream(ptr)))
+        self.fault = None  # raised by the next synchronisation
+
+    def stream(self, ptr):
+        fake = self
+
+        def synchronize():
+            fake.events.append(("sync", fake.current, ptr))
+            if fake.fault is not None:
+                raise fake.fault
+
+        return SimpleNamespace(ptr=ptr, synchronize=synchronize)
 
     def device(self, index):
         fake = self
@@ -253,8 +267,9 @@ class _Function:
     def __init__(self, fake, lowered):
         self.fake, self.lowered, self.device = fake, lowered, fake.current
 
-    def __call__(self, grid, block, args, stream=None):
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
         self.fake.events.append(("launch", self.fake.current, self.lowered, stream.ptr))
+        self.shared_mem = shared_mem
 
 
 @pytest.fixture
@@ -267,6 +282,8 @@ def fake_cuda(monkeypatch, compiles):
     monkeypatch.setattr(torch.cuda, "current_stream", fake.current_stream)
     monkeypatch.setattr(_cupy, "_functions", {})
     monkeypatch.setattr(_cupy, "_streams", {})
+    monkeypatch.setattr(_cupy, "_launched", set())
+    monkeypatch.setattr(_cupy, "_capturing", lambda index: False)
     return fake
 
 
@@ -282,11 +299,11 @@ def test_launch_on_another_device_switches_to_it_only_and_uses_its_current_strea
     _cupy.launch(plan, torch.device("cuda", 1))
     lowered = _entry().names[plan.name]
     assert fake_cuda.events[0] == ("switch", 0, 1)  # one switch, to the tensor's device, restored after
-    assert [e[:2] for e in fake_cuda.events[1:]] == [("load", 1), ("launch", 1)]  # loaded and run on cuda:1
-    assert fake_cuda.events[-1] == ("launch", 1, lowered, 0x1001)  # cuda:1's current stream
+    assert [e[:2] for e in fake_cuda.events[1:]] == [("load", 1), ("launch", 1), ("sync", 1)]  # run on cuda:1
+    assert fake_cuda.events[2:] == [("launch", 1, lowered, 0x1001), ("sync", 1, 0x1001)]  # cuda:1's current stream
     assert fake_cuda.current == 0 and len(compiles) == 1
     fake_cuda.events.clear()
-    _cupy.launch(_plan_fwd()[1], torch.device("cuda", 1))  # loaded already: no compile, no load
+    _cupy.launch(_plan_fwd()[1], torch.device("cuda", 1))  # loaded and checked already: no compile, load, sync
     assert fake_cuda.events == [("switch", 0, 1), ("launch", 1, lowered, 0x1001)]
 
 
@@ -297,7 +314,7 @@ def test_launch_on_the_current_device_switches_nothing(fake_cuda):
     assert not any(e[0] == "switch" for e in fake_cuda.events)
     _cupy.prepare(torch.device("cuda", 1), plan.module)
     assert not any(e[0] == "switch" for e in fake_cuda.events)
-    assert fake_cuda.events[-1][:2] == ("launch", 1)
+    assert [e[:2] for e in fake_cuda.events[-2:]] == [("launch", 1), ("sync", 1)]
 
 
 def test_modules_load_per_device_from_one_compile(fake_cuda, compiles):
@@ -327,3 +344,54 @@ def test_a_cached_binary_the_driver_refuses_is_rebuilt_once(fake_cuda, compiles,
     monkeypatch.setattr(_kernel_cache, "load", lambda key, names: None)
     with pytest.raises(RuntimeError, match="CUDA_ERROR_INVALID_IMAGE"):
         _cupy.prepare(0, plan.module)
+
+
+def test_a_kernel_fault_at_its_first_launch_names_the_kernel_and_later_launches_do_not_wait(fake_cuda):
+    _, plan = _plan_fwd()
+    fake_cuda.fault = RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match=r"involution kernel involution_fwd_nchw<float, 7, 2, 1> failed at its "
+                                           r"first launch on cuda:0 .*illegal memory access"):
+        _cupy.launch(plan, torch.device("cuda", 0))
+    fake_cuda.fault = None
+    _cupy.launch(plan, torch.device("cuda", 0))  # still unchecked: synchronised now
+    _cupy.launch(plan, torch.device("cuda", 0))
+    assert [e[0] for e in fake_cuda.events if e[0] in ("launch", "sync")] == ["launch", "sync", "launch", "sync",
+                                                                                "launch"]
+
+
+def test_the_first_launch_during_graph_capture_is_not_synchronised(fake_cuda, monkeypatch):
+    _, plan = _plan_fwd()
+    monkeypatch.setattr(_cupy, "_capturing", lambda index: True)
+    _cupy.launch(plan, torch.device("cuda", 0))
+    assert not any(e[0] == "sync" for e in fake_cuda.events)
+    monkeypatch.setattr(_cupy, "_capturing", lambda index: False)  # the next eager launch is checked
+    _cupy.launch(plan, torch.device("cuda", 0))
+    assert [e[0] for e in fake_cuda.events][-2:] == ["launch", "sync"]
+
+
+def test_a_launch_error_names_the_kernel(fake_cuda, monkeypatch):
+    _, plan = _plan_fwd()
+
+    def refuse(fn, grid, block, args, stream, shared_mem=0):
+        raise RuntimeError("CUDA_ERROR_INVALID_VALUE: invalid argument")
+
+    monkeypatch.setattr(_cupy, "_call", refuse)
+    with pytest.raises(RuntimeError, match=r"involution kernel involution_fwd_nchw<float, 7, 2, 1> failed at its "
+                                           r"first launch.*CUDA_ERROR_INVALID_VALUE"):
+        _cupy.launch(plan, torch.device("cuda", 0))
+
+
+def test_more_than_48_kb_of_dynamic_shared_memory_is_opted_into_once_per_device(fake_cuda, monkeypatch):
+    calls = []
+    driver = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8,
+                             funcSetAttribute=lambda ptr, attr, value: calls.append((ptr, attr, value)))
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api.driver", driver)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.api", SimpleNamespace(driver=driver))
+    monkeypatch.setattr(_cupy, "_opted_in", set())
+    monkeypatch.setattr(_Function, "ptr", 1234, raising=False)
+    _, plan = _plan_fwd()
+    big, small = plan._replace(smem=80 * 1024), plan._replace(smem=40 * 1024)
+    for p, dev in ((small, 0), (big, 0), (big, 0), (big, 1)):
+        _cupy.launch(p, torch.device("cuda", dev))
+    assert calls == [(1234, 8, 80 * 1024)] * 2  # once on cuda:0, once on cuda:1; not for 40 KB
+    assert all(_cupy._functions[(dev, plan.name)].shared_mem == 80 * 1024 for dev in (0, 1))  # as launch size

@@ -101,8 +101,9 @@ def _printed(capsys) -> str:
 
 def _foreign_checkpoint(state: dict, path, step: int):
     """A checkpoint of another config (3 classes instead of 4) named after a later step."""
-    from rednet.engine import config_to_dict, save_checkpoint
+    from rednet.engine import config_to_dict
     from rednet.engine.builder import build_model
+    from rednet.engine.checkpoint import save_checkpoint
 
     cfg = load_config(CONFIGS / "digits.yaml", [*TINY, "model.num_classes=3"])
     save_checkpoint({**state, "config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
@@ -110,7 +111,7 @@ def _foreign_checkpoint(state: dict, path, step: int):
 
 
 def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, capsys):
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
     out = _copy(one_epoch, tmp_path / "run")
     own = read_checkpoint(out / "checkpoint-000000002.pt")
@@ -132,7 +133,7 @@ def test_resume_auto_skips_a_checkpoint_of_another_config(one_epoch, tmp_path, c
 
 
 def test_only_a_checkpoint_of_another_config_is_refused(one_epoch, tmp_path, capsys):
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
     out = _copy(one_epoch, tmp_path / "run")
     _foreign_checkpoint(read_checkpoint(out / "last.pt"), out / "checkpoint-000000009.pt", 9)
@@ -164,13 +165,20 @@ def test_resume_from_best_pt_or_an_older_checkpoint_is_a_clear_error(one_epoch, 
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_allow_config_change_help_names_every_key_a_resume_may_change():
+    from rednet.engine import RESUME_SAFE_KEYS
+
+    help_text = " ".join(load_tool("train").build_parser().format_help().split())
+    assert "--allow-config-change" in help_text and ", ".join(RESUME_SAFE_KEYS) in help_text
+
+
 class _Killed(BaseException):
     """Stands in for a kill -9: nothing after it runs (BaseException: no handler in the trainer catches it)."""
 
 
 def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
     """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
     from rednet.engine.trainer import _Run
 
     out = tmp_path / "run"
@@ -205,7 +213,8 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
     import os
     import signal
 
-    from rednet.engine import loop, read_checkpoint
+    from rednet.engine import loop
+    from rednet.engine.checkpoint import read_checkpoint
 
     assert load_tool("train").main(_args(tmp_path / "straight")) == 0
     forward_backward = loop._forward_backward
@@ -235,7 +244,7 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
 def test_resume_at_another_world_size_says_what_changes(tmp_path, capsys):
     """A checkpoint of 2 processes, 1 step into an epoch of 4, resumed by 1: the batch, the peak lr (optim.lr null),
     the schedule and the position in the epoch, in numbers."""
-    from rednet.engine import read_checkpoint, save_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 
     sets = ("--set", "optim.lr=null", "--set", "train.max_iters_per_epoch=null", "--set", "train.epochs=1",
             "--set", "train.ckpt_every_iters=1", "--set", "train.keep_last=10")
@@ -270,7 +279,8 @@ def test_a_finished_run_says_so_and_how_to_train_again_without_validating(one_ep
     capsys.readouterr()
     assert load_tool("train").main(_args(out, "--set", "train.epochs=1", "--resume", "auto")) == 0
     log = _printed(capsys)
-    assert (f"{out} holds a finished run: 1 of 1 epochs done, best top-1 50.00; its results are there (best.pt, "
+    best = _records(out)[-1]["best_top1"]
+    assert (f"{out} holds a finished run: 1 of 1 epochs done, best top-1 {best:.2f}; its results are there (best.pt, "
             f"last.pt, metrics.jsonl). To train again: --restart (moves them into {out}/previous-<time>/ and starts "
             "over), --set train.epochs=N with N > 1 (continues this run), or another --output") in log
     assert '"finished": true' in log

@@ -247,7 +247,7 @@ def test_single_block_network_with_drop_path():
 
 
 def test_regularisation_keys_in_the_yaml_schema():
-    from rednet.engine.config import ConfigError, load_config
+    from rednet.engine import ConfigError, load_config
 
     cfg = load_config(None, ["model.drop_path_rate=0.05", "model.drop_block_rate=0.1"])
     assert (cfg.model.drop_path_rate, cfg.model.drop_block_rate) == (0.05, 0.1)
@@ -259,7 +259,8 @@ def test_regularisation_keys_in_the_yaml_schema():
 
 
 def test_regularisation_keys_reach_the_model():
-    from rednet.engine import build_model, load_config
+    from rednet.engine import load_config
+    from rednet.engine.builder import build_model
 
     cfg = load_config(None, ["model.name=rednet26", "model.drop_path_rate=0.1", "model.drop_block_rate=0.1"])
     model = build_model(cfg)

@@ -71,22 +71,89 @@ def test_an_unknown_bare_name_lists_the_bundled_ones(capsys, tool, argv):
     assert f"(bundled: {', '.join(BUNDLED)})" in line
 
 
-def test_the_old_configs_path_says_what_to_give_instead(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_the_configs_folder_path_works_from_any_directory(tmp_path, monkeypatch, capsys, where):
+    # From the checkout's root it is a file that exists; from anywhere else it names the bundled config.
+    monkeypatch.chdir(ROOT if where == "checkout" else tmp_path)
+    assert load_tool("train").main(["--config", "configs/rednet50.yaml", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["name"] == "rednet50" and printed["optim"]["base_lr"] == 0.8
+
+
+def test_another_folder_says_what_to_give_instead(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert load_tool("train").main(["--config", "configs/rednet50.yaml", "--print-config"]) == 2
-    assert re.search(r"configs/rednet50\.yaml does not exist; for the bundled one, give just its name: rednet50$",
+    assert load_tool("train").main(["--config", "recipes/rednet50.yaml", "--print-config"]) == 2
+    assert re.search(r"recipes/rednet50\.yaml does not exist; for the bundled one, give just its name: rednet50$",
                      _one_error(capsys))
 
 
-def test_the_bundled_configs_ship_in_the_package():
-    # An installed wheel holds what package-data names; the configs must be among it, and no
-    # reference may point at the old top-level configs/ folder.
-    package_data = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
-    assert CONFIGS.parent == ROOT / "rednet" and re.search(r'^rednet = \[.*"configs/\*\.yaml"', package_data, re.M)
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(BUNDLED) and not (ROOT / "configs").exists()
-    for name in ("Makefile", "README.md", "docker/Dockerfile", "tools/train.py", "tools/eval.py",
-                 *(f"rednet/configs/{n}.yaml" for n in BUNDLED)):
-        assert not re.search(r"(?<![\w/])configs/", (ROOT / name).read_text()), name
+# Run by the interpreter with only an installed wheel on its path, in a folder outside the checkout:
+# the bundled configs by each spelling, and a user's file built on one.
+_FROM_THE_WHEEL = """
+import contextlib, importlib.util, io, json, sys
+from pathlib import Path
+import rednet.engine.config_files as config_files
+site, tool = Path(sys.argv[1]), sys.argv[2]
+assert Path(config_files.__file__).is_relative_to(site), config_files.__file__
+assert config_files.BUNDLED_CONFIG_DIR == site / "rednet" / "configs", config_files.BUNDLED_CONFIG_DIR
+spec = importlib.util.spec_from_file_location("train_tool", tool)
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+results = {}
+for argv in (["--list-configs"], *(["--config", name, "--print-config"] for name in
+             ("rednet50", "rednet50.yaml", "configs/rednet50.yaml", "mine.yaml"))):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = train.main(argv)
+    results[argv[1] if len(argv) > 1 else argv[0]] = [rc, out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_the_bundled_configs_ship_in_the_wheel(tmp_path):
+    """configs/ is the one copy; a built wheel holds it as rednet/configs next to every module of rednet/,
+    and the tool, installed from that wheel alone, finds the configs from another directory."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools", minversion="68")  # the build backend pyproject.toml names
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(BUNDLED)
+    assert not (ROOT / "rednet" / "configs").exists()
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and rednet.egg-info/ there
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("rednet", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1"}
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")],
+                   check=True, env=env, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("rednet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"rednet/configs/{n}.yaml" for n in BUNDLED} <= names, sorted(names)
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rednet").rglob("*")
+               if p.suffix in (".py", ".cu", ".cpp")}
+    assert sources <= names, sorted(sources - names)
+
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, env=env,
+                   capture_output=True)
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text("base: imagenet_recipe.yaml\nmodel:\n  name: rednet26\n")
+    proc = subprocess.run([sys.executable, "-c", _FROM_THE_WHEEL, str(site), str(ROOT / "tools" / "train.py")],
+                          cwd=elsewhere, env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout.splitlines()[-1])
+    rc, listed = results.pop("--list-configs")
+    assert rc == 0 and [line.split()[0] for line in listed.splitlines()] == BUNDLED
+    for name, (rc, printed) in results.items():
+        printed = yaml.safe_load(printed)
+        assert rc == 0 and printed["optim"]["base_lr"] == 0.8, name
+        assert printed["model"]["name"] == ("rednet26" if name == "mine.yaml" else "rednet50"), name
 
 
 # --- evaluating a plain ImageFolder -------------------------------------------------------
@@ -121,16 +188,16 @@ def _eval_argv(folder_and_weights, json_path, *extra):
 @pytest.fixture
 def loaders(monkeypatch):
     """The evaluation loaders the tool builds, recorded as it builds them."""
-    import rednet.data
+    import rednet.engine.evaluation
 
     built = []
-    real = rednet.data.build_eval_loader
+    real = rednet.engine.evaluation.build_eval_loader
 
     def recording(*args, **kwargs):
         built.append(real(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(rednet.data, "build_eval_loader", recording)
+    monkeypatch.setattr(rednet.engine.evaluation, "build_eval_loader", recording)
     return built
 
 
@@ -148,7 +215,10 @@ def test_default_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 64 and default_workers(most=8) == 8  # no fixed cap of 8 any more (issue 17)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a node of 8 GPUs: its CPUs shared by 8 processes
     assert default_workers() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert default_workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes share the two CPUs

@@ -302,8 +302,10 @@ def test_capture_on_gpu_matches_cpu(model):
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as tools/train.py writes it for the digits demo: 32 px, 10 classes, own mean/std."""
-    from rednet.engine import Config, config_to_dict, save_checkpoint
+    from rednet.engine import config_to_dict
     from rednet.engine.builder import build_model
+    from rednet.engine.checkpoint import save_checkpoint
+    from rednet.engine.config import Config
 
     cfg = Config()
     cfg.model.name, cfg.model.num_classes = "rednet26", 10
@@ -356,7 +358,7 @@ def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
     rc, io = _run_main(["--checkpoint", str(run / "last.pt"), "--out", str(out), "--dpi", "10", "--json"], capsys)
     assert rc == 0
     result = json.loads(io.out)
-    from rednet.engine import read_checkpoint
+    from rednet.engine.checkpoint import read_checkpoint
 
     size = read_checkpoint(run / "last.pt")["config"]["data"]["img_size"]  # the demo's own crop, not 224
     side = math.ceil(size / 16)  # stage 3 sees the input at stride 16

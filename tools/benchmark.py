@@ -6,6 +6,7 @@
     python tools/benchmark.py model --device cuda [--compile] # img/s, RedNet vs ResNet (timm)
     python tools/benchmark.py selfcheck                       # first run on a GPU: check, then op and model
     python tools/benchmark.py race --threads 2                # CPU: RedNet-50 vs ResNet-50, interleaved
+    python tools/benchmark.py data                            # input pipeline: CPU per image, old vs new
 
 ``op``: every distinct involution of RedNet-50 at 224x224 (stem, the four stages, the
 stride-2 first blocks), forward and forward+backward, per backend, dtype and memory format. Each
@@ -28,6 +29,11 @@ check (compile, then forward and both gradients against the reference; see
 RedNet-50 vs ResNet-50 (AMP bf16, channels_last). Exit status: 0 all passed, 1 a check
 failed (its cause is printed: include this output in a report), 2 no GPU.
 
+``data``: the input pipeline's CPU cost on ImageNet-like JPEGs made from scikit-image's photos,
+the path before issue 17 (PIL, float32 batches) against rednet.data's (torchvision.io, uint8),
+interleaved round by round, in CPU time (see ``rednet.analysis.inputbench``); into
+``benchmarks/results/<date>-data-cpu[-N].json`` (a new file each run).
+
 Results go to ``benchmarks/results/<date>-<device>.json`` (rows of the other modes already
 in that file are kept) and a markdown table beside it.
 """
@@ -49,6 +55,7 @@ import torch
 
 import rednet
 from rednet.analysis.shapes import InvolutionShape, involution_shapes
+from rednet.engine import UsageError, run_command
 from rednet.ops import (
     MEMORY_FORMATS,
     can_use_cuda_kernel,
@@ -486,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("mode", choices=("op", "model", "selfcheck", "race"))
+    p.add_argument("mode", choices=("op", "model", "selfcheck", "race", "data"))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=_csv_ints, default=None,
                    help="op batch sizes, comma-separated (default: 64,128 on cuda, 2 on cpu)")
@@ -515,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="results file (default benchmarks/results/<date>-<device>.json)")
     p.add_argument("--checks-only", action="store_true", help="selfcheck: stop after the checks, no benchmarks")
+    p.add_argument("--images", type=int, default=300, help="data: JPEGs per split (default 300)")
+    p.add_argument("--workers", type=int, default=2, help="data: loader workers feeding the main process (default 2)")
     return p
 
 
@@ -522,14 +531,14 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
     """Fill in the device-dependent defaults and check every list; the op shapes to run.
 
     Raises:
-        ValueError: a bad argument, with what to choose instead.
+        UsageError: a bad argument, with what to choose instead.
     """
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+        raise UsageError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     race = args.mode == "race"
     if race and gpu:
-        raise ValueError("race runs on the CPU; drop --device cuda (use model mode on a GPU)")
+        raise UsageError("race runs on the CPU; drop --device cuda (use model mode on a GPU)")
     args.models = args.models or (["rednet50", "resnet50"] if race else
                                   ["rednet26", "rednet50", "rednet101", "resnet50", "resnet101"])
     args.batch = args.batch or ([64, 128] if gpu else [2])
@@ -547,7 +556,7 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
                                 ("--backends", args.backends, OP_BACKENDS)):
         bad = [v for v in vals if v not in allowed]
         if bad:
-            raise ValueError(f"{flag}: unknown {bad}; choose from {list(allowed)}")
+            raise UsageError(f"{flag}: unknown {bad}; choose from {list(allowed)}")
     if args.mode != "op":
         return []
     shapes = involution_shapes("rednet50", 224)
@@ -555,7 +564,7 @@ def resolve_args(args: argparse.Namespace) -> list[InvolutionShape]:
         names = [s["name"] for s in shapes]
         unknown = [w for w in args.shapes if w not in names]
         if unknown:
-            raise ValueError(f"--shapes: unknown {unknown}; choose from {names}")
+            raise UsageError(f"--shapes: unknown {unknown}; choose from {names}")
         shapes = [s for s in shapes if s["name"] in args.shapes]
     return shapes
 
@@ -570,13 +579,12 @@ def _cupy_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.mode == "selfcheck":
-        return run_selfcheck(args)
-    try:
-        shapes = resolve_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    modes = {"selfcheck": lambda: run_selfcheck(args), "data": lambda: run_data(args, argv)}
+    return run_command(modes.get(args.mode, lambda: _benchmark(args, argv)))
+
+
+def _benchmark(args: argparse.Namespace, argv: list[str] | None) -> int:
+    shapes = resolve_args(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -607,6 +615,38 @@ def write_results(out: Path, res: dict, mode: str) -> None:
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     log(f"wrote {out} and {out.with_suffix('.md').name}")
+
+
+# ----------------------------------------------------------------------------------------
+# data mode
+
+
+def run_data(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The input pipeline, old against new, in CPU time; a new results file each run."""
+    import tempfile
+
+    from rednet.analysis import inputbench
+
+    batch, rounds = (args.batch or [64])[0], args.repeats or 5
+    if args.images < batch or rounds < 1 or args.workers < 0:
+        raise UsageError(f"--images ({args.images}) must hold one --batch ({batch}); --repeats >= 1, --workers >= 0")
+    date = dt.date.today().isoformat()
+    out = args.json
+    if out is None:  # never overwrite an earlier run's file
+        out = ROOT / "benchmarks" / "results" / f"{date}-data-cpu.json"
+        n = 2
+        while out.exists():
+            out, n = out.with_name(f"{date}-data-cpu-{n}.json"), n + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        res = inputbench.run(Path(tmp), args.images, rounds, batch, args.workers, log=log)
+    res = dict(date=date, command="python tools/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               environment=inputbench.environment(), **res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(inputbench.markdown(res))
+    print(inputbench.markdown(res))
+    log(f"wrote {out} and {out.with_suffix('.md').name}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -662,9 +702,8 @@ def run_benchmarks(out: Path) -> int:
 
 def run_selfcheck(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        print(f"error: selfcheck needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with CUDA "
-              f"{torch.version.cuda}); nothing was checked", file=sys.stderr)
-        return 2
+        raise UsageError(f"selfcheck needs a CUDA GPU, and torch sees none (torch {torch.__version__}, built with "
+                         f"CUDA {torch.version.cuda}); nothing was checked")
     device = torch.device("cuda", torch.cuda.current_device())
     for line in environment_lines(device):
         print(line)

@@ -19,6 +19,7 @@ import sys
 import timm
 
 from rednet.analysis.complexity import count_model
+from rednet.engine import UsageError, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _count(args))
+
+
+def _count(args: argparse.Namespace) -> int:
     kwargs = {"in_chans": args.in_chans}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     if not timm.is_model(args.model):
         near = difflib.get_close_matches(args.model, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
-        print(f"error: unknown model {args.model!r}{hint}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown model {args.model!r}{hint}")
     c = count_model(args.model, (args.in_chans, args.input_size, args.input_size), device=args.device, **kwargs)
     if args.json:
         print(json.dumps(c.as_dict()))

@@ -10,7 +10,7 @@ PaddleClas ``.pdparams``) is detected from the content. The result is checked
 key by key against the model it belongs to before it is written, and weights holding
 NaN or infinite values are not written without ``--force``.
 
-Exit status: 0 written; 2 bad input (unreadable, unsafe or non-fitting weights, an existing
+Exit status (rednet.engine.EXIT_CODES): 0 written; 2 bad input (unreadable, unsafe or non-fitting weights, an existing
 destination without --force, a failed download).
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 import timm
 import torch
 
-from rednet.models import CheckpointError, create_model, fit_state_dict, load_weights, save_weights
+from rednet.engine import CheckpointError, UsageError, run_command
+from rednet.models import create_model, fit_state_dict, load_weights, save_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +64,12 @@ def _seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _convert(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
     if Path(args.dst).exists() and not args.force:
-        print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.dst} exists; pass --force to overwrite it")
     try:
         wf = load_weights(args.src, sha256=args.sha256, progress=not args.json, timeout=args.timeout)
         arch = args.arch or wf.arch
@@ -80,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         if wf.nonfinite:
             # A converted file is later trusted as a clean release: don't mint one from broken weights.
             if not args.force:
-                print(f"error: {wf.source}: {wf.describe_nonfinite()}; refusing to write them to {args.dst} "
-                      "(pass --force to write them anyway)", file=sys.stderr)
-                return 2
+                raise CheckpointError(f"{wf.source}: {wf.describe_nonfinite()}; refusing to write them to "
+                                      f"{args.dst} (pass --force to write them anyway)")
             print(f"warning: {wf.source}: {wf.describe_nonfinite()}; writing them anyway (--force)", file=sys.stderr)
         save_weights(wf.state_dict, args.dst, arch=arch)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # an unreadable source, a failed download, a destination it cannot write
+        raise CheckpointError(str(e)) from None
     s = wf.summary()
     s.update(arch=arch, dst=args.dst)
     if args.json:

@@ -10,15 +10,16 @@ With a checkpoint the data and eval transform come from its stored config; with
 interpolation, mean/std). What the command line gives (--img-size, --crop-pct,
 --interpolation, --set data.img_size=...) wins over either; the transform used is
 logged and stored in the --json file. Under torchrun every image is scored exactly once.
+Exit status (rednet.engine.EXIT_CODES): 0 done; 2 bad config, checkpoint, weights or data, or a results
+file that cannot be written; 130 Ctrl-C (no results written).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
-from pathlib import Path
+
+# Path options and the config keys they set (--pretrained goes to run_eval, whose transform follows it).
+PATH_KEYS = {"data": "data.root", "split": "data.val_split"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,136 +69,24 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _config_paths(args: argparse.Namespace) -> dict[str, str]:
-    """Path options as config values, taken as typed: ``--data 2024`` is a folder, ``--data null`` too."""
-    paths = {}
-    if args.data is not None:
-        paths["data.root"] = args.data
-    if args.split is not None:
-        paths["data.val_split"] = args.split
-    if args.pretrained is not None:
-        paths["model.pretrained"] = args.pretrained
-    return paths
-
-
-def _model_and_config(args: argparse.Namespace, overrides: list[str], paths: dict[str, str]):
-    """The model to score and the config of the run: a checkpoint's own, unless --config gives one."""
-    from rednet.engine import (
-        ConfigError,
-        apply_overrides,
-        build_model,
-        config_from_dict,
-        load_config,
-        load_model_from_checkpoint,
-    )
-    from rednet.engine.builder import check_device
-
-    if args.checkpoint and not args.config:
-        model, stored = load_model_from_checkpoint(args.checkpoint)
-        cfg = config_from_dict(apply_overrides(stored, overrides, paths))
-        check_device(cfg.train.device)
-        return model, cfg
-    if args.model:
-        overrides = [f"model.name={args.model}", *overrides]
-    if args.model and args.data is None:
-        raise ConfigError("--model needs --data DIR (an ImageNet-layout folder with val/)")
-    cfg = load_config(args.config, overrides, paths)
-    check_device(cfg.train.device)  # before building, which may download weights
-    model = load_model_from_checkpoint(args.checkpoint)[0] if args.checkpoint else build_model(cfg).eval()
-    return model, cfg
-
-
-def _check_json(path: str) -> None:
-    from rednet.engine import ConfigError
-    from rednet.engine.config import check_output_dir
-
-    # Checked before the pass, so that scoring ImageNet is not lost to a results path that cannot be written.
-    if Path(path).is_dir():
-        raise ConfigError(f"--json {path} is a folder; give a file name")
-    check_output_dir(Path(path).parent, "the folder of --json")
-
-
-def _list_configs() -> int:
-    from rednet.engine.config import bundled_configs
-
-    for name, description in bundled_configs().items():
-        print(f"{name:<16} {description}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.list_configs or args.checkpoint or args.pretrained is not None or args.config):
+        parser.error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
+    # Only now: the engine imports torch, which --help and a usage error need not wait for.
+    from rednet.engine import check_paths_not_empty, list_configs, path_values, run_command, run_eval
+
     if args.list_configs:
-        return _list_configs()
-    if not (args.checkpoint or args.pretrained is not None or args.config):
-        build_parser().error("give --checkpoint PATH or --pretrained [PATH|URL] (or a --config with model.pretrained)")
-    try:
-        return _evaluate(args)
-    except KeyboardInterrupt:
-        print("interrupted by SIGINT; no results written", file=sys.stderr)
-        return 130
+        return list_configs()
 
+    def evaluate() -> int:
+        check_paths_not_empty(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
+        run_eval(args.config, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                 overrides=_config_overrides(args), values=path_values(args, PATH_KEYS), json_path=args.json)
+        return 0
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from rednet.data import (
-        DataError,
-        build_eval_dataset,
-        build_eval_loader,
-        build_eval_transform,
-        describe_eval_data,
-        format_eval_transform,
-        resolve_eval_transform,
-    )
-    from rednet.engine import (
-        CheckpointError,
-        ConfigError,
-        cleanup_distributed,
-        empty_path_option,
-        evaluate,
-        fail,
-        init_distributed,
-        setup_logging,
-    )
-    from rednet.engine.builder import autocast_dtype, execution_summary, format_summary
-    from rednet.engine.config import overridden_keys
-
-    setup_logging(int(os.environ.get("RANK", "0")))
-    log = logging.getLogger("rednet")
-    empty = empty_path_option(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
-    if empty:
-        return fail(empty)
-    try:
-        if args.json:
-            _check_json(args.json)
-        overrides = _config_overrides(args)
-        model, cfg = _model_and_config(args, overrides, _config_paths(args))
-        dist_info = init_distributed(cfg.train.device)
-        model = model.to(dist_info.device)
-        # With --pretrained the weights' own config sets the transform, but what the command line gives wins.
-        named = [key.split(".", 1)[1] for key in overridden_keys(overrides) if key.startswith("data.")]
-        settings = resolve_eval_transform(cfg.data, cfg.model.in_chans, model if args.pretrained else None, named)
-        transform = build_eval_transform(settings["input_size"][-1], settings["crop_pct"], settings["interpolation"],
-                                         settings["mean"], settings["std"], settings["crop_mode"])
-        log.info("%s", format_eval_transform(settings))
-        dataset = build_eval_dataset(cfg.data, cfg.model.num_classes, cfg.model.in_chans, transform)
-        loader = build_eval_loader(dataset, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
-                                   dist_info.rank, cfg.data.workers, cfg.data.pin_memory)
-        execution = execution_summary(model, cfg, dist_info.device)
-        log.info("execution: %s", format_summary(execution))
-        result = evaluate(model, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
-                          cfg.train.channels_last, dist_info.is_main)
-    except (ConfigError, CheckpointError, DataError) as e:
-        return fail(e)
-    result = {"model": cfg.model.name, "checkpoint": args.checkpoint, "pretrained": args.pretrained,
-              **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,
-              **result}
-    if dist_info.is_main:
-        log.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
-                 result["loss"], result["count"], result["images_per_s"])
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    cleanup_distributed()
-    return 0
+    return run_command(evaluate, log=True, interrupted="interrupted by SIGINT; no results written")
 
 
 if __name__ == "__main__":

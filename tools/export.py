@@ -9,6 +9,8 @@ Involution is recorded as a one-hot tap convolution, a multiply and a sum (a few
 ops per layer, see ``rednet/ops/_export.py``), so the file runs anywhere ONNX does without
 this package. ``--check`` runs the result at batches 1 and 3 (ONNX Runtime for ONNX) and
 compares it with PyTorch's eager output.
+
+Exit status: 0 written (and checked); 1 the check failed; 2 bad input (rednet.engine.EXIT_CODES).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rednet.fileio import CheckpointError
+from rednet.engine import CheckpointError, UsageError, run_command
 from rednet.models import create_model, list_models
 
 FORMATS = ("onnx", "export")
@@ -45,10 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="run the result at batches 1 and 3 and compare with PyTorch")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
     return p
-
-
-class UsageError(Exception):
-    """Bad input: reported as one ``error:`` line, exit status 2."""
 
 
 def _progress(msg: str) -> None:
@@ -134,18 +132,17 @@ def _check(model, args, size) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.output = args.output or f"{args.model}{SUFFIX[args.format]}"
-    try:
-        _validate(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    _validate(args)
     weights = f"with weights {args.pretrained}" if args.pretrained else "(random weights)"
     _progress(f"building {args.model} {weights}")
     try:
         model = _build(args)
     except (CheckpointError, OSError, ValueError) as e:  # a missing, unreadable or mismatched weights file
-        print(f"error: {args.model}: {e}", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"{args.model}: {e}") from None
     size = (model.pretrained_cfg["input_size"][0],
             *((args.input_size,) * 2 if args.input_size else model.pretrained_cfg["input_size"][1:]))
     x = torch.randn(2, *size)  # batch 2: an example batch of 1 would be specialised to a constant

@@ -4,20 +4,34 @@
 Single process:  python tools/train.py --config digits
 One node, 8 GPUs: torchrun --nproc_per_node 8 tools/train.py --config rednet50 --data /data/imagenet
 --config takes a YAML file or the name of a bundled config (--list-configs lists them).
-Exit status: 0 done (or the run was already finished); 2 bad config, data or checkpoint, or a run directory whose
-results the command would overwrite (see --resume, --restart), that another trainer holds, or whose disk is full;
-3 non-finite loss; 128+N stopped by signal N after checkpointing: 129 SIGHUP, 130 SIGINT, 138 SIGUSR1,
-143 SIGTERM (Linux's numbers).
+Exit status (rednet.engine.EXIT_CODES): 0 done (or the run was already finished); 2 bad config, data or
+checkpoint, or a run directory that cannot be written, whose results the command would overwrite (see --resume,
+--restart), that another trainer holds, or whose disk is full; 3 non-finite loss; 128+N stopped by signal N after
+checkpointing: 129 SIGHUP, 130 SIGINT, 138 SIGUSR1, 143 SIGTERM (Linux's numbers); 130 Ctrl-C before training
+starts.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 
 import yaml
+
+from rednet.engine import (
+    RESUME_SAFE_KEYS,
+    check_paths_not_empty,
+    config_to_dict,
+    fit,
+    list_configs,
+    load_config,
+    path_values,
+    run_command,
+)
+
+# Path options and the config keys they set.
+PATH_KEYS = {"output": "train.output", "data": "data.root"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over in a run directory that holds results: they are first moved into "
                             "OUTPUT/previous-<time>/")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="resume from a checkpoint whose config differs in more than the keys a resume may change "
-                        "(train.epochs, logging, checkpoint frequency, loader options, data.root, output)")
+                   help="resume from a checkpoint whose config differs in more than the keys a resume may change: "
+                        + ", ".join(RESUME_SAFE_KEYS))
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (base file merged, overrides applied) as YAML and exit")
     return p
@@ -51,83 +65,25 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _config_paths(args: argparse.Namespace) -> dict[str, str]:
-    """Path options as config values, taken as typed: ``--output 2024`` is a folder, not a number."""
-    paths = {}
-    if args.output is not None:
-        paths["train.output"] = args.output
-    if args.data is not None:
-        paths["data.root"] = args.data
-    return paths
-
-
-def _list_configs() -> int:
-    from rednet.engine.config import bundled_configs
-
-    for name, description in bundled_configs().items():
-        print(f"{name:<16} {description}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_configs:
-        return _list_configs()
+        return list_configs()
     if args.config is None:
         parser.error("the following arguments are required: --config (or --list-configs)")
-    try:
-        return _train(args)
-    except KeyboardInterrupt:
-        # A Ctrl-C outside the training loop (which checkpoints and stops by itself): before
-        # the first step, so there is nothing to save.
-        print("interrupted by SIGINT", file=sys.stderr)
-        return 130
+    return run_command(lambda: _train(args), log=True)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rednet.data import DataError
-    from rednet.engine import (
-        CheckpointError,
-        ConfigError,
-        NonFiniteLossError,
-        TrainingInterrupted,
-        config_to_dict,
-        empty_path_option,
-        fail,
-        fit,
-        load_config,
-        setup_logging,
-    )
-    from rednet.engine.builder import check_buildable
-    from rednet.engine.config import check_output_dir
-
-    setup_logging(int(os.environ.get("RANK", "0")))
-    log = logging.getLogger("rednet")
-    empty = empty_path_option(args, ("config", "output", "data", "resume"))
-    if empty:
-        return fail(empty)
-    try:
-        cfg = load_config(args.config, _config_overrides(args), _config_paths(args))
-    except ConfigError as e:
-        return fail(e)
+    check_paths_not_empty(args, ("config", "output", "data", "resume"))
+    cfg = load_config(args.config, _config_overrides(args), path_values(args, PATH_KEYS))
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    try:
-        # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
-        check_buildable(cfg)
-        check_output_dir(cfg.train.output, "the run directory train.output (--output)")
-        result = fit(cfg, resume=args.resume, restart=args.restart, allow_config_change=args.allow_config_change)
-    except (ConfigError, DataError, CheckpointError) as e:
-        return fail(e)
-    except NonFiniteLossError as e:
-        log.error("error: %s", e)
-        return 3
-    except TrainingInterrupted as e:
-        log.warning("%s", e)
-        return 128 + int(e.signum)
-    log.info("final: %s", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    result = fit(cfg, resume=args.resume, restart=args.restart, allow_config_change=args.allow_config_change)
+    logging.getLogger("rednet").info(
+        "final: %s", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
 
 

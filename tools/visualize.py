@@ -19,6 +19,7 @@ import torch
 
 from rednet.analysis.kernels import default_layer, involution_layers
 from rednet.analysis.plot import DEFAULT_TOP, load_image, visualize_kernels
+from rednet.engine import load_model_from_checkpoint, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +55,6 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     run_config = None
     if args.checkpoint:
-        from rednet.engine import load_model_from_checkpoint
-
         try:
             model, run_config = load_model_from_checkpoint(args.checkpoint, map_location=args.device)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -81,6 +80,10 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_command(lambda: _visualize(args, parser))
+
+
+def _visualize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.top < 0:
         parser.error("--top must be >= 0")
     if args.out and Path(args.out).suffix.lower() != ".png":

@@ -1,6 +1,7 @@
 """Datasets: ImageNet-layout folders, scikit-learn's bundled digits, synthetic tensors."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -13,31 +14,17 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import has_file_allowed_extension
 
-__all__ = ["DataError", "DigitsDataset", "SafeImageFolder", "SyntheticDataset", "load_rgb"]
+from .decode import decode_rgb, load_rgb, read_bytes
+from .gpudecode import EncodedImage
+from .transforms import uses_pil
+
+__all__ = ["DataError", "DigitsDataset", "SafeImageFolder", "SyntheticDataset", "load_rgb", "read_image"]
 
 _logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """A dataset that cannot be used: missing split, empty, mismatched classes."""
-
-
-# Modes in which PIL holds a 16-bit grey image (a 16-bit PNG opens as one of them).
-_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file fully, as 8-bit RGB.
-
-    PIL's ``convert("RGB")`` clips 16-bit grey values at 255, so a 16-bit PNG came out
-    almost white; such images are scaled to 8 bits first (65535 -> 255).
-    """
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        if img.mode in _WIDE_GREY_MODES:
-            wide = np.asarray(img, dtype=np.float64)  # (H, W); mode "I" is int32, read as 16-bit data
-            img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-        return img.convert("RGB")
 
 
 def _walk_each_folder_once(top: str, seen: dict[tuple[int, int], str], split: Path):
@@ -64,18 +51,28 @@ class SafeImageFolder(ImageFolder):
 
     The collate function (``rednet.data.collate_skip``) drops the ``None`` entries and
     counts them, so one bad file among a million costs one sample, not the run. A split
-    that reaches a folder twice through symlinks is refused (``DataError``), and 16-bit
-    grey images are scaled to 8 bits rather than clipped.
+    that reaches a folder twice through symlinks is refused (``DataError``), 16-bit
+    grey images are scaled to 8 bits rather than clipped, and decompression bombs
+    (more than twice ``PIL.Image.MAX_IMAGE_PIXELS``) are refused before decoding.
+
+    Images are decoded for the transform: a tensor transform (``TrainCrop``, ``EvalCrop``)
+    gets a (3, H, W) uint8 tensor from ``rednet.data.decode.decode_rgb`` (torchvision.io where
+    it gives PIL's pixels), any other transform, or none, a PIL RGB image.
 
     Args:
         root: a folder with one sub-folder per class.
-        transform: applied to the decoded PIL image.
+        transform: applied to the decoded image.
+        gpu_decode: JPEGs are returned undecoded, as ``EncodedImage`` with the transform's crop
+            drawn (``data.decode: gpu``; the transform must be a ``TrainCrop`` or ``EvalCrop``).
     """
 
-    def __init__(self, root: str | Path, transform: Optional[Callable] = None):
+    def __init__(self, root: str | Path, transform: Optional[Callable] = None, gpu_decode: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset split {root} does not exist (expected one folder per class inside)")
+        if gpu_decode and uses_pil(transform):
+            raise ValueError("gpu_decode needs a TrainCrop or EvalCrop transform")
+        self.gpu_decode = gpu_decode
         try:
             super().__init__(str(root), transform=transform, loader=load_rgb)
         except FileNotFoundError as e:  # torchvision: no class folders / no image files
@@ -112,12 +109,20 @@ class SafeImageFolder(ImageFolder):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            img = self.loader(path)  # decodes fully (convert("RGB")), so bad files fail here
+            img = self._read(path)  # decodes fully, so bad files fail here
         except Exception as e:  # noqa: BLE001  PIL raises OSError, SyntaxError, ValueError... for bad files
             _logger.warning("skipping unreadable image %s: %s", path, e)
             return None
+        if isinstance(img, EncodedImage):
+            return img, target
         # Outside the try: a failing transform is a bug to report, not an image to skip.
         return (self.transform(img) if self.transform is not None else img), target
+
+    def _read(self, path: str):
+        """The image at ``path`` as the transform takes it, or as an ``EncodedImage`` for GPU decode."""
+        if self.transform is None or uses_pil(self.transform):
+            return self.loader(path)
+        return read_image(path, self.transform if self.gpu_decode else None)
 
     def check_decodable(self, tries: int = 16) -> None:
         """Decode images spread over the split until one works; a DataError if none of ``tries`` does.
@@ -143,6 +148,20 @@ class SafeImageFolder(ImageFolder):
             what = f"its {n} images" if len(picks) == n else f"{len(picks)} images spread over its {n}"
             raise DataError(f"dataset split {self.root}: none of {what} can be decoded (e.g. {errors[0]}); "
                             "check that the files are complete images")
+
+
+def read_image(source: str | torch.Tensor, crop=None):
+    """A file (a path, or its bytes as a uint8 tensor) as a (3, H, W) uint8 tensor; with ``crop`` (a
+    ``TrainCrop`` or ``EvalCrop``), a JPEG that torchvision.io decodes comes back undecoded, as an
+    ``EncodedImage`` with the crop drawn."""
+    data = read_bytes(source) if isinstance(source, str) else source
+    header = Image.open(io.BytesIO(data.numpy()))  # reads the header only; refuses decompression bombs
+    if crop is not None and header.format == "JPEG" and header.mode in ("RGB", "L"):
+        if hasattr(crop, "draw"):
+            box, flip = crop.draw(*header.size)
+            return EncodedImage(data, box, flip)
+        return EncodedImage(data)
+    return decode_rgb(data, header)
 
 
 class DigitsDataset(Dataset):
@@ -188,7 +207,9 @@ class DigitsDataset(Dataset):
 
 
 class SyntheticDataset(Dataset):
-    """Random images with a class-dependent offset, reproducible per index; for smoke tests and benchmarks.
+    """Random uint8 images with a class-dependent offset, reproducible per index; for smoke tests and benchmarks.
+
+    Like every dataset here it yields (C, H, W) uint8 tensors, normalised on the device.
 
     Args:
         length: number of samples.
@@ -213,4 +234,4 @@ class SyntheticDataset(Dataset):
         target = index % self.num_classes
         # The offset makes the labels learnable, so a loss curve means something.
         img = torch.randn(self.shape, generator=g) + (target / max(1, self.num_classes - 1) - 0.5)
-        return img, target
+        return (127.5 + 48.0 * img).round_().clamp_(0, 255).to(torch.uint8), target

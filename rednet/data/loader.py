@@ -5,14 +5,15 @@ import os
 from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from .datasets import DataError
+from .gpudecode import EncodedBatch, EncodedImage
 
 __all__ = ["ResumableSampler", "ShardSampler", "build_eval_loader", "build_train_loader", "collate_skip",
-           "default_workers"]
+           "default_workers", "epoch_order"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -63,8 +64,11 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+def collate_skip(batch: list) -> tuple[torch.Tensor | EncodedBatch, torch.Tensor, int]:
     """Collate, dropping samples the dataset returned as ``None`` (unreadable images).
+
+    Images are stacked as they come (uint8 from every dataset here). A batch holding undecoded
+    JPEGs (``data.decode: gpu``) becomes an ``EncodedBatch`` for the device to decode.
 
     Returns:
         ``(images, targets, skipped)``; images is empty when the whole batch was unreadable.
@@ -72,21 +76,25 @@ def collate_skip(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     kept = [b for b in batch if b is not None]
     skipped = len(batch) - len(kept)
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), skipped
+    if any(isinstance(img, EncodedImage) for img, _ in kept):
+        return EncodedBatch([img for img, _ in kept]), torch.tensor([t for _, t in kept]), skipped
     images, targets = default_collate(kept)
     return images, targets, skipped
 
 
-def default_workers(most: int = 8) -> int:
-    """Loader workers per process when the config names none: ``most``, capped by this process's share of the CPUs.
+def default_workers(most: Optional[int] = None) -> int:
+    """Loader workers per process when the config names none: this process's share of the CPUs (at most ``most``).
 
     The CPUs are those this process may run on (``sched_getaffinity``: a container's or taskset's
     limit, not the host's count), shared by torchrun's processes on this node. More workers than
     CPUs only compete with each other, and torch's ``DataLoader`` warns about it on every run.
+    There is no fixed cap: the input pipeline needs about as many cores per GPU as the node has
+    to spare (README, "Input pipeline").
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(most, per_process))
+    return max(1, per_process if most is None else min(most, per_process))
 
 
 def _loader_kwargs(workers: Optional[int], pin_memory: bool, persistent: bool, seed: int) -> dict:
@@ -122,6 +130,13 @@ def build_train_loader(dataset: Dataset, batch_size: int, world_size: int = 1, r
     Raises:
         DataError: the dataset is smaller than one batch per process.
     """
+    if isinstance(dataset, IterableDataset):  # tar shards: the dataset orders itself (rednet.data.shards)
+        dataset.configure(batch_size, world_size, rank, seed)
+        if dataset.num_samples < batch_size:
+            raise DataError(f"the training shards hold {sum(dataset.lengths)} images, fewer than one batch of "
+                            f"{batch_size} per process over {world_size}; lower data.batch_size")
+        return DataLoader(dataset, batch_size=batch_size, drop_last=True,
+                          **_loader_kwargs(workers, pin_memory, persistent_workers, seed + rank))
     sampler = ResumableSampler(dataset, world_size, rank, seed=seed)
     if sampler.num_samples < batch_size:
         # drop_last: the loader would yield no batch at all.
@@ -144,6 +159,18 @@ def build_eval_loader(dataset: Dataset, batch_size: int, world_size: int = 1, ra
         workers: loader processes; None: ``default_workers()``.
         pin_memory / persistent_workers: ``DataLoader`` options.
     """
+    if isinstance(dataset, IterableDataset):  # tar shards: each sample once over ranks and workers
+        dataset.configure(batch_size, world_size, rank)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=False,
+                          **_loader_kwargs(workers, pin_memory, persistent_workers, rank))
     sampler = ShardSampler(len(dataset), world_size, rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
                       **_loader_kwargs(workers, pin_memory, persistent_workers, rank))
+
+
+def epoch_order(loader: DataLoader):
+    """What positions a training loader's epoch: its ``ResumableSampler``, or a shard dataset itself.
+
+    Both have ``set_epoch(epoch, start)`` and ``num_samples`` (this process's samples per epoch).
+    """
+    return loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler

@@ -1,47 +1,55 @@
-"""Training and evaluation machinery: config schema, builders, the training step and epoch loop, evaluation,
-the run directory (``rundir``), the checkpoint file format, distributed helpers.
+"""Training and evaluation machinery, and the one door the tools come through.
 
-The tools import what they need from here. Each name loads its module on first use, so
-reading a config or a checkpoint does not import the training loop, the models or the
-data pipeline.
+- the config: ``config`` (the schema: sections, keys, value checks), ``config_data`` (plain
+  data <-> typed config, ``--set`` overrides), ``config_files`` (YAML files, ``base:``
+  merging, the bundled configs, ``load_config``);
+- building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
+  training checkpoint);
+- running it: ``trainer`` (``fit``), ``loop`` (the training step, the epoch, the eval pass),
+  ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
+  ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``logger``,
+  ``distributed``;
+- ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
+
+This module imports exactly what ``tools/`` uses, and the errors ``EXIT_CODES`` names; the
+tools import from here and nowhere else in the engine. Everything else stays in its module.
 """
-from __future__ import annotations
+from ..data import DataError
+from ..fileio import CheckpointError, OutputDirError
+from .builder import load_model_from_checkpoint
+from .cli import (
+    EXIT_CODES,
+    UsageError,
+    check_paths_not_empty,
+    list_configs,
+    path_values,
+    run_command,
+)
+from .config import ConfigError
+from .config_data import config_to_dict
+from .config_files import load_config
+from .evaluation import run_eval
+from .resume import RESUME_SAFE_KEYS
+from .stepguard import NonFiniteLossError
+from .trainer import TrainingInterrupted, fit
 
-import importlib
-from typing import Any
-
-# name -> the module of this package that defines it
-_EXPORTS = {
-    "AMP_DTYPES": "builder",
-    "build_model": "builder",
-    "CheckpointError": "checkpoint",
-    "empty_path_option": "cli",
-    "fail": "cli",
-    "load_model_from_checkpoint": "builder",
-    "read_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "Config": "config",
-    "ConfigError": "config",
-    "apply_overrides": "config",
-    "config_from_dict": "config",
-    "config_to_dict": "config",
-    "load_config": "config",
-    "cleanup_distributed": "distributed",
-    "init_distributed": "distributed",
-    "setup_logging": "logger",
-    "NonFiniteLossError": "loop",
-    "evaluate": "loop",
-    "TrainingInterrupted": "trainer",
-    "fit": "trainer",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = [
+    "EXIT_CODES",
+    "RESUME_SAFE_KEYS",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "NonFiniteLossError",
+    "OutputDirError",
+    "TrainingInterrupted",
+    "UsageError",
+    "check_paths_not_empty",
+    "config_to_dict",
+    "fit",
+    "list_configs",
+    "load_config",
+    "load_model_from_checkpoint",
+    "path_values",
+    "run_command",
+    "run_eval",
+]

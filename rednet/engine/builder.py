@@ -20,7 +20,8 @@ from ..layers import Involution
 from ..models import create_model
 from ..ops import describe_backend
 from .checkpoint import read_checkpoint
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError
+from .config_data import config_from_dict
 
 __all__ = [
     "AMP_DTYPES",

@@ -1,11 +1,80 @@
-"""What the command-line tools share: the one-line error and the check for empty path options."""
+"""What the command-line tools share: one table of exit codes, ``run_command`` that applies it, and the
+small steps every tool repeats (listing the bundled configs, path options as config values).
+
+A tool parses its options, then hands its body to ``run_command``. Every error of
+``EXIT_CODES`` ends the tool with its exit status and one line that says what to fix, never a
+traceback; anything else is a bug and keeps its traceback. The README's "Exit codes" quotes
+``EXIT_CODES``.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-__all__ = ["empty_path_option", "fail"]
+from ..data import DataError
+from ..fileio import CheckpointError, OutputDirError
+from .config import ConfigError
+from .config_files import bundled_configs
+from .logger import setup_logging
+from .stepguard import NonFiniteLossError
+from .trainer import TrainingInterrupted
+
+__all__ = [
+    "EXIT_CODES",
+    "ExitCode",
+    "UsageError",
+    "check_paths_not_empty",
+    "exit_code",
+    "fail",
+    "list_configs",
+    "path_values",
+    "run_command",
+]
+
+_logger = logging.getLogger("rednet")
+
+
+class UsageError(ValueError):
+    """A command-line option that a tool checks itself (one that no config key names)."""
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    """One row of ``EXIT_CODES``: an error a tool may end on, its exit status, and what it means."""
+
+    error: type[BaseException]
+    code: int
+    meaning: str
+
+
+# Every error a tool ends on, and its exit status; 0 is success. 2 prints one `error:` line on
+# stderr; 3 and 128 + N are logged by the run, whose log says where it stopped.
+EXIT_CODES: tuple[ExitCode, ...] = (
+    ExitCode(ConfigError, 2, "a config key or value, or what it names that is not there: a model, a weights "
+                             "file, an optimizer, a CUDA device"),
+    ExitCode(UsageError, 2, "a command-line option"),
+    ExitCode(DataError, 2, "a dataset: a split in which no image decodes, a folder reached twice through symlinks"),
+    ExitCode(CheckpointError, 2, "a checkpoint or weights file that is missing, unreadable, damaged, unsafe or does "
+                                 "not fit; a run directory whose results the command would overwrite, that another "
+                                 "trainer holds (`RunDirBusy`), or whose disk, quota or file-size limit is full "
+                                 "(`NoSpaceError`)"),
+    ExitCode(OutputDirError, 2, "a run directory or results folder that cannot be written"),
+    ExitCode(NonFiniteLossError, 3, "the loss became NaN or infinite; the last good checkpoint stays as it was"),
+    ExitCode(TrainingInterrupted, 128, "signal N stopped training, after a checkpoint: 129 SIGHUP, 130 SIGINT, "
+                                       "138 SIGUSR1, 143 SIGTERM (Linux's numbers)"),
+    ExitCode(KeyboardInterrupt, 130, "Ctrl-C outside the training loop (before it starts, during eval): "
+                                     "nothing to save"),
+)
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status ``EXIT_CODES`` gives ``error`` (128 + the signal's number for ``TrainingInterrupted``)."""
+    code = next(row.code for row in EXIT_CODES if isinstance(error, row.error))
+    return code + int(error.signum) if isinstance(error, TrainingInterrupted) else code
 
 
 def fail(message: object) -> int:
@@ -14,9 +83,49 @@ def fail(message: object) -> int:
     return 2
 
 
-def empty_path_option(args: argparse.Namespace, options: Iterable[str]) -> str | None:
-    """The complaint about the first of ``options`` given as an empty string, if any."""
+def run_command(command: Callable[[], int], *, log: bool = False, interrupted: str = "interrupted by SIGINT") -> int:
+    """Run a tool's body and end each error of ``EXIT_CODES`` with its exit status and one line.
+
+    Args:
+        command: the tool's body; returns its exit status.
+        log: first send log lines to stdout (rank 0 at INFO, other ranks of a torchrun job warnings only).
+        interrupted: the line a Ctrl-C outside the training loop prints (the trainer checkpoints on its own).
+    """
+    try:
+        if log:
+            setup_logging(int(os.environ.get("RANK", "0")))
+        return command()
+    except tuple(row.error for row in EXIT_CODES) as e:
+        if isinstance(e, KeyboardInterrupt):
+            print(interrupted, file=sys.stderr)
+        elif isinstance(e, TrainingInterrupted):
+            _logger.warning("%s", e)
+        elif isinstance(e, NonFiniteLossError):
+            _logger.error("error: %s", e)
+        else:
+            fail(e)
+        return exit_code(e)
+
+
+def list_configs() -> int:
+    """Print the bundled configs (``--list-configs``), one line each: name and description."""
+    for name, description in bundled_configs().items():
+        print(f"{name:<16} {description}")
+    return 0
+
+
+def check_paths_not_empty(args: argparse.Namespace, options: Iterable[str]) -> None:
+    """A UsageError naming the first of ``options`` given as an empty string (it would mean "here" or "unset")."""
     for option in options:
         if getattr(args, option) == "":
-            return f"--{option.replace('_', '-')} is empty; give a path"
-    return None
+            raise UsageError(f"--{option.replace('_', '-')} is empty; give a path")
+
+
+def path_values(args: argparse.Namespace, keys: Mapping[str, str]) -> dict[str, str]:
+    """The path options given, as config values taken as typed: ``--output 2024`` is a folder, not a number.
+
+    Args:
+        args: the parsed options.
+        keys: option name -> the dotted config key it sets, e.g. ``{"output": "train.output"}``.
+    """
+    return {key: getattr(args, option) for option, key in keys.items() if getattr(args, option) is not None}

@@ -1,43 +1,27 @@
-"""The training configuration: YAML file (over its base file) -> typed, validated dataclasses -> overrides.
+"""The training configuration's schema: its sections and keys, their types and defaults, and the value checks.
 
-The schema is the set of dataclasses below; every key a YAML file or ``--set`` names
-must exist in it (an unknown key is an error naming the nearest valid one) and every
-value must have the declared type (an error names the key and what it expects).
-The resolved config is a plain dict (``config_to_dict``) so it can be written next to
-the run and stored in checkpoints that load with ``torch.load(weights_only=True)``.
+Every key a YAML file or ``--set`` may name is a field of the dataclasses below, with its
+type and default, documented in its section's ``Args:``; ``validate`` holds the checks a
+type cannot express. A new config key is a field here (and, if its values need one, a
+check in ``validate``) and nothing else: ``config_data`` converts plain data into these
+types and applies overrides, ``config_files`` reads the YAML files.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
-import re
-import tempfile
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
 
-import yaml
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
-    "BUNDLED_CONFIG_DIR",
+    "IMPLIED_BY_OVERRIDE",
     "Config",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
-    "apply_overrides",
-    "bundled_configs",
-    "check_output_dir",
-    "config_from_dict",
-    "config_to_dict",
-    "load_config",
-    "overridden_keys",
-    "resolve_config_path",
+    "validate",
 ]
 
 
@@ -75,16 +59,22 @@ class DataConfig:
     """Datasets, augmentation and loaders.
 
     Args:
-        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``digits``
-            (scikit-learn's bundled 8x8 digits, upsampled to RGB) or ``synthetic`` (random tensors).
-        root: the ImageFolder root for ``imagenet``.
-        train_split / val_split: folder names under ``root``.
+        dataset: ``imagenet`` (an ImageFolder tree with ``train/`` and ``val/``), ``wds`` (tar
+            shards written by ``tools/make_shards.py``), ``digits`` (scikit-learn's bundled 8x8
+            digits, upsampled to RGB) or ``synthetic`` (random images).
+        root: the ImageFolder root for ``imagenet``; the shards' folder (with ``_info.json``) for ``wds``.
+        train_split / val_split: folder names under ``root``; split names in ``_info.json`` for ``wds``.
         img_size: training (and evaluation crop) size.
         batch_size: images per process per step (the global batch is this x processes x accum_steps).
         eval_batch_size: per-process evaluation batch; ``None`` uses ``batch_size``.
-        workers: loader worker processes per process; ``None`` (the default) takes
-            ``min(8, CPUs available / processes on this node)``, so a small machine is not asked
-            for more workers than it has CPUs. A number in a file or on the command line is kept.
+        workers: loader worker processes per process; ``None`` (the default) takes the CPUs
+            available / processes on this node, so a small machine is not asked for more workers
+            than it has CPUs and a large one is not held back. A number in a file or on the
+            command line is kept.
+        decode: ``cpu`` (torchvision.io decode and timm's crop and flip on uint8 tensors),
+            ``pil`` (PIL decode and timm's PIL transforms, as before; also uint8 batches) or
+            ``gpu`` (JPEGs decoded and cropped on the GPU with nvJPEG; CPU decode where it
+            cannot run). Batches are normalised on the device in every case.
         pin_memory / persistent_workers: loader options, used only where they help (CUDA / workers > 0).
         scale / ratio / hflip / color_jitter / auto_augment / reprob / interpolation: timm's
             ``create_transform`` training options (``auto_augment`` e.g. ``rand-m9-mstd0.5``).
@@ -95,7 +85,7 @@ class DataConfig:
         synthetic_train_size / synthetic_val_size: lengths of the ``synthetic`` splits.
     """
 
-    dataset: Literal["imagenet", "digits", "synthetic"] = "imagenet"
+    dataset: Literal["imagenet", "wds", "digits", "synthetic"] = "imagenet"
     root: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
@@ -103,6 +93,7 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
     workers: Optional[int] = None
+    decode: Literal["cpu", "pil", "gpu"] = "cpu"
     pin_memory: bool = True
     persistent_workers: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
@@ -223,124 +214,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# --- typed conversion ------------------------------------------------------------------
 
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        inner = " or ".join(_type_name(a) for a in args)
-        return f"{inner} or null" if len(args) < len(typing.get_args(tp)) else inner
-    if origin is tuple:
-        return f"a list of {len(typing.get_args(tp))} values ({', '.join(_type_name(a) for a in typing.get_args(tp))})"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as type ``tp``, or a ConfigError naming ``key`` and what it expects."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_convert(v, a, key) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads '1e-4' (no dot) as a string; accept it as the number it clearly is.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad
-    raise TypeError(f"unsupported schema type {tp!r} for '{key}'")
-
-
-def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        k = prefix + f.name
-        keys.append(k)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += _all_keys(hints[f.name], k + ".")
-    return keys
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    # A key that exists in another section is the likeliest slip ('train.lr' -> 'optim.lr');
-    # otherwise the closest spelling among keys of the same depth.
-    leaf = key.rsplit(".", 1)[-1]
-    match = [k for k in _all_keys() if "." in k and k.rsplit(".", 1)[-1] == leaf][:1]
-    if not match:
-        same_depth = [k for k in valid if k.count(".") == key.count(".")] or valid
-        match = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.5)
-    hint = f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise _unknown(prefix + str(k), [prefix + n for n in names])
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name] or {}, prefix + f.name + ".")
-        else:
-            kwargs[f.name] = _convert(data[f.name], tp, prefix + f.name)
-    return cls(**kwargs)
-
-
-def _validate(cfg: Config) -> None:
+def validate(cfg: Config) -> None:
     """Value checks the types cannot express; each names its key."""
     checks = [
         # An empty path would silently mean "not set" (or the current directory): say so instead.
@@ -400,271 +275,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' expects {expects}, got {value!r}")
 
 
-def config_from_dict(data: dict) -> Config:
-    """A validated ``Config`` from nested plain data (a parsed YAML file or a checkpoint's copy)."""
-    cfg = _build(Config, data or {}, "")
-    _validate(cfg)
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict:
-    """Nested plain dicts/lists/str/numbers (tuples become lists), safe for YAML and ``weights_only``."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
-
-    PyYAML keeps the last of two equal keys, so a second ``train:`` section silently
-    replaced the first one, settings and all.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may repeat what it merges
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                seen = key in first
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if seen:
-                raise ConfigError(f"duplicate key '{key}' at line {line} (first given at line {first[key]}); "
-                                  "keep one of them")
-            first[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """One line: where the YAML is wrong and why (PyYAML's own message spans several lines)."""
-    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
-        mark = e.problem_mark
-        text = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
-        if e.context and e.context_mark is not None:
-            text += f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
-        return text
-    return " ".join(str(e).split())
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.1), got {item!r}")
-    key, raw = item.split("=", 1)
-    # YAML parsing gives numbers, booleans, null and [lists] their natural types.
-    try:
-        value = _yaml_load(raw) if raw.strip() else ""
-    except ConfigError as e:  # a key given twice inside a {mapping}
-        raise ConfigError(f"--set {key.strip()}: {e}") from None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def overridden_keys(overrides: list[str]) -> list[str]:
-    """The dotted keys ``overrides`` name, in order (``optim.lr`` of ``optim.lr=0.1``)."""
-    return [_parse_override(item)[0] for item in overrides]
-
-
-def _set_key(data: dict, key: str, value: Any, valid: list[str]) -> None:
-    if key not in valid:
-        raise _unknown(key, valid)
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key '{key}': '{p}' is not a section")
-    node[parts[-1]] = value
-
-
-def apply_overrides(data: dict, overrides: list[str], values: Optional[dict[str, Any]] = None) -> dict:
-    """Apply dotted ``key=value`` overrides to nested plain data (validated later as a whole).
-
-    Args:
-        data: nested plain data (a parsed file or a checkpoint's config); not modified.
-        overrides: ``key=value`` strings; each value is parsed as YAML (``1`` is a number, ``null`` is None).
-            One naming ``train.amp`` also sets ``train.amp_on_cpu`` (unless another one sets it).
-        values: dotted key -> value, applied last and taken as they are, without YAML parsing: the
-            tools pass paths this way, so that ``--output 2024`` is a folder and ``--data null`` one too.
-    """
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
-    valid = _all_keys()
-    named = []
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_key(data, key, value, valid)
-        named.append(key)
-    if "train.amp" in named and "train.amp_on_cpu" not in named:
-        # A precision typed for this run holds on any device; see TrainConfig.amp_on_cpu.
-        _set_key(data, "train.amp_on_cpu", True, valid)
-    for key, value in (values or {}).items():
-        _set_key(data, key, value, valid)
-    return data
-
-
-def check_output_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create the folder ``path`` if needed and check that files can be written in it.
-
-    Called before a long job, so a run directory that cannot hold its checkpoints (or a
-    results file that cannot be written) stops it at once rather than after an epoch.
-
-    Args:
-        path: the folder.
-        what: how the user named it (``train.output``, ``--json``), for the message.
-
-    Raises:
-        ConfigError: ``path`` is empty, is or lies under a file, or cannot be created or written.
-    """
-    if str(path) == "":
-        raise ConfigError(f"{what} is empty; give a folder")
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            where = "is" if p == path else f"lies under {p}, which is"
-            raise ConfigError(f"{what} {path} {where} a file, not a folder; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder") from None
-    return path
-
-
-# The configs shipped with the package (package data), so that `--config rednet50` works
-# from any directory and from an installed wheel, not only from the root of a checkout.
-BUNDLED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-_SUFFIXES = (".yaml", ".yml")
-
-
-def _bundled(name: str) -> Optional[Path]:
-    """The bundled config a bare name (``rednet50``, ``rednet50.yaml``) means, or None."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        return None  # a path with folders names a file of the user's, never a bundled one
-    path = BUNDLED_CONFIG_DIR / (name if name.endswith(_SUFFIXES) else f"{name}.yaml")
-    return path if path.is_file() else None
-
-
-def bundled_configs() -> dict[str, str]:
-    """Name -> description of each bundled config; the description is the file's first comment line."""
-    found = {}
-    # Natural order: rednet26 before rednet101.
-    for path in sorted(BUNDLED_CONFIG_DIR.glob("*.yaml"), key=lambda p: [int(s) if s.isdigit() else s
-                                                                       for s in re.split(r"(\d+)", p.stem)]):
-        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "#")
-        found[path.stem] = first.lstrip("#").strip()
-    return found
-
-
-def resolve_config_path(path: str | os.PathLike) -> Path:
-    """The config file ``path`` names: the path itself where it exists, else the bundled config of that name.
-
-    Raises:
-        ConfigError: empty, a folder, or neither an existing file nor a bundled name (the message lists those).
-    """
-    if str(path) == "":
-        raise ConfigError("the config file name is empty")
-    given = Path(path)
-    if given.is_dir():
-        raise ConfigError(f"config file {given} is a folder; give a YAML file")
-    if given.is_file():
-        return given
-    bundled = _bundled(str(path))
-    if bundled is not None:
-        return bundled
-    names = list(bundled_configs())
-    if Path(str(path)).name != str(path):
-        # The old spelling configs/NAME.yaml (before the configs moved into the package) ends up here.
-        hint = f"; for the bundled one, give just its name: {given.stem}" if _bundled(given.name) else ""
-        raise ConfigError(f"config file {given} does not exist{hint}")
-    stem = given.stem if given.suffix in _SUFFIXES else str(path)
-    close = difflib.get_close_matches(stem, names, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"config file {path} does not exist, nor is it a bundled config{hint} "
-                      f"(bundled: {', '.join(names)})")
-
-
-# A config file may name another as its base: its sections are merged over the base's,
-# key by key, so a variant states only what differs from the recipe it builds on.
-_BASE_KEY = "base"
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """``over`` on top of ``base``: mappings merge key by key, any other value replaces."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(out.get(k), dict) and (isinstance(v, dict) or v is None):
-            out[k] = _merge(out[k], v or {})  # an empty section (``train:``) changes nothing
-        else:
-            out[k] = v
-    return out
-
-
-def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
-    """The sections of a YAML file merged over those of its ``base`` file (relative to it), recursively."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-        # YAML files are UTF-8 whatever the locale says (a BOM is allowed).
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[e.start]:#04x} at line {line}); "
-                          "save it as UTF-8") from None
-    try:
-        data = _yaml_load(text) or {}
-    except ConfigError as e:  # a duplicate key
-        raise ConfigError(f"config file {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    base = data.pop(_BASE_KEY, None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ConfigError(f"config file {path}: '{_BASE_KEY}' expects a file name, got {base!r}")
-    base_path = path.parent / base
-    if not base_path.is_file() and _bundled(base) is not None:
-        base_path = _bundled(base)  # a user's file may build on a bundled recipe by name
-    chain = (*including, path.resolve())
-    if base_path.resolve() in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
-        raise ConfigError(f"config file {path}: the base files form a cycle: {cycle}")
-    if not base_path.is_file():
-        raise ConfigError(f"config file {path}: base file {base_path} does not exist")
-    return _merge(_read_config_file(base_path, chain), data)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                values: Optional[dict[str, Any]] = None) -> Config:
-    """Read a YAML file (or start from defaults when ``path`` is None), apply ``overrides``, validate.
-
-    Args:
-        path: a YAML file with ``model``/``data``/``optim``/``train`` sections and optionally
-            ``base: FILE``, a config (path relative to this file, or a bundled config's name)
-            whose sections this one's are merged over; or the name of a bundled config
-            (``rednet50`` or ``rednet50.yaml``, see ``bundled_configs``). A path that exists wins.
-        overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
-        values: dotted key -> value applied last, as given (no YAML parsing), e.g. paths from the command line.
-    """
-    data: dict = {}
-    if path is not None:
-        data = _read_config_file(resolve_config_path(path))
-    return config_from_dict(apply_overrides(data, overrides or [], values))
+# An override that names the first key also sets the second to this value, unless the same
+# overrides name that one too: a precision typed for this run holds on any device (see
+# TrainConfig.amp_on_cpu).
+IMPLIED_BY_OVERRIDE: dict[str, tuple[str, object]] = {"train.amp": ("train.amp_on_cpu", True)}

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..data import DataError
+from ..data import DataError, DeviceInput
 from .distributed import all_reduce
 from .logger import Progress, RunLogger
 from .meter import EpochStats, TrainMeter
+from .stepguard import DeferredChecks, NonFiniteLossError, scaler_found_inf
 
 __all__ = [
     "EpochResult",
@@ -31,10 +32,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("rednet")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops before the optimizer step."""
 
 
 class EvaluationStopped(Exception):
@@ -78,6 +75,14 @@ class StepContext:
         no_sync: ``model.no_sync`` for DDP (skip the all-reduce on non-final micro-batches), or None.
         stop_requested: returns True once a signal asked training to stop (the trainer's ``_Signals``).
         on_step: called after each optimizer step with the state; may write a checkpoint.
+        log_every: steps between log points, where the loss and the checks are read.
+        world_size: processes.
+        input: turns loader batches into model input on ``device`` (normalisation, GPU decode).
+        check_every_step: read the loss and the non-finite / stop flags on the host every step and
+            raise before a bad step (None: on a CPU, where reading costs nothing). Otherwise they stay
+            on the device (``rednet.engine.stepguard``): a bad step is undone there and the host
+            reads them at log points, every ``ckpt_every`` steps and at the epoch's end.
+        ckpt_every: the steps at which ``on_step`` writes a checkpoint (checks are read before it); 0: none.
     """
 
     model: nn.Module
@@ -98,6 +103,14 @@ class StepContext:
     on_step: Callable[["TrainState"], None] = lambda state: None
     log_every: int = 50
     world_size: int = 1
+    input: DeviceInput = field(default_factory=DeviceInput)
+    check_every_step: Optional[bool] = None
+    ckpt_every: int = 0
+
+    @property
+    def deferred(self) -> bool:
+        """Checks stay on the device between reads."""
+        return not (self.device.type != "cuda" if self.check_every_step is None else self.check_every_step)
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
@@ -105,28 +118,22 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autoc
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, device: torch.device,
-               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader's batch on ``device``, the images in the memory format the model runs in."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-    return images, targets.to(device, non_blocking=True)
-
-
 @dataclass
 class StepResult:
     """What one ``train_step`` did on this rank.
 
     Args:
-        loss: the step's loss; None when every image of the step was unreadable (no optimizer step).
+        loss: the step's loss, a 0-dim tensor on the device (not read here); None when every image of
+            the step was unreadable (no optimizer step).
         images: images trained on.
         skipped: unreadable images.
         wait_s: seconds spent waiting for the loader.
         lr: the learning rate the optimizer step used.
-        stop: a stop was requested (on any rank, agreed by all): the epoch ends after this step.
+        stop: a stop was requested (on any rank, agreed by all): the epoch ends after this step. With
+            deferred checks (``StepContext.deferred``) it is known only at a read, never here.
     """
 
-    loss: Optional[float]
+    loss: Optional[torch.Tensor]
     images: int
     skipped: int
     wait_s: float
@@ -134,7 +141,8 @@ class StepResult:
     stop: bool = False
 
 
-def train_step(ctx: StepContext, batches: Iterator, state: TrainState) -> StepResult:
+def train_step(ctx: StepContext, batches: Iterator, state: TrainState,
+               checks: Optional[DeferredChecks] = None) -> StepResult:
     """One optimizer step over ``ctx.accum_steps`` micro-batches drawn from ``batches``; advances ``state``.
 
     A step whose images were all unreadable moves the position in the epoch
@@ -142,13 +150,19 @@ def train_step(ctx: StepContext, batches: Iterator, state: TrainState) -> StepRe
 
     Args:
         ctx: model, optimizer and step options.
-        batches: yields ``(images, targets, skipped)``.
+        batches: yields ``(images, targets, skipped)`` on the device (``DeviceInput.batches``).
         state: where training stands; updated in place.
+        checks: the epoch's deferred checks (``ctx.deferred``); None: this step's own, read at its end.
 
     Raises:
-        NonFiniteLossError: the loss was NaN/inf on some rank; raised before the optimizer step.
+        NonFiniteLossError: the loss was NaN/inf on some rank; its optimizer step was not taken.
         DataError: with several processes, every image of a micro-batch was unreadable.
     """
+    own_checks = ctx.deferred and checks is None
+    if own_checks:
+        checks = DeferredChecks(ctx.model, ctx.optimizer, ctx.device)
+    if checks is not None:
+        checks.guard.snapshot()
     loss_sum, images, skipped, wait = _forward_backward(ctx, batches, state)
     if images == 0:
         # Every image of this step was unreadable (one process; several raise above). An
@@ -156,25 +170,51 @@ def train_step(ctx: StepContext, batches: Iterator, state: TrainState) -> StepRe
         # on no data, so it is not a step; the position in the epoch still moves on.
         state.iteration += 1
         return StepResult(None, 0, skipped, wait, stop=ctx.stop_requested())
-    stop = _agree_on_step(ctx, loss_sum, state)
-    if ctx.clip_grad is not None:
-        if ctx.scaler is not None:
-            ctx.scaler.unscale_(ctx.optimizer)
-        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad)
-    if ctx.scaler is not None:
-        ctx.scaler.step(ctx.optimizer)
-        ctx.scaler.update()
+    if checks is None:
+        stop = _agree_on_step(ctx, loss_sum, state)
+        _optimizer_step(ctx)
     else:
-        ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
+        stop = False
+        ok = checks.check(loss_sum, ctx.stop_requested(), (state.epoch, state.iteration, state.global_step))
+        _optimizer_step(ctx, checks, ok)
     lr = ctx.optimizer.param_groups[0]["lr"]
     ctx.scheduler.step()
     if ctx.ema is not None:
         ctx.ema.update(ctx.ema_source, step=state.global_step)
     state.iteration += 1
     state.global_step += 1
-    return StepResult(loss_sum.item(), images, skipped, wait, lr, stop)
+    if own_checks:
+        stop = checks.read(ctx.scheduler, state)
+    return StepResult(loss_sum, images, skipped, wait, lr, stop)
+
+
+def _optimizer_step(ctx: StepContext, checks: Optional[DeferredChecks] = None,
+                    ok: Optional[torch.Tensor] = None) -> None:
+    """Clip, step (through the GradScaler for fp16) and clear the gradients.
+
+    With ``checks``, the step is kept only where ``ok`` and fp16 found no overflow, decided on the
+    device: the GradScaler is told of its overflow through ``unscale_`` and ``update`` only, since
+    its ``step`` reads the overflow flag on the host.
+    """
+    if ctx.scaler is not None and (checks is not None or ctx.clip_grad is not None):
+        ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.clip_grad is not None:
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, ctx.clip_grad)
+    if checks is not None:
+        ctx.optimizer.step()
+        if ctx.scaler is not None:
+            found_inf = scaler_found_inf(ctx.scaler, ctx.optimizer)
+            if found_inf is not None:
+                ok = ok & (found_inf == 0)
+            ctx.scaler.update()
+        checks.guard.keep_if(ok)
+    elif ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
 
 
 def _forward_backward(ctx: StepContext, batches: Iterator,
@@ -194,8 +234,7 @@ def _forward_backward(ctx: StepContext, batches: Iterator,
                     "with several processes the step cannot be skipped on one rank only"
                 )
             continue
-        images, targets = _to_device(images, targets, ctx.device, ctx.channels_last)
-        if ctx.mixup is not None:
+        if ctx.mixup is not None:  # on the device, after DeviceInput normalised the batch
             images, targets = ctx.mixup(images, targets)
         last = micro == ctx.accum_steps - 1
         sync = contextlib.nullcontext() if last or ctx.no_sync is None else ctx.no_sync()
@@ -213,7 +252,7 @@ def _forward_backward(ctx: StepContext, batches: Iterator,
 
 
 def _agree_on_step(ctx: StepContext, loss_sum: torch.Tensor, state: TrainState) -> bool:
-    """Whether to stop after this step; raises ``NonFiniteLossError`` instead of taking it.
+    """Whether to stop after this step; raises ``NonFiniteLossError`` instead of taking it (eager checks).
 
     One small collective per step: every rank learns whether any rank saw a non-finite
     loss or received a stop signal, so all ranks stop at the same step.
@@ -247,10 +286,8 @@ class EpochResult:
     stopped: bool
 
 
-def _until_steps(loader: DataLoader, state: TrainState, steps: int) -> Iterator:
-    # A generator, so the loader (and its workers) starts only when a step asks for a batch:
-    # an epoch resumed after its last step takes none.
-    yield from loader
+def _until_steps(batches: Iterator, state: TrainState, steps: int) -> Iterator:
+    yield from batches
     # Only when max_iters/epoch arithmetic disagrees with the loader.
     raise RuntimeError(f"the loader ran out after {state.iteration} of {steps} steps")
 
@@ -283,26 +320,36 @@ def train_one_epoch(
             holding the totals of the steps before a resume, and checkpoints it with the run.
 
     Raises:
-        NonFiniteLossError: the loss was NaN/inf; raised before the optimizer step, so no bad weights are saved.
+        NonFiniteLossError: the loss was NaN/inf; its optimizer step was not taken, so no bad weights are saved.
         DataError: every image of the epoch was unreadable, or, with several processes, of one step.
     """
     ctx.model.train()
     progress = Progress(steps, state.iteration, desc, main_process, ctx.log_every)
-    batches = _until_steps(loader, state, steps)
+    batches = _until_steps(ctx.input.batches(loader, ctx.device, ctx.channels_last), state, steps)
     meter = meter if meter is not None else TrainMeter(ctx.device, ctx.world_size)
-    stopped, taken = False, 0
+    checks = DeferredChecks(ctx.model, ctx.optimizer, ctx.device) if ctx.deferred else None
+    stopped, shown, taken = False, {}, 0
     while state.iteration < steps and not stopped:
-        step = train_step(ctx, batches, state)
+        step = train_step(ctx, batches, state, checks)
         meter.update(step.loss, step.images, step.skipped, step.wait_s)
         stopped = step.stop
         if step.loss is None:
             continue
         taken += 1
-        progress.update({"loss": step.loss, "lr": step.lr})
-        if logger is not None and state.global_step % ctx.log_every == 0:
-            logger.scalars("train", meter.take_window(step.lr), state.global_step)
+        logged = state.global_step % ctx.log_every == 0
+        due = logged or state.iteration >= steps or (ctx.ckpt_every and state.global_step % ctx.ckpt_every == 0)
+        if checks is not None and due:
+            stopped = checks.read(ctx.scheduler, state)
+        if logged:  # the loss is read here, not at every step
+            window = meter.take_window(step.lr)
+            shown = {"loss": window["loss"], "lr": step.lr}
+            if logger is not None:
+                logger.scalars("train", window, state.global_step)
+        progress.update(shown)
         if not stopped:
             ctx.on_step(state)
+    if checks is not None:  # steps since the last read (the epoch ended on unreadable batches)
+        stopped = checks.read(ctx.scheduler, state) or stopped
     progress.close()
     _, done, skipped = meter.reduce()
     if not stopped and done == 0 and skipped > 0:
@@ -321,6 +368,7 @@ def evaluate(
     channels_last: bool = False,
     main_process: bool = True,
     desc: str = "eval",
+    device_input: Optional[DeviceInput] = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, float]:
     """Single-pass top-1/top-5/loss over the loader's samples, summed exactly across ranks.
@@ -343,6 +391,7 @@ def evaluate(
         channels_last: NHWC inputs.
         main_process: show progress on rank 0.
         desc: progress prefix.
+        device_input: turns loader batches into model input (normalisation); None: ImageNet's mean and std.
         stop_requested: returns True once the evaluation should stop (a signal arrived).
 
     Returns:
@@ -357,7 +406,7 @@ def evaluate(
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped, stopped
     progress = Progress(len(loader), 0, desc, main_process, max(1, len(loader) // 4))
     t0 = time.perf_counter()
-    for images, targets, skipped in loader:
+    for images, targets, skipped in (device_input or DeviceInput()).batches(loader, device, channels_last):
         if stop_requested():
             sums[5] = 1
             break
@@ -365,7 +414,6 @@ def evaluate(
         if images.numel() == 0:
             progress.update({})
             continue
-        images, targets = _to_device(images, targets, device, channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

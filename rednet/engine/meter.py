@@ -60,9 +60,8 @@ class EpochStats:
 
 @dataclass
 class _Window:
-    """Sums since the last TensorBoard point."""
+    """Sums since the last TensorBoard point (the loss sum stays on the device until it is taken)."""
 
-    loss: float = 0.0
     steps: int = 0
     images: int = 0
     wait: float = 0.0
@@ -71,6 +70,9 @@ class _Window:
 class TrainMeter:
     """Running statistics of one training epoch on this rank: totals for ``EpochStats`` and a window
     of them for the TensorBoard scalars every ``train.log_every`` steps.
+
+    Losses are summed on the device and read only by ``take_window``, ``reduce`` and ``state``, so
+    counting a step does not make the host wait for the GPU.
 
     A checkpoint written in mid-epoch stores each rank's totals (``state``); the run that resumes
     from it starts from them (``resumed``), so that the epoch's record covers all its steps, not
@@ -85,10 +87,11 @@ class TrainMeter:
     def __init__(self, device: torch.device, world_size: int, resumed: Optional[dict[str, float]] = None):
         self.device, self.world_size = device, world_size
         resumed = resumed or {}
-        # loss sum, steps, skipped images
-        self._totals = torch.tensor([float(resumed.get(k, 0.0)) for k in ("loss_sum", "steps", "skipped")],
-                                    dtype=torch.float64)
-        self._reduced = self._totals
+        # the epoch's loss sum
+        self._loss = torch.tensor(float(resumed.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        self._window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.skipped = int(resumed.get("steps", 0)), int(resumed.get("skipped", 0))
+        self._reduced: Optional[tuple[float, float, float]] = None
         self.wait_s = float(resumed.get("wait_s", 0.0))
         self.images = int(resumed.get("images", 0))
         self._elapsed_before = float(resumed.get("elapsed_s", 0.0))  # the epoch's time before the resume
@@ -96,32 +99,35 @@ class TrainMeter:
         self._window = _Window()
 
     def state(self) -> dict[str, float]:
-        """This rank's totals so far, for a checkpoint (plain numbers)."""
-        loss_sum, steps, skipped = self._totals.tolist()
-        return {"loss_sum": loss_sum, "steps": steps, "skipped": skipped, "images": self.images,
+        """This rank's totals so far, for a checkpoint (plain numbers; reads the loss)."""
+        return {"loss_sum": self._loss.item(), "steps": self.steps, "skipped": self.skipped, "images": self.images,
                 "wait_s": self.wait_s, "elapsed_s": self.elapsed()}
 
     def elapsed(self) -> float:
         """Seconds of training in this epoch, the runs before a resume included."""
         return self._elapsed_before + time.perf_counter() - self.start
 
-    def update(self, loss: Optional[float], images: int, skipped: int, wait_s: float) -> None:
+    def update(self, loss: Optional[torch.Tensor], images: int, skipped: int, wait_s: float) -> None:
         """Count one step; ``loss`` None: a step of only unreadable images, which only counts those."""
-        self._totals[2] += skipped
+        self.skipped += skipped
         if loss is None:
             return
-        self._totals[0] += loss
-        self._totals[1] += 1
+        loss = torch.as_tensor(loss).detach().to(self._loss)
+        self._loss += loss
+        self._window_loss += loss
+        self.steps += 1
         self.wait_s += wait_s
         self.images += images
         w = self._window
-        w.loss, w.steps, w.images, w.wait = w.loss + loss, w.steps + 1, w.images + images, w.wait + wait_s
+        w.steps, w.images, w.wait = w.steps + 1, w.images + images, w.wait + wait_s
 
     def take_window(self, lr: float) -> dict[str, float]:
-        """The scalars since the last call (or the epoch's start), and a new window."""
+        """The scalars since the last call (or the epoch's start), and a new window; reads the loss."""
         now, w = time.perf_counter(), self._window
+        window_loss = self._window_loss.item()
+        self._window_loss.zero_()
         scalars = {
-            "loss": w.loss / w.steps,
+            "loss": window_loss / w.steps,
             "lr": lr,
             "images_per_s": w.images * self.world_size / max(now - self._window_start, 1e-9),
             "data_wait_s": w.wait / w.steps,
@@ -132,17 +138,19 @@ class TrainMeter:
         return scalars
 
     def reduce(self) -> tuple[float, float, float]:
-        """Sum the totals over all ranks (a collective: every rank calls it); returns (loss sum, steps, skipped).
-
-        This rank's own totals stay as they are: a checkpoint written after it stores them.
-        """
-        self._reduced = all_reduce(self._totals.clone(), "sum")
-        loss_sum, steps, skipped = self._reduced.tolist()
-        return loss_sum, steps, skipped
+        """Sum the totals over all ranks (a collective: every rank calls it); returns (loss sum, steps, skipped)."""
+        totals = torch.stack([self._loss, torch.tensor(float(self.steps), dtype=torch.float64, device=self.device),
+                              torch.tensor(float(self.skipped), dtype=torch.float64, device=self.device)])
+        all_reduce(totals, "sum")
+        loss_sum, steps, skipped = totals.tolist()
+        self._reduced = (loss_sum, steps, skipped)
+        return self._reduced
 
     def epoch_stats(self, epoch: int, global_step: int, lr: float) -> EpochStats:
         """The epoch's statistics, from the totals ``reduce`` summed."""
-        loss_sum, steps, skipped = self._reduced.tolist()
+        if self._reduced is None:  # this rank's own totals
+            self._reduced = (self._loss.item(), float(self.steps), float(self.skipped))
+        loss_sum, steps, skipped = self._reduced
         elapsed = self.elapsed()
         return EpochStats(
             epoch=epoch,

@@ -43,7 +43,8 @@ from typing import Any, Optional
 import torch
 
 from .checkpoint import CheckpointError, read_checkpoint
-from .config import ConfigError, config_from_dict, config_to_dict
+from .config import ConfigError
+from .config_data import config_from_dict, config_to_dict
 from .rundir import RunDir
 
 __all__ = ["RESUME_SAFE_KEYS", "StartPlan", "carry_out", "config_changes", "plan_start"]

@@ -30,21 +30,31 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..data import DataError, build_datasets, build_eval_loader, build_train_loader
+from ..data import (
+    DataError,
+    build_datasets,
+    build_device_input,
+    build_eval_loader,
+    build_train_loader,
+    epoch_order,
+)
+from ..fileio import check_output_dir
 from .builder import (
     autocast_dtype,
     build_loss_and_mixup,
     build_model,
     build_optimizer,
     build_scheduler,
+    check_buildable,
     execution_summary,
     format_summary,
     global_batch_size,
     peak_lr,
 )
 from .checkpoint import CheckpointError, capture_rng_state, read_checkpoint, restore_rng_state
-from .config import Config, config_to_dict
-from .distributed import DistInfo, gather_to_main, init_distributed, is_restarted_worker, run_on_main
+from .config import Config
+from .config_data import config_to_dict
+from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .logger import RunLogger
 from .loop import EvaluationStopped, StepContext, TrainState, evaluate, train_one_epoch
 from .meter import EpochStats, TrainMeter
@@ -271,6 +281,9 @@ class _Run:
             self.run_dir.prune(self.cfg.train.keep_last)
 
         run_on_main(write)
+        # A broadcast lets rank 0 go on while its data is still on the way; the run may end
+        # here, and a process that exits with gloo still sending dies in abort().
+        barrier()
         return self.run_dir.checkpoint(step)
 
     def save_best(self, metrics: dict[str, Any]) -> None:
@@ -322,10 +335,9 @@ class _Run:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
-def _steps_per_epoch(cfg: Config, train_images: int, world_size: int) -> int:
-    """Optimizer steps in one epoch: each process's share of the images (rounded up, as the sampler pads it)
-    in whole steps, capped by ``train.max_iters_per_epoch``."""
-    steps = math.ceil(train_images / world_size) // cfg.data.batch_size // cfg.train.accum_steps
+def _steps_per_epoch(cfg: Config, samples: int) -> int:
+    """Optimizer steps in one epoch of ``samples`` per process, capped by ``train.max_iters_per_epoch``."""
+    steps = samples // cfg.data.batch_size // cfg.train.accum_steps
     if cfg.train.max_iters_per_epoch is not None:
         steps = min(steps, cfg.train.max_iters_per_epoch)
     return steps
@@ -341,7 +353,7 @@ def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLo
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
     for loader in (train_loader, val_loader):  # data.workers may be null: the loaders resolved it
         _shield_workers(loader)
-    steps = _steps_per_epoch(cfg, len(train_set), dist_info.world_size)
+    steps = _steps_per_epoch(cfg, epoch_order(train_loader).num_samples)
     if steps == 0:
         raise DataError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is "
                          f"smaller than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
@@ -365,6 +377,8 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
             ``RESUME_SAFE_KEYS``.
 
     Raises:
+        ConfigError: the config names what cannot be built here (a model, weights file, optimizer, CUDA device).
+        OutputDirError: the run directory cannot be written.
         CheckpointError: the run directory or checkpoint does not allow what was asked (nothing was changed).
         NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
         TrainingInterrupted: SIGINT, SIGTERM, SIGUSR1 or SIGHUP; a checkpoint was written first.
@@ -375,6 +389,9 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     A run directory whose checkpoint finished ``train.epochs`` is not trained or validated again:
     the result then holds ``finished: True``, the epochs done and the best top-1.
     """
+    # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
+    check_buildable(cfg)
+    check_output_dir(cfg.train.output, "the run directory train.output (--output)")
     dist_info = init_distributed(cfg.train.device)
     if cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
@@ -399,6 +416,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     # read the same checkpoint.
     plan = run_on_main(decide)
     if plan.checkpoint is not None and plan.epoch >= cfg.train.epochs and plan.iteration == 0:
+        barrier()  # see _Run.save
         return _finished(cfg, run_dir, plan)
     run_on_main(prepare_run_dir)
     ckpt = main_state if dist_info.is_main or plan.checkpoint is None else read_checkpoint(plan.checkpoint)
@@ -406,7 +424,8 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
     if ckpt is not None:
         if ckpt.get("world_size", 1) != dist_info.world_size:
-            _logger.warning("%s", _world_size_change(cfg, ckpt, dist_info.world_size, len(train_loader.dataset)))
+            epoch_images = epoch_order(train_loader).num_samples * dist_info.world_size
+            _logger.warning("%s", _world_size_change(cfg, ckpt, dist_info.world_size, epoch_images))
         run.restore(ckpt)
         run.state.best_top1 = max(run.state.best_top1, plan.best_top1)
         _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", plan.checkpoint, run.state.epoch,
@@ -428,15 +447,15 @@ def _finished(cfg: Config, run_dir: RunDir, plan: StartPlan) -> dict[str, Any]:
     return {"finished": True, "epochs": plan.epoch, "best_top1": plan.best_top1}
 
 
-def _world_size_change(cfg: Config, state: dict, world_size: int, train_images: int) -> str:
-    """What a resume with another number of processes changes, in words."""
+def _world_size_change(cfg: Config, state: dict, world_size: int, epoch_images: int) -> str:
+    """What a resume with another number of processes changes, in words; an epoch covers ``epoch_images``."""
     old = int(state.get("world_size", 1))
     said = [f"resuming a run of {old} process{'es' if old > 1 else ''} with {world_size}: the global batch "
             f"changes from {global_batch_size(cfg, old)} to {global_batch_size(cfg, world_size)} images per step"]
     if cfg.optim.lr is None:
         said.append(f"optim.lr is null, so the peak lr follows it, from {peak_lr(cfg, old):.4g} to "
                     f"{peak_lr(cfg, world_size):.4g}")
-    before, now = _steps_per_epoch(cfg, train_images, old), _steps_per_epoch(cfg, train_images, world_size)
+    before, now = (_steps_per_epoch(cfg, math.ceil(epoch_images / n)) for n in (old, world_size))
     said.append(f"an epoch has {now} steps instead of {before}, so the schedule continues at step "
                 f"{state['global_step']} of {now * cfg.train.epochs} (it was of {before * cfg.train.epochs})")
     done = int(state["iteration"])
@@ -478,11 +497,13 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
         channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
         stop_requested=signals.requested, on_step=on_step, log_every=cfg.train.log_every,
-        world_size=dist_info.world_size,
+        world_size=dist_info.world_size, ckpt_every=cfg.train.ckpt_every_iters,
+        input=build_device_input(cfg.data, device, train_loader.dataset, train=True),
     )
     eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
     validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                 dist_info.is_main, stop_requested=signals.requested)
+                                 dist_info.is_main, stop_requested=signals.requested,
+                                 device_input=build_device_input(cfg.data, device, val_loader.dataset, train=False))
 
     final: dict[str, Any] = {}
     # RNG states last: building the run (loaders, model init) consumed the same draws as in
@@ -494,7 +515,7 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
             while run.state.epoch < cfg.train.epochs:
                 epoch = run.state.epoch
                 per_step = cfg.data.batch_size * cfg.train.accum_steps
-                train_loader.sampler.set_epoch(epoch, start=run.state.iteration * per_step)
+                epoch_order(train_loader).set_epoch(epoch, start=run.state.iteration * per_step)
                 result = train_one_epoch(ctx, train_loader, run.state, steps, logger,
                                          desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main,
                                          meter=run.start_epoch_meter())

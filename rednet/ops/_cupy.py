@@ -220,17 +220,56 @@ def _stream(cupy, index: int):
     return cs
 
 
-def _call(fn, grid: tuple, block: tuple, args: tuple, stream) -> None:
+def _call(fn, grid: tuple, block: tuple, args: tuple, stream, shared_mem: int = 0) -> None:
     # The one place a kernel is queued; tests spy on the stream it is given. The stream is
     # passed explicitly rather than made CuPy's current one, which is thread-global state.
-    fn(grid, block, args, stream=stream)
+    fn(grid, block, args, shared_mem=shared_mem, stream=stream)
+
+
+_STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function's opt-in
+_opted_in: set[tuple[int, str]] = set()  # (device, name expression) allowed its plan's shared memory
+
+
+def _allow_shared(fn, index: int, plan: Launch) -> None:
+    if plan.smem <= _STATIC_SHARED_LIMIT or (index, plan.name) in _opted_in:
+        return
+    from cupy_backends.cuda.api import driver  # lazy: CuPy is optional
+
+    driver.funcSetAttribute(fn.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, plan.smem)
+    _opted_in.add((index, plan.name))
+
+
+_launched: set[tuple[int, str]] = set()  # (device, name expression) launched and synchronised once
+
+
+def _capturing(index: int) -> bool:
+    """Whether PyTorch's current stream of ``cuda:index`` (current) is capturing a CUDA graph."""
+    return torch.cuda.is_current_stream_capturing()
 
 
 def launch(plan: Launch | None, device: torch.device) -> None:
-    """Queue ``plan`` on PyTorch's current stream of ``device``; returns without waiting."""
+    """Queue ``plan`` on PyTorch's current stream of ``device``; returns without waiting.
+
+    Except the first time a kernel runs on a device in this process: then the stream is
+    synchronised after it (not during CUDA graph capture), so that a fault of that kernel
+    surfaces here, named, rather than at some later unrelated call. A failure to launch is
+    named too. The cost is one synchronisation per kernel and device.
+    """
     if plan is None:
         return
     cupy = _import_cupy()
     index = _index(device)
     with _on_device(index):
-        _call(_function(index, plan), (plan.grid,), (THREADS,), plan.args, _stream(cupy, index))
+        first = (index, plan.name) not in _launched
+        fn = _function(index, plan)
+        try:
+            _allow_shared(fn, index, plan)
+            stream = _stream(cupy, index)
+            _call(fn, (plan.grid,), (THREADS,), plan.args, stream, plan.smem)
+            if first and not _capturing(index):
+                stream.synchronize()
+                _launched.add((index, plan.name))
+        except Exception as e:  # noqa: BLE001  (re-raised with the kernel it belongs to)
+            when = "at its first launch" if first else "at launch"
+            raise RuntimeError(f"involution kernel {plan.name} failed {when} on cuda:{index} (grid {plan.grid}, "
+                               f"{plan.smem} B of dynamic shared memory): {type(e).__name__}: {e}") from e

@@ -6,6 +6,7 @@ executes the plans, and tests run the same plans on a host emulation of the kern
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -16,8 +17,9 @@ from ._memory_format import alloc_grad_input, alloc_grad_kernel, alloc_output, d
 __all__ = [
     "KINDS",
     "NCHW_TILES",
-    "NHWC_MAX_STAGED_K",
-    "NHWC_PATCH_W",
+    "NHWC_MAX_K",
+    "NHWC_PATCH",
+    "NHWC_SLOTS",
     "PATHS",
     "THREADS",
     "TYPE_NAMES",
@@ -26,6 +28,7 @@ __all__ = [
     "name_expressions",
     "nchw_tile",
     "nhwc_groups_per_block",
+    "nhwc_shared_bytes",
     "nhwc_threads_per_item",
     "plan_backward_input",
     "plan_backward_kernel",
@@ -34,18 +37,22 @@ __all__ = [
 
 TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "half_t", torch.bfloat16: "bf16_t"}
 KINDS = ("fwd", "bwd_input", "bwd_kernel")
-# Kernel families: 'nchw'; 'nhwc', 128-bit accesses, for group widths of 16 bytes times a power of
-# two; 'nhwc_scalar', any group width, alignment or window.
+# Kernel families: 'nchw'; 'nhwc', 128-bit accesses and shared-memory windows, for 16 channels per
+# group; 'nhwc_scalar', any group width, alignment or window.
 PATHS = ("nchw", "nhwc", "nhwc_scalar")
-# As in involution.cu: the block size, the NCHW tile shapes (width, height), widest first, the
-# largest window whose kernel rows the NHWC vector kernels stage in shared memory, and the
-# width of their pixel patches.
+# As in involution.cu: the block size, the NCHW tile shapes (width, height), widest first, and for
+# the NHWC vector kernels the 16-byte channel slices per block, the side of their pixel patches
+# and the largest window they are compiled for.
 THREADS = 256
 NCHW_TILES = ((32, 8), (16, 8), (8, 8))
-NHWC_MAX_STAGED_K = 11
-NHWC_PATCH_W = 8
+NHWC_SLOTS = 8
+NHWC_PATCH = 8
+NHWC_MAX_K = 11
 _MAX_BLOCKS = 1 << 20  # grid-stride kernels cover the rest with their loop
 _INT_MAX = 2**31 - 1
+# Shared memory a block may use where no device says: sm_90's opt-in maximum (plans the host
+# emulation runs; a CUDA tensor's device is asked).
+_DEFAULT_MAX_SHARED = 227 * 1024
 
 
 class Launch(NamedTuple):
@@ -56,6 +63,7 @@ class Launch(NamedTuple):
     grid: int
     args: tuple  # numpy scalars in the kernel's parameter order (pointers as uint64)
     keep: tuple  # tensors the pointers refer to, alive until the launch is queued
+    smem: int = 0  # dynamic shared memory per block, bytes
 
 
 def kernel_name(kind: str, path: str, dtype: torch.dtype, k: int, stride: int, dilation: int) -> str:
@@ -64,8 +72,8 @@ def kernel_name(kind: str, path: str, dtype: torch.dtype, k: int, stride: int, d
 
 def name_expressions(dtype: torch.dtype, k: int, stride: int, dilation: int) -> list[str]:
     """The kernels of one module: every kind and path for one (dtype, K, S, D); the NHWC vector
-    kernels only where they can run (K <= NHWC_MAX_STAGED_K)."""
-    paths = [p for p in PATHS if p != "nhwc" or k <= NHWC_MAX_STAGED_K]
+    kernels only where they can run (K <= NHWC_MAX_K)."""
+    paths = [p for p in PATHS if p != "nhwc" or k <= NHWC_MAX_K]
     return [kernel_name(kind, path, dtype, k, stride, dilation) for path in paths for kind in KINDS]
 
 
@@ -82,30 +90,51 @@ def nchw_tile(width: int) -> tuple[int, int]:
 
 
 def nhwc_groups_per_block(tpi: int, groups: int) -> int:
-    """Groups side by side in an NHWC vector block: two for bf16/fp16 at C/G = 16 (when G is
-    even), so a block is an 8x8 patch, else one; the patch is NHWC_PATCH_W pixels wide and
-    THREADS / (tpi * groups_per_block * NHWC_PATCH_W) high."""
-    gb = max(1, 4 // tpi)
-    return gb if groups % gb == 0 else 1
+    """Groups side by side in an NHWC vector block: the most, a power of two dividing ``groups``,
+    whose ``tpi`` 16-byte slices each fit the block's NHWC_SLOTS (4 for bf16/fp16, 2 for fp32); the
+    block's slots then hold NHWC_SLOTS / (tpi * groups per block) patches of NHWC_PATCH^2 pixels."""
+    gb = NHWC_SLOTS // tpi
+    while groups % gb:
+        gb //= 2
+    return gb
 
 
 def nhwc_threads_per_item(channels: int, groups: int, k: int, dtype: torch.dtype,
                           tensors: tuple[torch.Tensor, ...]) -> int | None:
-    """Threads per (pixel, group) of the NHWC vector kernels (16 bytes of channels each), or
-    None when they cannot run: the scalar kernels take the case.
+    """16-byte slices per group of the NHWC vector kernels (``dtype.itemsize``), or None when
+    they cannot run and the scalar kernels take the case.
 
-    The vector kernels need 16-byte aligned tensors, a group width of 16 bytes times a power of
-    two (the item's threads are lanes of one warp that sum by xor shuffles), at least 16
-    channels per group (so a block's kernel rows fit its shared-memory chunk) and K <=
-    NHWC_MAX_STAGED_K.
+    The vector kernels are compiled for 16 channels per group (RedNet's), 16-byte aligned
+    tensors and K <= NHWC_MAX_K; a block's kernel rows must be whole 32-bit words
+    (``_launch`` checks that and the shared memory, which depend on the pass).
     """
-    cg, size = channels // groups, dtype.itemsize
-    if cg < 16 or (cg * size) % 16 or k > NHWC_MAX_STAGED_K:
+    if groups == 0 or channels != 16 * groups or k > NHWC_MAX_K or any(t.data_ptr() % 16 for t in tensors):
         return None
-    tpi = cg * size // 16
-    if tpi > 32 or tpi & (tpi - 1) or any(t.data_ptr() % 16 for t in tensors):
-        return None
-    return tpi
+    return dtype.itemsize
+
+
+def nhwc_shared_bytes(kind: str, k: int, stride: int, dilation: int) -> int:
+    """Dynamic shared memory of an NHWC vector block (involution.cu's InWindow / OutWindow): a
+    window plane of 16-byte units per slot (odd-sized), and for fwd and bwd_kernel the block's
+    kernel rows, 512 * K*K bytes."""
+    if kind == "bwd_input":  # grad_y rows an 8x8 patch of input pixels reads
+        span = (k - 1) * dilation
+        side = NHWC_PATCH + span if stride == 1 else (NHWC_PATCH - 1 + span) // stride + 2
+        return NHWC_SLOTS * (side * side | 1) * 16
+    side = (NHWC_PATCH - 1) * stride + (k - 1) * dilation + 1
+    return NHWC_SLOTS * (side * side | 1) * 16 + 512 * k * k
+
+
+@functools.cache
+def _max_shared_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def max_shared_bytes(device: torch.device) -> int:
+    """The most dynamic shared memory a block may use on ``device``."""
+    if device.type != "cuda":
+        return _DEFAULT_MAX_SHARED
+    return _max_shared_cuda(torch.cuda.current_device() if device.index is None else device.index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,13 +176,18 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
     tpi = nhwc_threads_per_item(c, g, k, out.dtype, (*ins, out))
     if tpi is not None:
         gb = nhwc_groups_per_block(tpi, g)
-        ph = THREADS // (tpi * gb * NHWC_PATCH_W)
-        tiles_w = _cdiv(cols, NHWC_PATCH_W)
-        tiles = _cdiv(rows, ph) * tiles_w
-        grid = b * (g // gb) * tiles
-        if grid <= _INT_MAX:
+        size, kk = out.dtype.itemsize, k * k
+        smem = nhwc_shared_bytes(kind, k, stride, dilation)
+        # Patches tile the map the pass writes: output pixels, or input pixels for grad_input.
+        tiles_w = _cdiv(cols, NHWC_PATCH)
+        tiles = _cdiv(rows, NHWC_PATCH) * tiles_w
+        ptiles = _cdiv(tiles, NHWC_SLOTS // (gb * tpi))
+        grid = b * (g // gb) * ptiles
+        if ((gb * kk * size) % 4 == 0 and (g * kk * size) % 4 == 0  # kernel rows in 32-bit words
+                and smem <= max_shared_bytes(out.device) and (kind != "bwd_input" or stride <= 2)
+                and max(h * w * c, ho * wo * c, ho * wo * g * kk, grid) <= _INT_MAX):  # 32-bit offsets in an image
             return Launch(kernel_name(kind, "nhwc", out.dtype, k, stride, dilation), module, grid,
-                          args + tuple(np.int32(v) for v in (tpi, gb, tiles_w, tiles, g // gb)), ins)
+                          args + tuple(np.int32(v) for v in (gb, tiles_w, tiles, ptiles)), ins, smem)
     grid = min(_cdiv(items, THREADS), _MAX_BLOCKS)
     return Launch(kernel_name(kind, "nhwc_scalar", out.dtype, k, stride, dilation), module, grid,
                   args + (np.int64(items),), ins)
