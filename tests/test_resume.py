@@ -1,4 +1,5 @@
-"""Resuming a run: which checkpoint, what it restores, and what it refuses to do to a run directory's results."""
+"""Resuming a run: which checkpoint, what it restores, and what it refuses to do to a run directory's results;
+the class names a checkpoint stores, against the data of a resume or an evaluation."""
 from __future__ import annotations
 
 import json
@@ -323,3 +324,132 @@ def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, 
             "e.g. Lustre mounted without -o flock): nothing keeps a second trainer from writing there at the same "
             "time, and leftovers of interrupted writes are not removed") in log
     assert leftover.exists() and not rundir.RunDir(out).locked
+
+
+# --- the class names a checkpoint stores -------------------------------------------------------------------
+
+# test_resnet on an ImageFolder of 16 px PNGs: classes are folder names.
+FOLDER = ["model.name=test_resnet", "model.num_classes=2", "data.img_size=16", "data.batch_size=4",
+          "data.workers=0", "optim.lr=0.05", "train.log_every=1", "train.label_smoothing=0.0",
+          "train.max_iters_per_epoch=1", "train.epochs=2"]
+
+
+def _image_folder(root, classes, splits=("train", "val"), per_class=2):
+    """``root/<split>/<class>/*.png``, 20x20 RGB noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _folder_args(data, out, *extra):
+    sets = [a for item in FOLDER for a in ("--set", item)]
+    return ["--config", str(CONFIGS / "digits.yaml"), "--data", str(data), "--output", str(out), *sets, *extra]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """One epoch (of two) on train/{cat,dog}: the data and the run directory."""
+    root = tmp_path_factory.mktemp("classes")
+    data = _image_folder(root / "data", ("cat", "dog"))
+    assert load_tool("train").main(_folder_args(data, root / "run", "--set", "train.epochs=1")) == 0
+    return data, root / "run"
+
+
+def _renamed(data, tmp_path, old="dog", new="wolf"):
+    """A copy of the data with one class folder renamed in both splits: same count, same order."""
+    copy = _copy(data, tmp_path / "renamed")
+    for split in ("train", "val"):
+        (copy / split / old).rename(copy / split / new)
+    return copy
+
+
+def test_every_checkpoint_stores_the_class_names(folder_run):
+    import torch
+
+    _, out = folder_run
+    for name in ("checkpoint-000000001.pt", "best.pt", "last.pt"):
+        state = torch.load(out / name, weights_only=True)  # plain data: no pickled code to allow
+        assert state["classes"] == ["cat", "dog"], name
+
+
+def test_resume_on_renamed_class_folders_is_refused_unless_allowed(folder_run, tmp_path, capsys):
+    from rednet.engine.checkpoint import read_checkpoint
+
+    data, run = folder_run
+    out, renamed = _copy(run, tmp_path / "run"), _renamed(data, tmp_path)
+    before = _snapshot(out)
+    train = load_tool("train")
+    capsys.readouterr()
+    assert train.main(_folder_args(renamed, out, "--resume", "auto")) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.out + captured.err
+    assert f"cannot resume from {out / 'checkpoint-000000001.pt'}" in errors[0]
+    assert "label 1: 'dog' -> 'wolf'" in errors[0] and "--allow-config-change" in errors[0]
+    assert _snapshot(out) == before  # refused before the directory changed
+    assert train.main(_folder_args(renamed, out, "--resume", "auto", "--allow-config-change")) == 0
+    assert "continuing from" in _printed(capsys)
+    last = read_checkpoint(out / "last.pt")
+    assert last["global_step"] == 2 and last["classes"] == ["cat", "wolf"]
+
+
+def test_a_checkpoint_without_class_names_still_resumes(folder_run, tmp_path, capsys):
+    """Checkpoints written before the names were stored: only the class count is checked."""
+    from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+
+    data, run = folder_run
+    out = _copy(run, tmp_path / "run")
+    for name in ("checkpoint-000000001.pt", "best.pt"):
+        state = read_checkpoint(out / name)
+        del state["classes"]
+        save_checkpoint(state, out / name)
+    (out / "last.pt").unlink()
+    capsys.readouterr()
+    assert load_tool("train").main(_folder_args(_renamed(data, tmp_path), out, "--resume", "auto")) == 0
+    assert "stores no class names (written before checkpoints held them): only the class count is checked" in (
+        _printed(capsys))
+    assert read_checkpoint(out / "last.pt")["classes"] == ["cat", "wolf"]
+
+
+def _eval(checkpoint, data, *extra):
+    return ["--checkpoint", str(checkpoint), "--data", str(data), "--workers", "0", *extra]
+
+
+def test_eval_on_renamed_class_folders_is_refused_unless_allowed(folder_run, tmp_path, capsys):
+    data, run = folder_run
+    renamed = _renamed(data, tmp_path)
+    evaluate = load_tool("eval")
+    capsys.readouterr()
+    assert evaluate.main(_eval(run / "best.pt", renamed, "--json", str(tmp_path / "r.json"))) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.out + captured.err
+    assert f"the folder {renamed / 'val'} has other class names than the model was trained on" in errors[0]
+    assert "label 1: 'dog' -> 'wolf'" in errors[0] and "--allow-config-change" in errors[0]
+    assert "eval step" not in captured.out and not (tmp_path / "r.json").exists()
+    assert evaluate.main(_eval(run / "best.pt", renamed, "--allow-config-change")) == 0
+    assert "scoring although the class names differ from the model's (label 1: 'dog' -> 'wolf')" in (
+        _printed(capsys))
+    assert evaluate.main(_eval(run / "best.pt", data)) == 0  # the names it was trained on
+
+
+@pytest.mark.parametrize("classes", [("cat", "dog", "fox"), ("cat",)], ids=["more", "fewer"])
+def test_eval_of_a_checkpoint_on_a_folder_of_another_class_count(folder_run, tmp_path, capsys, classes):
+    """3 folder classes on a 2-class model ended in an IndexError traceback; 1 was scored, exit 0."""
+    _, run = folder_run
+    data = _image_folder(tmp_path / "data", classes, splits=("val",))
+    capsys.readouterr()
+    assert load_tool("eval").main(_eval(run / "best.pt", data)) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in captured.out + captured.err
+    assert (f"the folder {data / 'val'} has {len(classes)} classes but the model has 2 (trained in "
+            f"{run / 'best.pt'}): evaluate it on data of the 2 classes it was trained on") in errors[0]
+    assert ("would need a mapping" in errors[0]) == (len(classes) < 2)

@@ -246,7 +246,7 @@ def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
         for i in range(3):
             image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
             image.save(tmp_path / "data" / "val" / c / f"{i}.png")
-    model = rednet.create_model("resnet10t", num_classes=1000)
+    model = rednet.create_model("resnet10t", num_classes=2)  # the folder's classes (eval takes the weights' count)
     torch.save(model.state_dict(), tmp_path / "w.pth")
     out = tmp_path / "r.json"
     rc = load_tool("eval").main(["--model", "resnet10t", "--pretrained", str(tmp_path / "w.pth"), "--data",

@@ -35,6 +35,7 @@ from rednet.models import (
     load_weights,
     read_weights,
     save_weights,
+    weights_num_classes,
 )
 
 from .helpers import DEPTHS, PARAMS, load_tool
@@ -253,6 +254,22 @@ def test_not_a_rednet_checkpoint(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match="none of the RedNet layouts"):
         read_weights(tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("kind", ["rednet", "mmcls", "paddle2"])
+def test_weights_num_classes_reads_the_classifier_of_every_layout(tmp_path, kind):
+    """7 classes in every layout: mmcls's head.fc.weight, PaddleClas's transposed (2048, 7) fc.weight."""
+    sd = rednet.create_model("rednet26", num_classes=7).state_dict()
+    assert weights_num_classes(_write(kind, sd, tmp_path / "w.bin")) == 7
+    headless = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    assert weights_num_classes(_write(kind, headless, tmp_path / "headless.bin")) is None
+
+
+def test_weights_num_classes_of_another_models_file(tmp_path):
+    """A timm model's own file (in no RedNet layout) is read under its own names, its classifier named."""
+    path = tmp_path / "vit.pth"
+    torch.save(rednet.create_model("test_vit", num_classes=5).state_dict(), path)
+    assert weights_num_classes(path, classifier="head") == 5 and weights_num_classes(path) is None
 
 
 # --- corrupt, truncated, malicious ------------------------------------------------------

@@ -10,8 +10,14 @@ With a checkpoint the data and eval transform come from its stored config; with
 interpolation, mean/std). What the command line gives (--img-size, --crop-pct,
 --interpolation, --set data.img_size=...) wins over either; the transform used is
 logged and stored in the --json file. Under torchrun every image is scored exactly once.
-Exit status (rednet.engine.EXIT_CODES): 0 done; 2 bad config, checkpoint, weights or data, or a results
-file that cannot be written; 130 Ctrl-C (no results written).
+
+The model's classes must be the data's: the same count, and with a checkpoint the same names
+(checkpoints store them; --allow-config-change scores renamed folders anyway). With a weights
+file or URL the model gets as many classes as its classifier, unless --num-classes (or --set
+model.num_classes) says otherwise.
+Exit status (rednet.engine.EXIT_CODES): 0 done; 2 bad config, checkpoint, weights or data, classes that
+differ from the model's, or a results file that cannot be written (checked before scoring; if writing
+fails at the end, the results are printed on stdout); 130 Ctrl-C (no results written).
 """
 from __future__ import annotations
 
@@ -40,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-pct", type=float, help="resize to img-size / crop-pct, then crop (data.eval_crop_pct)")
     p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"],
                    help="resize filter (data.interpolation)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (model.num_classes; default: the weights' "
+                                                     "classifier, else the config's); must equal the data's classes")
     p.add_argument("--batch-size", type=int, help="per-process batch size")
     p.add_argument("--workers", type=int, help="loader workers per process")
+    p.add_argument("--threads", type=int, help="CPU threads per process (train.cpu_threads, torch.set_num_threads)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the config's train.device")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"],
                    help="autocast dtype, on a CPU too (default: the config's train.amp on CUDA, fp32 on a CPU)")
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="score a checkpoint on data whose class names differ from those it was trained on "
+                        "(same count), e.g. renamed class folders")
     p.add_argument("--list-configs", action="store_true", help="print the bundled configs and exit")
     return p
 
@@ -58,10 +70,14 @@ def _config_overrides(args: argparse.Namespace) -> list[str]:
     for option, key in (("img_size", "img_size"), ("crop_pct", "eval_crop_pct"), ("interpolation", "interpolation")):
         if getattr(args, option) is not None:
             overrides.append(f"data.{key}={getattr(args, option)}")
+    if args.num_classes is not None:
+        overrides.append(f"model.num_classes={args.num_classes}")
     if args.batch_size:
         overrides.append(f"data.eval_batch_size={args.batch_size}")
     if args.workers is not None:
         overrides.append(f"data.workers={args.workers}")
+    if args.threads is not None:
+        overrides.append(f"train.cpu_threads={args.threads}")
     if args.device:
         overrides.append(f"train.device={args.device}")
     if args.amp:
@@ -83,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate() -> int:
         check_paths_not_empty(args, ("config", "checkpoint", "pretrained", "data", "split", "json"))
         run_eval(args.config, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                 overrides=_config_overrides(args), values=path_values(args, PATH_KEYS), json_path=args.json)
+                 overrides=_config_overrides(args), values=path_values(args, PATH_KEYS), json_path=args.json,
+                 allow_config_change=args.allow_config_change)
         return 0
 
     return run_command(evaluate, log=True, interrupted="interrupted by SIGINT; no results written")

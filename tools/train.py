@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start over in a run directory that holds results: they are first moved into "
                             "OUTPUT/previous-<time>/")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="resume from a checkpoint whose config differs in more than the keys a resume may change: "
-                        + ", ".join(RESUME_SAFE_KEYS))
+                   help="resume from a checkpoint whose config differs in more than the keys a resume may change ("
+                        + ", ".join(RESUME_SAFE_KEYS) + "), or whose class names differ from the data's (renamed "
+                        "class folders)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (base file merged, overrides applied) as YAML and exit")
     return p

@@ -7,8 +7,8 @@
   training checkpoint);
 - running it: ``trainer`` (``fit``), ``loop`` (the training step, the epoch, the eval pass),
   ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
-  ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``logger``,
-  ``distributed``;
+  ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``classes`` (a
+  checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
 
 This module imports exactly what ``tools/`` uses, and the errors ``EXIT_CODES`` names; the

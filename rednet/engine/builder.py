@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import parse_model_name
+from timm.models import get_pretrained_cfg, parse_model_name
 from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
-from ..models import create_model
+from ..models import create_model, weights_num_classes
 from ..ops import describe_backend
 from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
@@ -37,7 +37,9 @@ __all__ = [
     "format_summary",
     "global_batch_size",
     "load_model_from_checkpoint",
+    "model_from_checkpoint_state",
     "peak_lr",
+    "weights_classes",
 ]
 
 # The autocast dtype of each ``train.amp`` name (None: fp32, no autocast).
@@ -162,7 +164,13 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
         # A file or URL goes through the pretrained-config overlay, which both timm's loader
         # and RedNet's (foreign layouts) honour, so any registered model accepts one.
         key = "url" if "://" in source else "file"
-        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), key: source}
+        overlay = {key: source}
+        # timm's loader drops a classifier whose count differs from the pretrained config's (1000
+        # for most models) even when it is the model's own; the file's count is the one to compare.
+        classes = weights_classes(cfg.model.name, source)
+        if classes is not None:
+            overlay["num_classes"] = classes
+        kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), **overlay}
     for key in ("drop_path_rate", "drop_block_rate"):
         rate = getattr(cfg.model, key)
         if rate:  # only when set: some timm models take no drop_block_rate
@@ -185,6 +193,31 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
         raise ConfigError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name} ({why})") from e
 
 
+def weights_classes(model: str, source: str) -> Optional[int]:
+    """The classes of the classifier in the weights ``source`` of ``model`` (None: not known, or it has none).
+
+    Args:
+        model: the model's name; its pretrained config names its classifier (``fc``, ``head.fc``...).
+        source: ``"default"`` (the model's published weights: their pretrained config's count), a
+            weights file or a URL (read, or downloaded into the cache, to count the rows of the classifier).
+
+    Raises:
+        ConfigError: ``source`` is a file that does not exist.
+        CheckpointError: the file cannot be read.
+    """
+    try:
+        pretrained_cfg = get_pretrained_cfg(model)
+    except (RuntimeError, ValueError, KeyError):  # hf-hub: and local-dir: names carry their own config
+        pretrained_cfg = None
+    if source == "default":
+        return pretrained_cfg.num_classes if pretrained_cfg is not None else None
+    classifier = pretrained_cfg.classifier if pretrained_cfg is not None and pretrained_cfg.classifier else "fc"
+    if not isinstance(classifier, str):  # distilled models name two heads; the first is the classifier
+        classifier = classifier[0]
+    _check_pretrained(source)
+    return weights_num_classes(source, classifier)
+
+
 def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the trained network from a training checkpoint, weights loaded, in eval mode.
 
@@ -205,12 +238,19 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
         CheckpointError: the file is missing, truncated, corrupt or not a training checkpoint.
     """
     state = read_checkpoint(path, map_location)
+    return model_from_checkpoint_state(state, map_location), state["config"]
+
+
+def model_from_checkpoint_state(state: dict, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained network of a checkpoint already read (``read_checkpoint``), as ``load_model_from_checkpoint``.
+
+    For callers that need more of the checkpoint than its model, such as the class names it stores.
+    """
     cfg = config_from_dict(state["config"])
     model = build_model(cfg, pretrained=False)
     weights = state["ema"] if cfg.train.eval_ema and state.get("ema") is not None else state["model"]
     model.load_state_dict(weights)
-    model.to(map_location).eval()
-    return model, state["config"]
+    return model.to(map_location).eval()
 
 
 def global_batch_size(cfg: Config, world_size: int) -> int:

@@ -15,6 +15,8 @@ weights_only=True)`` reads it without executing pickled code:
     epoch_meter        one entry per rank: the running totals of the epoch in progress (loss sum,
                        steps, images, loader wait, time), or None at an epoch's end; optional
     world_size, best_top1, metrics   bookkeeping
+    classes            the training set's class names by label (a list of str; absent in checkpoints
+                       written before they were stored), checked by a resume and by an evaluation
 
 The file is the zip archive ``torch.save`` writes, whose zip comment (the last bytes of
 the file, which zip readers and ``torch.load`` skip) is ``rednet-sha256:<hex>``: the

@@ -21,6 +21,9 @@ Compatible means that the stored config differs from the current one only in
 ``RESUME_SAFE_KEYS``: the run's length, where its files and data are, how it executes and
 logs, but not its recipe. Any other difference is incompatible, for example the model
 (name, classes, input channels, kwargs), the data, the augmentation, the optimizer or the loss.
+Once the plan is made and the data is found, ``fit`` also refuses a checkpoint whose stored
+class names differ from the training data's (``classes.check_resume_classes``), before the
+directory changes; ``--allow-config-change`` accepts that too.
 
 A worker that ``torchrun --max-restarts`` restarted continues the run as ``--resume auto``.
 

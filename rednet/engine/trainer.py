@@ -52,6 +52,7 @@ from .builder import (
     peak_lr,
 )
 from .checkpoint import CheckpointError, capture_rng_state, read_checkpoint, restore_rng_state
+from .classes import check_resume_classes, data_name
 from .config import Config
 from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
@@ -222,6 +223,7 @@ class _Run:
         self.rng_state: Optional[dict] = None  # set by restore; applied just before the first step
         self.meter: Optional[TrainMeter] = None  # the epoch in progress's statistics; checkpointed with it
         self.resumed_meter: Optional[dict] = None  # set by restore: this rank's totals of the resumed epoch
+        self.classes: Optional[list[str]] = None  # the training set's class names, by label
 
     @classmethod
     def build(cls, cfg: Config, run_dir: RunDir, dist_info: DistInfo, steps: int, pretrained: bool) -> _Run:
@@ -262,6 +264,7 @@ class _Run:
             "rng": rng,
             "epoch_meter": meters,
             "world_size": self.dist.world_size,
+            "classes": self.classes,
         }
 
     def save(self) -> Path:
@@ -374,7 +377,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
             or a checkpoint path.
         restart: start over; the run directory's results are first moved into ``previous-<time>/``.
         allow_config_change: continue from a checkpoint whose config differs in more than
-            ``RESUME_SAFE_KEYS``.
+            ``RESUME_SAFE_KEYS``, or whose class names differ from the training data's.
 
     Raises:
         ConfigError: the config names what cannot be built here (a model, weights file, optimizer, CUDA device).
@@ -413,15 +416,21 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
         run_dir.write_config(cfg_dict)
 
     # Rank 0 decides and changes the directory; the others wait (and see its errors), then
-    # read the same checkpoint.
+    # read the same checkpoint. The data's class names are checked against the checkpoint's
+    # before anything in the directory changes.
     plan = run_on_main(decide)
     if plan.checkpoint is not None and plan.epoch >= cfg.train.epochs and plan.iteration == 0:
         barrier()  # see _Run.save
         return _finished(cfg, run_dir, plan)
+    train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
+    classes = list(train_loader.dataset.classes)
+    if plan.checkpoint is not None:
+        run_on_main(lambda: check_resume_classes(main_state, classes, plan.checkpoint,
+                                                 data_name(cfg.data, cfg.data.train_split), allow_config_change))
     run_on_main(prepare_run_dir)
     ckpt = main_state if dist_info.is_main or plan.checkpoint is None else read_checkpoint(plan.checkpoint)
-    train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
+    run.classes = classes
     if ckpt is not None:
         if ckpt.get("world_size", 1) != dist_info.world_size:
             epoch_images = epoch_order(train_loader).num_samples * dist_info.world_size

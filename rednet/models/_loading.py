@@ -13,7 +13,7 @@ from ._hub import resolve_source, split_sha256
 from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, count_nonfinite, format_keys
 from ._readers import read_raw
 
-__all__ = ["fit_state_dict", "load_pretrained", "load_weights", "read_weights"]
+__all__ = ["fit_state_dict", "load_pretrained", "load_weights", "read_weights", "weights_num_classes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -66,6 +66,42 @@ def load_weights(
     if "://" in os.fspath(source):
         wf.source = split_sha256(os.fspath(source))[0]  # name the URL in messages, not the cache file
     return wf
+
+
+def weights_num_classes(
+    source: str | os.PathLike,
+    classifier: str = "fc",
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float | None = None,
+) -> int | None:
+    """The number of classes of the classifier in a weights file: the rows of ``<classifier>.weight``.
+
+    Any container and RedNet layout is read, so the authors' ``head.fc.weight`` and PaddleClas's
+    transposed ``fc.weight`` count as this project's ``fc.weight`` does. Another model's file (a
+    timm model's own weights, in no RedNet layout) is looked up under its own key names.
+
+    Args:
+        source: a local path or URL (optionally ending in ``#sha256=<hex>``).
+        classifier: the classifier module's name in the model (timm's ``pretrained_cfg["classifier"]``).
+        sha256: expected digest of the file, if known.
+        progress: show a progress bar while downloading.
+        timeout: seconds a download may wait for the server; None reads ``$REDNET_DOWNLOAD_TIMEOUT``.
+
+    Returns:
+        The classifier's output count, or None when the file holds no such classifier.
+
+    Raises:
+        FileNotFoundError, CheckpointError, ValueError: as ``load_weights``.
+    """
+    path = resolve_source(source, sha256, progress, timeout)
+    raw = read_raw(path)
+    try:
+        state_dict = convert_state_dict(raw.state_dict).state_dict
+    except CheckpointError:  # another model's layout: its names are the model's own
+        state_dict = raw.state_dict
+    weight = state_dict.get(f"{classifier}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
 
 
 def fit_state_dict(model: nn.Module, wf: WeightsFile) -> dict[str, torch.Tensor]:
