@@ -46,7 +46,15 @@ class NoSpaceError(CheckpointError):
     """A file could not be written: its file system or quota is full, or it reached the file-size limit.
 
     A ``CheckpointError``, so that every tool reports it as bad input: one line, exit status 2.
+
+    Args:
+        message: what was not written, where, and the space free there.
+        code: the write's errno (ENOSPC, EDQUOT, EFBIG); ``errno`` and ``strerror`` as an ``OSError`` has them.
     """
+
+    def __init__(self, message: str, code: Optional[int] = None):
+        super().__init__(message)
+        self.errno, self.strerror = code, os.strerror(code) if code is not None else None
 
 
 def _file_size_limit() -> str:
@@ -98,7 +106,8 @@ def no_space_error(exc: BaseException, path: str | os.PathLike) -> Optional[NoSp
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             path = Path(path)
-            return NoSpaceError(f"cannot write {path.name} in {path.parent}: {_no_space(e.errno, path.parent)}")
+            return NoSpaceError(f"cannot write {path.name} in {path.parent}: {_no_space(e.errno, path.parent)}",
+                                e.errno)
         e = e.__cause__ or e.__context__
     return None
 
