@@ -59,6 +59,99 @@ def test_duplicate_key_in_a_set_mapping(capsys):
                                      "--print-config"], r"--set model\.kwargs: duplicate key 'a'")
 
 
+# --- issue 16, item 13: YAML that would build too much, or too deep ---------------------
+
+
+def _alias_bomb() -> str:
+    """A "billion laughs" under model.kwargs: under 600 bytes that stand for 9**9 strings."""
+    lines = ["model:", "  name: rednet26", "  kwargs:", '    a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", '
+             '"lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"    {name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_at_once_in_a_little_memory(tmp_path):
+    import time
+    import tracemalloc
+
+    from rednet.engine import ConfigError, load_config
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    assert bomb.stat().st_size < 600
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=r"bomb\.yaml: line \d+: this value holds more than 100,000 values"):
+            load_config(bomb)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 20 * 2**20, (elapsed, peak)
+
+
+def test_yaml_alias_bomb_through_the_tool_is_exit_2(tmp_path):
+    """The tool in a process of its own, with a memory cap: before the fix it grew until memory ran out."""
+    import resource
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(bomb), "--print-config"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120, preexec_fn=cap_memory)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert "holds more than 100,000 values with its aliases expanded" in errors[0]
+
+
+def test_base_chain_too_long_is_exit_2(tmp_path, capsys):
+    for i in range(1500):  # each file builds on the next
+        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n" if i < 1499 else "model:\n  name: rednet26\n")
+    _fails_cleanly(capsys, "train", ["--config", str(tmp_path / "c0.yaml"), "--print-config"],
+                   r"c0\.yaml: its base files nest more than 32 deep \(base file 32, .*c32\.yaml")
+    # 32 base files are allowed.
+    assert load_tool("train").main(["--config", str(tmp_path / "c1467.yaml"), "--print-config"]) == 0
+    assert "rednet26" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{a: " * 3000 + "}" * 3000], ids=["lists", "mappings"])
+def test_set_value_nested_too_deep_is_exit_2(capsys, value):
+    _fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", f"model.kwargs={value}", "--print-config"],
+                   r"--set model\.kwargs: line 1: values nested more than 32 levels deep")
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("model:\n  kwargs:\n    a: &a [1, *a]\n", r"line 3: an alias refers to the value that contains it"),
+    # Each alias adds a level once expanded, though the text itself is flat.
+    ("model:\n  kwargs:\n" + "".join(f"    k{i}: &k{i} [{'*k' + str(i - 1) if i else 1}]\n" for i in range(40)),
+     r"values nested more than 32 levels deep with aliases expanded"),
+], ids=["recursive", "deep-through-aliases"])
+def test_yaml_aliases_that_recurse_or_nest_too_deep(tmp_path, capsys, text, pattern):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    _fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
+
+
+def test_yaml_anchors_within_bounds_still_work(tmp_path, capsys):
+    import yaml
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("optim: &o\n  lr: 0.1\n  momentum: 0.8\nmodel:\n  kwargs:\n    a: &a [1, 2]\n    b: [*a, *a]\n"
+                  "    o:\n      <<: *o\n      lr: 0.2\n")
+    assert load_tool("train").main(["--config", str(ok), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["kwargs"] == {"a": [1, 2], "b": [[1, 2], [1, 2]], "o": {"lr": 0.2, "momentum": 0.8}}
+    assert printed["optim"]["lr"] == 0.1
+
+
 # --- command-line paths -----------------------------------------------------------------
 
 
@@ -104,6 +197,23 @@ def _train_argv(out, *sets: str) -> list[str]:
 ], ids=["model-name", "optimizer", "model-kwargs", "batch-over-dataset"])
 def test_bad_config_values(tmp_path, capsys, item, pattern):
     _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", item), pattern)
+
+
+# Issue 16, item 14: values that passed validation and failed once training had started (an
+# OverflowError computing steps or crops, an overflowing seed or thread count, timm's mixup, a
+# FileNotFoundError from timm): now each is refused before anything is read or written.
+@pytest.mark.parametrize("items, pattern", [
+    (["optim.warmup_epochs=.inf"], r"'optim\.warmup_epochs' expects a finite number, got inf"),
+    (["data.ratio=[0.75, .inf]"], r"'data\.ratio' expects finite numbers, got \(0\.75, inf\)"),
+    ([f"train.seed={2**70}"], r"'train\.seed' expects an integer in \[0, 2\*\*32\), got 1180591620717411303424"),
+    (["train.cpu_threads=100000000000"], r"'train\.cpu_threads' expects null or an integer in \[1, 1024\]"),
+    (["train.mixup=0.2", "data.batch_size=3"], r"'data\.batch_size' expects an even number when train\.mixup"),
+    (["model.kwargs={checkpoint_path: /nonexistent/w.pth}"],
+     r"model\.kwargs\.checkpoint_path '/nonexistent/w\.pth' does not exist"),
+], ids=["warmup-inf", "ratio-inf", "seed-2**70", "cpu-threads", "mixup-odd-batch", "checkpoint-path"])
+def test_values_that_would_fail_once_training_started(tmp_path, capsys, items, pattern):
+    _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", *items), pattern)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

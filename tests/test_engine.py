@@ -129,6 +129,29 @@ def test_config_wrong_values_name_key_and_expectation(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.warmup_epochs=.inf", r"'optim\.warmup_epochs' expects a finite number, got inf"),
+    ("optim.base_lr=.inf", r"'optim\.base_lr' expects a finite number"),
+    ("optim.weight_decay=.nan", r"'optim\.weight_decay' expects a finite number, got nan"),
+    ("data.scale=[0.5, .inf]", r"'data\.scale' expects finite numbers"),
+    ("data.mean=[0.5, .inf, 0.5]", r"'data\.mean' expects finite numbers"),
+    ("data.color_jitter=-.inf", r"'data\.color_jitter' expects a finite number"),
+    ("train.seed=4294967296", r"'train\.seed' expects an integer in \[0, 2\*\*32\)"),
+    ("train.seed=-1", r"'train\.seed' expects an integer in \[0, 2\*\*32\)"),
+    ("data.split_seed=4294967296", r"'data\.split_seed' expects an integer in \[0, 2\*\*32\)"),
+    ("train.cpu_threads=1025", r"'train\.cpu_threads' expects null or an integer in \[1, 1024\]"),
+])
+def test_config_values_that_would_fail_later(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_bounds_take_their_edges():
+    cfg = load_config(None, ["train.seed=4294967295", "data.split_seed=4294967295", "train.cpu_threads=1024",
+                             "train.cutmix=1.0", "data.batch_size=2"])
+    assert (cfg.train.seed, cfg.data.split_seed, cfg.train.cpu_threads) == (2**32 - 1, 2**32 - 1, 1024)
+
+
 def test_config_overrides_types_and_roundtrip(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  name: resnet18\noptim:\n  lr: 0.5\n")
@@ -325,6 +348,19 @@ def test_fit_runs_its_own_pre_checks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_checkpoint_path_in_model_kwargs_is_checked_unless_a_checkpoint_follows(tmp_path):
+    """timm loads model.kwargs.checkpoint_path into the model it builds: a missing file is the config's error,
+    except when a training checkpoint's weights replace the initial ones (eval, resume)."""
+    from rednet.engine.builder import build_model, check_buildable
+
+    cfg = load_config(None, ["model.name=test_resnet", f"model.kwargs={{checkpoint_path: {tmp_path / 'nope.pth'}}}"])
+    for check in (check_buildable, build_model):
+        with pytest.raises(ConfigError, match=r"model\.kwargs\.checkpoint_path '.*nope\.pth' does not exist"):
+            check(cfg)
+    with torch.device("meta"):
+        assert build_model(cfg, pretrained=False) is not None
+
+
 def test_loss_and_mixup_follow_the_config():
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -337,8 +373,9 @@ def test_loss_and_mixup_follow_the_config():
     assert isinstance(loss_fn, LabelSmoothingCrossEntropy) and mixup is None
     loss_fn, mixup = build_loss_and_mixup(load_config(None, ["train.label_smoothing=0"]))
     assert isinstance(loss_fn, torch.nn.CrossEntropyLoss) and mixup is None
-    with pytest.raises(ValueError, match="even data.batch_size"):
-        build_loss_and_mixup(load_config(None, ["train.mixup=0.2", "data.batch_size=5"]))
+    # An odd batch with mixup is the config's error, before anything is built.
+    with pytest.raises(ConfigError, match=r"'data\.batch_size' expects an even number"):
+        load_config(None, ["train.mixup=0.2", "data.batch_size=5"])
 
 
 def test_lr_scaling_counts_accumulation():

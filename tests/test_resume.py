@@ -453,3 +453,15 @@ def test_eval_of_a_checkpoint_on_a_folder_of_another_class_count(folder_run, tmp
     assert (f"the folder {data / 'val'} has {len(classes)} classes but the model has 2 (trained in "
             f"{run / 'best.pt'}): evaluate it on data of the 2 classes it was trained on") in errors[0]
     assert ("would need a mapping" in errors[0]) == (len(classes) < 2)
+
+
+def test_config_changes_show_urls_redacted():
+    """The lines a resume logs about config changes never show a URL's token (model.pretrained)."""
+    from rednet.engine import config_to_dict
+    from rednet.engine.resume import config_changes
+
+    def cfg(token):
+        return config_to_dict(_cfg("run", f"model.pretrained=https://host/w.pth?token={token}"))
+
+    safe, unsafe = config_changes(cfg("NEW"), cfg("OLD"))
+    assert not safe and unsafe == ["model.pretrained: 'https://host/w.pth?token=***' -> 'https://host/w.pth?token=***'"]

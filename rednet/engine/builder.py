@@ -17,7 +17,7 @@ from timm.models import get_pretrained_cfg, parse_model_name
 from timm.optim import create_optimizer_v2, list_optimizers
 
 from ..layers import Involution
-from ..models import create_model, weights_num_classes
+from ..models import create_model, resolve_source, weights_num_classes
 from ..ops import describe_backend
 from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
@@ -116,6 +116,24 @@ def _check_pretrained(source: Optional[str]) -> None:
                           "'default', a weights file or a URL)")
 
 
+def _check_checkpoint_path(kwargs: dict) -> None:
+    # timm's create_model loads model.kwargs.checkpoint_path after building: a missing file would
+    # surface as a bare FileNotFoundError once the data is read and the model built.
+    path = kwargs.get("checkpoint_path")
+    if not path:
+        return
+    if not isinstance(path, str):
+        what = "is not a file name"
+    elif Path(path).is_dir():
+        what = "is a folder, not a weights file"
+    elif not Path(path).is_file():
+        what = "does not exist"
+    else:
+        return
+    raise ConfigError(f"model.kwargs.checkpoint_path {path!r} {what} (timm loads it into the built model; give "
+                      "an existing weights file, or remove the key)")
+
+
 def _check_optimizer_name(name: str) -> None:
     # timm reads 'lookahead_sgd' as SGD inside Lookahead: the last part names the optimizer.
     known = list_optimizers()
@@ -133,15 +151,16 @@ def check_device(device: str) -> None:
 def check_buildable(cfg: Config) -> None:
     """Cheap checks, before any data is read, that ``cfg`` names things this machine can build.
 
-    The model name is registered, a pretrained file exists, the optimizer is known to timm
-    and a requested CUDA device is present. Bad ``model.kwargs`` show only when the model
-    is built (``build_model``).
+    The model name is registered, a pretrained file and a ``model.kwargs.checkpoint_path``
+    exist, the optimizer is known to timm and a requested CUDA device is present. Other bad
+    ``model.kwargs`` show only when the model is built (``build_model``).
 
     Raises:
         ConfigError: naming the key, and the nearest valid names where there are some.
     """
     _check_model_name(cfg.model.name)
     _check_pretrained(cfg.model.pretrained)
+    _check_checkpoint_path(cfg.model.kwargs)
     _check_optimizer_name(cfg.optim.name)
     check_device(cfg.train.device)
 
@@ -151,20 +170,32 @@ def build_model(cfg: Config, pretrained: bool = True) -> nn.Module:
 
     Args:
         cfg: the run config; ``model.pretrained`` is ``"default"``, a path, a URL or None.
-        pretrained: set False to skip the pretrained weights (when a checkpoint follows).
+        pretrained: set False to skip the pretrained weights and ``model.kwargs.checkpoint_path``
+            (when a checkpoint follows).
 
     Raises:
         ConfigError: an unknown model name, a missing weights file, or ``model.kwargs`` the model does not take.
+        CheckpointError: a URL that cannot be downloaded.
     """
     source = cfg.model.pretrained if pretrained else None
     _check_model_name(cfg.model.name)
     _check_pretrained(source)
     kwargs = dict(cfg.model.kwargs)
+    if pretrained:
+        _check_checkpoint_path(kwargs)
+    else:
+        kwargs.pop("checkpoint_path", None)  # initial weights too, which the checkpoint that follows replaces
+    if source and "://" in source:
+        # Through rednet's download for every model, timm's too: its cache names, deadline and
+        # checks, and messages that never show the URL's query or password (timm's log the URL).
+        try:
+            source = str(resolve_source(source))
+        except ValueError as e:  # a malformed #sha256=, or a bad download setting
+            raise ConfigError(f"model.pretrained: {e}") from None
     if source and source != "default":
-        # A file or URL goes through the pretrained-config overlay, which both timm's loader
-        # and RedNet's (foreign layouts) honour, so any registered model accepts one.
-        key = "url" if "://" in source else "file"
-        overlay = {key: source}
+        # A file goes through the pretrained-config overlay, which both timm's loader and
+        # RedNet's (foreign layouts) honour, so any registered model accepts one.
+        overlay = {"file": source}
         # timm's loader drops a classifier whose count differs from the pretrained config's (1000
         # for most models) even when it is the model's own; the file's count is the one to compare.
         classes = weights_classes(cfg.model.name, source)
@@ -320,14 +351,10 @@ def build_loss_and_mixup(cfg: Config) -> tuple[Callable, Optional[Callable]]:
     """The training loss and, when ``train.mixup`` or ``train.cutmix`` is on, timm's ``Mixup``.
 
     Mixup/cutmix produce soft targets (label smoothing folded in), hence the soft-target
-    cross-entropy with them; otherwise label-smoothed or plain cross-entropy.
-
-    Raises:
-        ValueError: mixup/cutmix with an odd ``data.batch_size`` (timm mixes pairs).
+    cross-entropy with them; otherwise label-smoothed or plain cross-entropy. ``validate`` has
+    made sure the batch is even when they are on (timm mixes pairs).
     """
     if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
-        if cfg.data.batch_size % 2:
-            raise ValueError("mixup/cutmix need an even data.batch_size")
         mixup = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix, prob=cfg.train.mixup_prob,
                       switch_prob=cfg.train.mixup_switch_prob, label_smoothing=cfg.train.label_smoothing,
                       num_classes=cfg.model.num_classes)

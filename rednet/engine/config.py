@@ -2,12 +2,16 @@
 
 Every key a YAML file or ``--set`` may name is a field of the dataclasses below, with its
 type and default, documented in its section's ``Args:``; ``validate`` holds the checks a
-type cannot express. A new config key is a field here (and, if its values need one, a
-check in ``validate``) and nothing else: ``config_data`` converts plain data into these
-types and applies overrides, ``config_files`` reads the YAML files.
+type cannot express (every number finite, then each key's range), so that a value that
+would fail once training has started fails before anything is read. A new config key is a
+field here (and, if its values need one, a check in ``validate``) and nothing else:
+``config_data`` converts plain data into these types and applies overrides,
+``config_files`` reads the YAML files.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -15,6 +19,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
     "IMPLIED_BY_OVERRIDE",
+    "MAX_CPU_THREADS",
+    "SEED_LIMIT",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -81,7 +87,7 @@ class DataConfig:
         mean / std: normalisation on a 0-1 scale (default: ImageNet's, timm's ``IMAGENET_DEFAULT_MEAN/STD``).
         eval_crop_pct: evaluation resizes the shorter side to ``img_size / eval_crop_pct`` and
             center-crops ``img_size`` (0.875: resize 256, crop 224); 1.0 only resizes.
-        val_fraction / split_seed: the held-out split of ``digits``.
+        val_fraction / split_seed: the held-out split of ``digits`` (the seed in [0, 2**32)).
         synthetic_train_size / synthetic_val_size: lengths of the ``synthetic`` splits.
     """
 
@@ -149,11 +155,11 @@ class TrainConfig:
 
     Args:
         epochs: training epochs.
-        seed: base seed (each process adds its rank).
+        seed: base seed in [0, 2**32) (each process adds its rank).
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN benchmark.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-        cpu_threads: intra-op CPU threads per process (``torch.set_num_threads``); ``None`` keeps
-            torch's default. On a busy shared CPU one thread avoids OpenMP oversubscription.
+        cpu_threads: intra-op CPU threads per process (``torch.set_num_threads``), at most 1024;
+            ``None`` keeps torch's default. On a busy shared CPU one thread avoids OpenMP oversubscription.
         amp: ``none``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler): the autocast dtype on CUDA.
             On a CPU it applies only with ``amp_on_cpu``.
         amp_on_cpu: autocast on a CPU too. Off by default: a recipe's ``amp`` is a GPU setting
@@ -166,7 +172,8 @@ class TrainConfig:
         sync_bn: convert BatchNorm to SyncBatchNorm under distributed training.
         accum_steps: micro-batches per optimizer step.
         label_smoothing: for the cross-entropy (ignored when mixup/cutmix supply soft targets).
-        mixup / cutmix / mixup_prob / mixup_switch_prob: timm ``Mixup`` options; 0 disables.
+        mixup / cutmix / mixup_prob / mixup_switch_prob: timm ``Mixup`` options; 0 disables. Either
+            on needs an even ``data.batch_size`` (timm mixes pairs).
         ema / ema_decay / eval_ema: keep a timm ``ModelEmaV3``; ``eval_ema`` validates and picks
             "best" with it (and ``load_model_from_checkpoint`` then returns its weights).
         val_every: validate every this many epochs (and after the last).
@@ -215,8 +222,39 @@ class Config:
 
 
 
+# Seeds are below 2**32: numpy and scikit-learn (the digits split) take no more, and torch's
+# generators (up to 2**64) then take a seed plus a rank or an epoch without overflowing.
+SEED_LIMIT = 2**32
+# torch.set_num_threads takes a C int, and OpenMP starts that many threads: a value past any one
+# machine's CPUs (the largest today have under 1024 hardware threads) is a typo. The bound does not
+# depend on this machine, so a checkpoint's config stays valid on any other.
+MAX_CPU_THREADS = 1024
+
+
+def _non_finite(cfg: Config) -> Optional[tuple[str, object]]:
+    """The first number of ``cfg`` that is NaN or infinite, as (dotted key, value), or None.
+
+    Every float key: a comparison with NaN is false, but an infinity passes ``>= 0`` and
+    fails later, when a step count or a crop size is computed from it.
+    """
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                return f"{section.name}.{f.name}", value
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Value checks the types cannot express; each names its key."""
+    bad = _non_finite(cfg)
+    if bad is not None:
+        key, value = bad
+        expects = "finite numbers" if isinstance(value, tuple) else "a finite number"
+        raise ConfigError(f"config key '{key}' expects {expects}, got {value!r}")
+    mixing = cfg.train.mixup > 0 or cfg.train.cutmix > 0
     checks = [
         # An empty path would silently mean "not set" (or the current directory): say so instead.
         ("model.pretrained", cfg.model.pretrained != "", "null, 'default', a file or a URL (not empty)"),
@@ -231,6 +269,8 @@ def validate(cfg: Config) -> None:
         ("model.drop_block_rate", 0.0 <= cfg.model.drop_block_rate < 1.0, "a number in [0, 1)"),
         ("data.img_size", cfg.data.img_size >= 8, "an integer >= 8"),
         ("data.batch_size", cfg.data.batch_size >= 1, "an integer >= 1"),
+        ("data.batch_size", not mixing or cfg.data.batch_size % 2 == 0,
+         "an even number when train.mixup or train.cutmix is on (timm mixes the batch in pairs)"),
         ("data.eval_batch_size", cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1,
          "null or an integer >= 1"),
         ("data.workers", cfg.data.workers is None or cfg.data.workers >= 0, "null or an integer >= 0"),
@@ -241,6 +281,7 @@ def validate(cfg: Config) -> None:
         ("data.std", all(s > 0 for s in cfg.data.std), "three positive numbers"),
         ("data.eval_crop_pct", 0.0 < cfg.data.eval_crop_pct <= 1.0, "a number in (0, 1]"),
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "a number in (0, 1)"),
+        ("data.split_seed", 0 <= cfg.data.split_seed < SEED_LIMIT, "an integer in [0, 2**32)"),
         ("data.synthetic_train_size", cfg.data.synthetic_train_size >= 1, "an integer >= 1"),
         ("data.synthetic_val_size", cfg.data.synthetic_val_size >= 1, "an integer >= 1"),
         ("optim.lr", cfg.optim.lr is None or cfg.optim.lr > 0, "null or a number > 0"),
@@ -253,7 +294,9 @@ def validate(cfg: Config) -> None:
         ("optim.min_lr_factor", 0.0 <= cfg.optim.min_lr_factor <= 1.0, "a number in [0, 1]"),
         ("optim.clip_grad", cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0, "null or a number > 0"),
         ("train.epochs", cfg.train.epochs >= 1, "an integer >= 1"),
-        ("train.cpu_threads", cfg.train.cpu_threads is None or cfg.train.cpu_threads >= 1, "null or an integer >= 1"),
+        ("train.seed", 0 <= cfg.train.seed < SEED_LIMIT, "an integer in [0, 2**32)"),
+        ("train.cpu_threads", cfg.train.cpu_threads is None or 1 <= cfg.train.cpu_threads <= MAX_CPU_THREADS,
+         f"null or an integer in [1, {MAX_CPU_THREADS}]"),
         ("train.accum_steps", cfg.train.accum_steps >= 1, "an integer >= 1"),
         ("train.label_smoothing", 0.0 <= cfg.train.label_smoothing < 1.0, "a number in [0, 1)"),
         ("train.mixup", cfg.train.mixup >= 0, "a number >= 0 (0 disables)"),

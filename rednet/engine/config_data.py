@@ -6,7 +6,8 @@ the wrong type an error naming the key and what it expects. ``config_to_dict`` g
 plain dicts back, to be written next to the run and stored in checkpoints that load with
 ``torch.load(weights_only=True)``. ``apply_overrides`` sets dotted ``key=value`` items;
 their values, like the config files, are YAML read by ``load_yaml``, which refuses a key
-given twice.
+given twice and a document bigger or deeper than a config can be (``MAX_YAML_VALUES``,
+``MAX_YAML_DEPTH``, aliases expanded).
 """
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ import yaml
 
 from .config import IMPLIED_BY_OVERRIDE, Config, ConfigError, validate
 
-__all__ = ["apply_overrides", "config_from_dict", "config_to_dict", "load_yaml", "overridden_keys"]
+__all__ = [
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_VALUES",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_yaml",
+    "overridden_keys",
+]
 
 
 def _type_name(tp: Any) -> str:
@@ -157,12 +166,57 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+# What a config's YAML may build: a config is a few hundred values a few levels deep. Aliases
+# let a few hundred bytes stand for billions of values (the "billion laughs"), which PyYAML
+# shares but every later copy of the config (config_to_dict, a checkpoint) expands until memory
+# runs out; deep nesting overflows PyYAML's recursive composer and every walk of the data after it.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 32
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, and documents too big or too deep.
 
     PyYAML keeps the last of two equal keys, so a second ``train:`` section silently
-    replaced the first one, settings and all.
+    replaced the first one, settings and all. Each value is measured as it is composed,
+    aliases expanded (``MAX_YAML_VALUES`` values, ``MAX_YAML_DEPTH`` levels), before any
+    Python object is built from it.
     """
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._depth = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels), aliases expanded
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node = super().compose_node(parent, index)
+            if id(node) not in self._measured:  # its own anchor, still being composed
+                raise ConfigError(f"line {mark.line + 1}: an alias refers to the value that contains it; "
+                                  "a config cannot be recursive")
+            return node
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"line {mark.line + 1}: values nested more than {MAX_YAML_DEPTH} levels deep; "
+                              "a config needs a few")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        values = 1 + sum(self._measured[id(c)][0] for c in children)
+        levels = 1 + max((self._measured[id(c)][1] for c in children), default=0)
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(f"line {mark.line + 1}: this value holds more than {MAX_YAML_VALUES:,} values with "
+                              "its aliases expanded; a config needs far fewer (write the values out)")
+        if levels > MAX_YAML_DEPTH:
+            raise ConfigError(f"line {mark.line + 1}: values nested more than {MAX_YAML_DEPTH} levels deep with "
+                              "aliases expanded; a config needs a few")
+        self._measured[id(node)] = (values, levels)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first: dict[Any, int] = {}
@@ -183,8 +237,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_yaml(text: str) -> Any:
-    """Plain data from YAML text (a SafeLoader); a key given twice in one mapping is a ConfigError."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    """Plain data from YAML text (a SafeLoader).
+
+    Raises:
+        ConfigError: a key given twice in one mapping, a recursive alias, or a document of more
+            than ``MAX_YAML_VALUES`` values or ``MAX_YAML_DEPTH`` levels, aliases expanded.
+        yaml.YAMLError: text that is not YAML.
+    """
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -19,7 +19,7 @@ import yaml
 from .config import Config, ConfigError
 from .config_data import apply_overrides, config_from_dict, load_yaml
 
-__all__ = ["BUNDLED_CONFIG_DIR", "bundled_configs", "load_config", "resolve_config_path"]
+__all__ = ["BUNDLED_CONFIG_DIR", "MAX_BASE_DEPTH", "bundled_configs", "load_config", "resolve_config_path"]
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -100,6 +100,9 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
 # A config file may name another as its base: its sections are merged over the base's,
 # key by key, so a variant states only what differs from the recipe it builds on.
 _BASE_KEY = "base"
+# How many base files may stand below the file given, one on another: the bundled recipes use
+# one; a longer chain is a mistake (or generated), and Python's recursion would end it anyway.
+MAX_BASE_DEPTH = 32
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -143,6 +146,9 @@ def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict:
     if not base_path.is_file() and _bundled(base) is not None:
         base_path = _bundled(base)  # a user's file may build on a bundled recipe by name
     chain = (*including, path.resolve())
+    if len(chain) > MAX_BASE_DEPTH:
+        raise ConfigError(f"config file {chain[0]}: its base files nest more than {MAX_BASE_DEPTH} deep "
+                          f"(base file {MAX_BASE_DEPTH}, {path}, names another: {base}); merge some of them")
     if base_path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
         raise ConfigError(f"config file {path}: the base files form a cycle: {cycle}")
@@ -158,7 +164,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     Args:
         path: a YAML file with ``model``/``data``/``optim``/``train`` sections and optionally
             ``base: FILE``, a config (path relative to this file, or a bundled config's name)
-            whose sections this one's are merged over; or the name of a bundled config
+            whose sections this one's are merged over (at most ``MAX_BASE_DEPTH`` base files
+            one on another); or the name of a bundled config
             (``rednet50`` or ``rednet50.yaml``, see ``bundled_configs``). A path that exists wins.
         overrides: dotted ``key=value`` strings, e.g. ``["optim.lr=0.1", "data.batch_size=64"]``.
         values: dotted key -> value applied last, as given (no YAML parsing), e.g. paths from the command line.

@@ -24,6 +24,7 @@ from ..data import (
     resolve_eval_transform,
 )
 from ..fileio import NoSpaceError, OutputDirError, atomic_write, check_output_dir
+from ..models import redact_url
 from .builder import (
     autocast_dtype,
     build_model,
@@ -109,7 +110,9 @@ def run_eval(config: Optional[str] = None, *, model: Optional[str] = None, check
                                           std=settings["std"])
         metrics = evaluate(net, loader, dist_info.device, autocast_dtype(cfg, dist_info.device),
                            cfg.train.channels_last, dist_info.is_main, device_input=device_input)
-    result = {"model": cfg.model.name, "checkpoint": checkpoint, "pretrained": pretrained,
+    # A URL's token would outlive the run in the results file: it holds the URL redacted.
+    result = {"model": cfg.model.name, "checkpoint": checkpoint,
+              "pretrained": redact_url(pretrained) if pretrained else pretrained,
               **describe_eval_data(cfg.data, settings), "world_size": dist_info.world_size, "execution": execution,
               **metrics}
     cleanup_distributed()

@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..models import redact_url
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import ConfigError
 from .config_data import config_from_dict, config_to_dict
@@ -101,6 +102,11 @@ def _flatten(config: dict) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
+def _shown(value: Any) -> Any:
+    # These lines are logged: a URL's token or password (model.pretrained) stays out of the log.
+    return redact_url(value) if isinstance(value, str) else value
+
+
 def config_changes(current: dict, stored: dict) -> tuple[list[str], list[str]]:
     """The differences ``key: stored -> current`` between two resolved configs, split into (safe, unsafe).
 
@@ -114,7 +120,8 @@ def config_changes(current: dict, stored: dict) -> tuple[list[str], list[str]]:
     safe, unsafe = [], []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key) != b.get(key):
-            (safe if key in RESUME_SAFE_KEYS else unsafe).append(f"{key}: {b.get(key)!r} -> {a.get(key)!r}")
+            (safe if key in RESUME_SAFE_KEYS else unsafe).append(f"{key}: {_shown(b.get(key))!r} -> "
+                                                                 f"{_shown(a.get(key))!r}")
     return safe, unsafe
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..fileio import CheckpointError
-from ._hub import resolve_source, split_sha256
+from ._hub import redact_url, resolve_source, split_sha256
 from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, count_nonfinite, format_keys
 from ._readers import read_raw
 
@@ -46,6 +46,7 @@ def load_weights(
     sha256: str | None = None,
     progress: bool = True,
     timeout: float | None = None,
+    deadline: float | None = None,
 ) -> WeightsFile:
     """Read weights from a local path or URL, converted to RedNet's key names.
 
@@ -56,15 +57,19 @@ def load_weights(
         progress: show a progress bar while downloading.
         timeout: seconds a download may wait for the server; None reads
             ``$REDNET_DOWNLOAD_TIMEOUT`` (default 30).
+        deadline: seconds a whole download may take; None reads ``$REDNET_DOWNLOAD_DEADLINE``
+            (default: 60 s plus 1 s per 64 KiB announced, at most an hour).
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        CheckpointError: a failed or stalled download, a digest mismatch, or a file ``read_weights`` refuses.
-        ValueError: a malformed digest or timeout.
+        CheckpointError: a failed, stalled or too slow download, a cache that cannot be written, a digest
+            mismatch, or a file ``read_weights`` refuses.
+        ValueError: a malformed digest, timeout or deadline.
     """
-    wf = read_weights(resolve_source(source, sha256, progress, timeout))
+    wf = read_weights(resolve_source(source, sha256, progress, timeout, deadline))
     if "://" in os.fspath(source):
-        wf.source = split_sha256(os.fspath(source))[0]  # name the URL in messages, not the cache file
+        # Messages name the URL, not the cache file, and without its query or password.
+        wf.source = redact_url(split_sha256(os.fspath(source))[0])
     return wf
 
 
@@ -180,6 +185,7 @@ def load_pretrained(
     sha256: str | None = None,
     progress: bool = True,
     timeout: float | None = None,
+    deadline: float | None = None,
 ) -> WeightsFile:
     """Load weights of any supported layout into ``model``, strictly.
 
@@ -195,11 +201,13 @@ def load_pretrained(
         progress: show a progress bar while downloading.
         timeout: seconds a download may wait for the server; None reads
             ``$REDNET_DOWNLOAD_TIMEOUT`` (default 30).
+        deadline: seconds a whole download may take; None reads ``$REDNET_DOWNLOAD_DEADLINE``
+            (default: 60 s plus 1 s per 64 KiB announced, at most an hour).
 
     Returns:
         The weights as read, with the record of their conversion.
     """
-    wf = load_weights(source, sha256=sha256, progress=progress, timeout=timeout)
+    wf = load_weights(source, sha256=sha256, progress=progress, timeout=timeout, deadline=deadline)
     if wf.nonfinite:
         _logger.warning("%s: %s; the model will compute NaN wherever they reach", wf.source, wf.describe_nonfinite())
     model.load_state_dict(fit_state_dict(model, wf), strict=True)
