@@ -91,17 +91,27 @@ def test_help_works(benchmark, capsys):
 
 def test_race_writes_interleaved_ratios(benchmark, tmp_path):
     out = tmp_path / "race.json"
-    assert benchmark.main(["race", "--models", "rednet26,resnet18", "--race-batch", "1", "--repeats", "2",
-                           "--warmup", "0", "--modes", "infer", "--memory-formats", "nhwc", "--threads", "1",
-                           "--copy-mb", "8", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["race"]
-    assert [(r["model"], r["memory_format"], r["mode"]) for r in rows] == [
-        ("rednet26", "nhwc", "infer"), ("resnet18", "nhwc", "infer")]
-    red, base = rows
+    argv = ["race", "--models", "rednet26,resnet18", "--race-batch", "1", "--repeats", "2", "--warmup", "0",
+            "--paths", "eager,ort", "--no-ort-standard", "--race-size", "64", "--threads", "1", "--copy-mb", "8",
+            "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["cpu"]["model"] and isinstance(run["cpu"]["simd"], list) and run["threads"] == 1
+    rows = run["race"]
+    assert [(r["path"], r["model"]) for r in rows] == [
+        ("eager", "rednet26"), ("eager", "resnet18"), ("ort", "rednet26 (rednet.Involution)"), ("ort", "resnet18")]
+    red, base = rows[:2]
     assert len(red["times_ms"]) == 2 and red["baseline"] == "resnet18" and base["vs_baseline"] == 1.0
-    assert red["backend"] in ("native", "reference") and base["backend"] == "-"
+    assert red["involution"] in ("fused", "reference") and base["involution"] == "-"
     assert red["vs_baseline"] > 0 and red["img_per_s"] > 0
-    assert "## RedNet vs ResNet, one process, interleaved" in out.with_suffix(".md").read_text()
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows[2:])  # ONNX Runtime against eager PyTorch
+    assert run["ort_call_overhead"]["involution_us"] > 0
+    # A second run is appended, never written over the first.
+    assert benchmark.main(argv[:-2] + ["--paths", "eager", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 and runs[0] == run
+    md = out.with_suffix(".md").read_text()
+    assert md.count("SIMD flags:") == 2 and "| ort | 1 | rednet26 (rednet.Involution) | fused |" in md
 
 
 def test_op_native_against_the_reference(benchmark, tmp_path):

@@ -231,9 +231,10 @@ train:
 def test_paper_configs_resolve_as_before_base_files(tmp_path, depth):
     before = tmp_path / "before.yaml"
     before.write_text(_PAPER_CONFIG_BEFORE_BASE_FILES.format(depth=depth))
-    # One change on purpose since: the schema's data.workers became null (min(8, CPUs) per process),
-    # which the old file spelled out as the old default, 8.
-    now_default = ["data.workers=null"]
+    # Changes on purpose since: the schema's data.workers became null (min(8, CPUs) per process),
+    # which the old file spelled out as the old default, 8; the recipe trains channels_last
+    # (the CUDA kernels' fast path, issue 18).
+    now_default = ["data.workers=null", "train.channels_last=true"]
     assert config_to_dict(load_config(f"rednet{depth}.yaml")) == config_to_dict(load_config(before, now_default))
 
 

@@ -209,3 +209,30 @@ def test_an_unwritable_cache_costs_a_private_build(env, monkeypatch):
     assert _run() == 0 and _run() == 0
     assert _builds(env) == 2  # one per process
     assert list(env.tmp.iterdir()) == []  # the private copies are gone
+
+
+def _two_libraries_in_one_process(cache: str) -> None:
+    os.environ["REDNET_CACHE_DIR"] = cache
+    os.environ.pop("CXX", None)
+    flags = ("-O1", "-shared", "-fPIC")
+    first = _native_build.NativeLibrary("first", b'extern "C" int first_only() { return 1; }\n', flags)
+    second = _native_build.NativeLibrary("second", b'extern "C" int second_only() { return 2; }\n', flags)
+    try:
+        ok = _native_build.load(first).first_only() == 1
+        ok = ok and _native_build.load(second).second_only() == 2  # not the first library again
+    except AttributeError:  # the second load returned the first library, without second_only
+        ok = False
+    os._exit(0 if ok else 1)
+
+
+def test_each_library_loads_as_itself_after_another(tmp_path):
+    """The loader knows a library by the /proc/self/fd/N it was opened through: were N closed and
+    given to the next library's file, loading that one returned the first (ONNX Runtime's op
+    library lost its entry point once the native kernel had been loaded)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    proc = multiprocessing.get_context("fork").Process(target=_two_libraries_in_one_process,
+                                                       args=(str(tmp_path / "cache"),))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 0

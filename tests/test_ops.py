@@ -363,8 +363,9 @@ def test_importing_the_cuda_backend_needs_no_cupy():
 
 def test_ops_modules_import_in_one_direction():
     """Each module of rednet/ops imports only modules after it here: no cycle, CuPy-free planning."""
-    order = ["__init__", "_dispatch", "_selfcheck", "_custom_op", "_cpu", "_native_build", "_cupy", "_kernel_cache",
-             "_cache_files", "_plan", "_memory_format", "_reference", "_export"]
+    order = ["__init__", "_host_overhead", "_dispatch", "_selfcheck", "_custom_op", "_ort", "_fused", "_cpu",
+             "_native_build", "_cupy", "_kernel_cache", "_cache_files", "_plan", "_memory_format", "_reference",
+             "_export"]
     ops = Path(__file__).resolve().parents[1] / "rednet" / "ops"
     assert sorted(p.stem for p in ops.glob("*.py")) == sorted(order)
     for i, name in enumerate(order):

@@ -291,7 +291,8 @@ def test_eval_on_a_cpu_scores_fp32_unless_amp_is_asked_for(folder_and_weights, t
     assert results["default"]["execution"]["precision"].startswith("fp32 (train.amp bf16 applies on CUDA")
     assert results["bf16"]["execution"]["precision"] == "bf16 autocast"
     execution = [line for line in log.splitlines() if "execution:" in line]
-    assert len(execution) == 3 and "device cpu (" in execution[0] and "memory format contiguous" in execution[0]
+    # The recipe trains channels_last (the CUDA kernels' fast path); eval follows it.
+    assert len(execution) == 3 and "device cpu (" in execution[0] and "memory format channels_last" in execution[0]
     assert "involution backend none (the model has no involution layers)" in execution[0]
 
 
@@ -307,7 +308,7 @@ def test_train_logs_how_it_runs_and_keeps_the_recipes_amp_off_a_cpu(tmp_path, ca
     lines = [line for line in capsys.readouterr().out.splitlines() if "execution:" in line]
     assert len(lines) == 1, lines
     assert "precision fp32 (train.amp fp16 applies on CUDA" in lines[0] and "device cpu" in lines[0]
-    assert "memory format contiguous" in lines[0]
+    assert "memory format channels_last" in lines[0]  # the recipe's
     # RedNet-26 has involutions: on a CPU, the native kernel where it builds.
     native, why = can_use_native_kernel(torch.empty(0))
     assert (f"involution backend {'native' if native else f'reference ({why}'}") in lines[0]

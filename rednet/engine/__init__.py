@@ -5,8 +5,9 @@
   merging, the bundled configs, ``load_config``);
 - building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
   training checkpoint);
-- running it: ``trainer`` (``fit``), ``loop`` (the training step, the epoch, the eval pass),
-  ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
+- running it: ``trainer`` (``fit``), ``kernelcheck`` (the CUDA kernels' check for a model,
+  agreed by every rank before the first step), ``loop`` (the training step, the epoch, the eval
+  pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
   ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``classes`` (a
   checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.

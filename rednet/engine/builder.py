@@ -34,6 +34,7 @@ __all__ = [
     "check_buildable",
     "check_device",
     "execution_summary",
+    "execution_warnings",
     "format_summary",
     "global_batch_size",
     "load_model_from_checkpoint",
@@ -86,6 +87,46 @@ def execution_summary(model: nn.Module, cfg: Config, device: torch.device) -> di
 def format_summary(summary: dict[str, str]) -> str:
     """``execution_summary`` as one log line: ``device cpu (2 threads), precision fp32, ...``."""
     return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in summary.items())
+
+
+def _cupy_fix() -> str:
+    """How to install the CuPy that fits this torch's CUDA (``cuda`` extra: CUDA 13)."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    return 'pip install "rednet[cuda]"' if major == "13" else f"pip install cupy-cuda{major}x (for CUDA {major})"
+
+
+def execution_warnings(model: nn.Module, cfg: Config, device: torch.device,
+                       backend: Optional[str] = None) -> list[str]:
+    """What makes training ``model`` on ``device`` slower than it has to be, each with its fix; [] if nothing.
+
+    On CUDA, for a model with involution layers: NCHW (``train.channels_last: false``) runs the
+    NCHW kernels, and a CuPy that cannot run (or none) leaves the involutions to the PyTorch
+    reference. A backend forced with ``$REDNET_INVOLUTION_BACKEND`` or ``use_backend`` was
+    asked for and is not warned about.
+
+    Args:
+        model: the network.
+        cfg: the run config (``train.channels_last``, the precision).
+        device: where it trains.
+        backend: ``describe_backend``'s answer for this device and dtype (as ``execution_summary``
+            gives it); None: asked here.
+    """
+    if device.type != "cuda" or not any(isinstance(m, Involution) for m in model.modules()):
+        return []
+    if backend is None:
+        backend = describe_backend(device, autocast_dtype(cfg, device) or torch.float32)
+    found = []
+    if not cfg.train.channels_last:
+        found.append("training on CUDA in NCHW (train.channels_last: false): the involution layers run the NCHW "
+                     "kernels, whose issue bound per RedNet-50 step is 1.9x the channels_last kernels' (3.06 vs "
+                     "1.61 ms, benchmarks/results/2026-12-02-static.md). Fix: --set train.channels_last=true "
+                     "(the bundled ImageNet configs set it)")
+    if backend.startswith("reference (") and "forced" not in backend:
+        why = backend[len("reference ("):-1]
+        fix = "" if "pip install" in why else f". Fix: {_cupy_fix()}"
+        found.append(f"training on CUDA without the CUDA involution kernels: {why}{fix}. Until then the involution "
+                     "layers run the PyTorch reference: correct, but slower")
+    return found
 
 
 def _involution_backend(model: nn.Module, device: torch.device, dtype: torch.dtype) -> str:

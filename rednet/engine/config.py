@@ -169,6 +169,10 @@ class TrainConfig:
             unless the same overrides set ``train.amp_on_cpu`` themselves.
         channels_last: NHWC memory format.
         compile: wrap the model in ``torch.compile``.
+        compile_mode: ``torch.compile``'s mode, with ``compile``. ``reduce-overhead`` (and
+            ``max-autotune``) also capture the compiled forward and backward in CUDA graphs after a
+            warm-up step, which takes the host's per-call work (Python, the involution op's planning,
+            launches) off every later step; on a CPU the capture is skipped.
         sync_bn: convert BatchNorm to SyncBatchNorm under distributed training.
         accum_steps: micro-batches per optimizer step.
         label_smoothing: for the cross-entropy (ignored when mixup/cutmix supply soft targets).
@@ -193,6 +197,7 @@ class TrainConfig:
     amp_on_cpu: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     sync_bn: bool = False
     accum_steps: int = 1
     label_smoothing: float = 0.1
@@ -303,6 +308,8 @@ def validate(cfg: Config) -> None:
         ("train.cutmix", cfg.train.cutmix >= 0, "a number >= 0 (0 disables)"),
         ("train.ema_decay", 0.0 < cfg.train.ema_decay < 1.0, "a number in (0, 1)"),
         ("train.eval_ema", cfg.train.ema or not cfg.train.eval_ema, "false unless train.ema is true"),
+        ("train.compile_mode", cfg.train.compile or cfg.train.compile_mode == "default",
+         "'default' unless train.compile is true"),
         ("train.val_every", cfg.train.val_every >= 1, "an integer >= 1"),
         ("train.log_every", cfg.train.log_every >= 1, "an integer >= 1"),
         ("train.ckpt_every_iters", cfg.train.ckpt_every_iters >= 0, "an integer >= 0 (0: epoch ends only)"),

@@ -66,6 +66,7 @@ RESUME_SAFE_KEYS: dict[str, str] = {
     "train.cpu_threads": "how the CPU runs it",
     "train.device": "where it runs",
     "train.compile": "how it runs",
+    "train.compile_mode": "how it runs (with CUDA graphs or without)",
     "data.root": "the same dataset at another path",
     "data.workers": "loader processes",
     "data.pin_memory": "loader option",

@@ -47,6 +47,7 @@ from .builder import (
     build_scheduler,
     check_buildable,
     execution_summary,
+    execution_warnings,
     format_summary,
     global_batch_size,
     peak_lr,
@@ -56,6 +57,7 @@ from .classes import check_resume_classes, data_name
 from .config import Config
 from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
+from .kernelcheck import check_kernels
 from .logger import RunLogger
 from .loop import EvaluationStopped, StepContext, TrainState, evaluate, train_one_epoch
 from .meter import EpochStats, TrainMeter
@@ -484,6 +486,7 @@ def _world_size_change(cfg: Config, state: dict, world_size: int, epoch_images: 
 def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: int) -> dict[str, Any]:
     """The epoch loop from ``run.state`` to ``train.epochs``: train, validate, log, checkpoint."""
     cfg, dist_info, device = run.cfg, run.dist, run.dist.device
+    check_kernels(run.model, cfg, dist_info)  # every rank, one verdict, before anything is wrapped or traced
     train_model, no_sync = _wrap_for_training(run.model, cfg, dist_info)
     loss_fn, mixup = build_loss_and_mixup(cfg)
     resumed_at = run.state.global_step or None
@@ -493,7 +496,11 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
                  "epochs", cfg.model.name, len(train_loader.dataset), len(val_loader.dataset), dist_info.world_size,
                  device, global_batch_size(cfg, dist_info.world_size), peak_lr(cfg, dist_info.world_size), steps,
                  cfg.train.epochs)
-    _logger.info("execution: %s", format_summary(execution_summary(run.model, cfg, device)))
+    summary = execution_summary(run.model, cfg, device)
+    _logger.info("execution: %s", format_summary(summary))
+    if dist_info.is_main:  # once per run: every rank runs the same configuration
+        for warning in execution_warnings(run.model, cfg, device, summary["involution_backend"]):
+            _logger.warning("%s", warning)
 
     def on_step(state: TrainState) -> None:
         every = cfg.train.ckpt_every_iters
@@ -561,7 +568,11 @@ def _wrap_for_training(model: nn.Module, cfg: Config, dist_info: DistInfo) -> tu
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         no_sync = wrapped.no_sync
     if cfg.train.compile:
-        wrapped = torch.compile(wrapped)
+        # reduce-overhead: CUDA graphs (cudagraph trees) replay the compiled forward and backward; the
+        # involution op is capturable: its first-contact check and first synchronised launch happen
+        # eagerly, while tracing and in the warm-up run, never during capture.
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        wrapped = torch.compile(wrapped, mode=mode)
     return wrapped, no_sync
 
 

@@ -25,17 +25,27 @@ uses the reference for that configuration from then on and warns once
 The check runs eagerly at dispatch, outside ``torch.compile``'s graph (the decision is a
 traced constant) and never inside CUDA graph capture (an unchecked configuration met
 during capture uses the reference in ``auto`` and raises when forced).
+``decline_cuda_kernel`` records a configuration as failed in another process of the job, so
+that every process runs the same backend (the trainer checks and agrees before its first step).
 
-Modules, each importing only those below it: this front door; ``_dispatch`` (the ordered
+Modules, each importing only those below it: this front door; ``_host_overhead`` (the
+host's share of a CUDA call, measured with the launch replaced by a no-op); ``_dispatch`` (the ordered
 table of backends and the first-contact gate); ``_selfcheck`` (the check on first
 contact); ``_custom_op`` (the ``rednet::involution`` op, imported on first use of the
-kernels); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build``
-(compiling a C++ source into a cached shared library and loading it); ``_cupy`` (CuPy
-compilation and launch); ``_kernel_cache`` (compiled CUDA binaries on disk);
-``_cache_files`` (the cache root, and which of its files may be trusted); ``_plan`` (CUDA
-launch plans, pure PyTorch); ``_memory_format`` (memory formats, densified inputs and
-allocated outputs, shared by every implementation); ``_reference`` (the pure-PyTorch
-backend); ``_export`` (the formulation recorded when a graph is exported).
+kernels); ``_ort`` (the ONNX Runtime op ``rednet.Involution``: its library and export
+translation); ``_fused`` (the fused CPU inference pass and its ``rednet::involution_fused``
+op); ``_cpu`` (the native CPU kernels: source, flags, calls); ``_native_build`` (compiling a
+C++ source into a cached shared library and loading it); ``_cupy`` (CuPy compilation and
+launch); ``_kernel_cache`` (compiled CUDA binaries on disk); ``_cache_files`` (the cache
+root, and which of its files may be trusted); ``_plan`` (CUDA launch plans, pure PyTorch);
+``_memory_format`` (memory formats, densified inputs and allocated outputs, shared by every
+implementation); ``_reference`` (the pure-PyTorch backend); ``_export`` (the formulation
+recorded when a graph is exported, and ``export_fused``).
+
+On the CPU at inference, RedNet's layers call ``involution_fused`` (kernel generation,
+aggregation, BatchNorm and ReLU in one pass) where ``can_use_fused_kernel`` allows; its
+16-float vectors are AVX-512 registers where ``-march=native`` enables AVX-512 (the GEMM
+tiles are then sized for its 32 registers), two AVX2 registers otherwise.
 """
 from __future__ import annotations
 
@@ -45,28 +55,43 @@ from collections.abc import Iterator
 
 import torch
 
-from . import _cpu, _cupy, _dispatch, _selfcheck  # cheap: CuPy is imported, and the C++ built, only when a kernel runs
+# Cheap: CuPy is imported, and the C++ built, only when a kernel runs.
+from . import _cpu, _cupy, _dispatch, _host_overhead, _selfcheck
 from ._dispatch import BACKENDS
-from ._export import involution_export, is_exporting
+from ._export import export_fused, exporting_fused, involution_export, is_exporting
+from ._fused import FusedWeights, can_use_fused_kernel, involution_fused, pack_fused_weights
 from ._memory_format import MEMORY_FORMATS, memory_format_of
+from ._ort import onnx_translation_table, ort_library_path
 from ._reference import involution_reference, involution_unfold
 from ._selfcheck import KernelCheck, KernelCheckWarning
 
 __all__ = [
     "BACKENDS",
-    "MEMORY_FORMATS",
+    "FusedWeights",
     "KernelCheck",
     "KernelCheckWarning",
+    "MEMORY_FORMATS",
     "can_use_cuda_kernel",
+    "can_use_fused_kernel",
     "can_use_native_kernel",
     "check_cuda_kernel",
+    "decline_cuda_kernel",
     "describe_backend",
+    "export_fused",
+    "exporting_fused",
     "involution",
     "involution_cupy",
     "involution_export",
+    "involution_fused",
     "involution_output_size",
     "involution_reference",
     "involution_unfold",
+    "is_exporting",
+    "measure_host_overhead",
+    "memory_format_of",
+    "onnx_translation_table",
+    "ort_library_path",
+    "pack_fused_weights",
     "select_backend",
     "use_backend",
 ]
@@ -93,6 +118,25 @@ def can_use_cuda_kernel(x: torch.Tensor) -> tuple[bool, str]:
 def can_use_native_kernel(x: torch.Tensor) -> tuple[bool, str]:
     """Whether the native CPU kernel can run on ``x`` (building it on first call), and if not, why."""
     return _cpu.can_run_on(x.device.type, x.dtype)
+
+
+def decline_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
+                        dilation: int = 1, memory_format: str = "nchw", cause: str = "") -> KernelCheck:
+    """Keep ``auto`` off the CUDA kernel for one configuration in this process, as if its check had failed.
+
+    For jobs of several processes: a configuration whose check failed in one of them is declined
+    in the others, so that every process runs the same backend (see ``rednet.engine.kernelcheck``).
+    ``auto`` then warns once and runs the reference; a forced ``cupy`` raises with ``cause``. A
+    failure of this process's own check is kept as it is. Arguments as for ``check_cuda_kernel``.
+
+    Returns:
+        The configuration's verdict now.
+    """
+    device = torch.device(device)
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
+    return _selfcheck.decline(_dispatch.selfcheck_key(device.type, device.index, dtype, kernel_size, stride, dilation,
+                                                      memory_format), cause)
 
 
 def check_cuda_kernel(device: torch.device | str, dtype: torch.dtype, kernel_size: int, stride: int = 1,
@@ -273,6 +317,28 @@ def involution(
             memory_format_of(x))):
         return _involution_op(x, kernel, stride, padding, dilation)  # the kernels of the rednet::involution op
     return involution_reference(x, kernel, stride, padding, dilation)
+
+
+def measure_host_overhead(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int = 1,
+                          calls: int = 200, rounds: int = 7, plans=None) -> dict[str, float]:
+    """Host microseconds of one CUDA ``involution`` call (forward; forward and both gradients), launches left out.
+
+    Everything the host does for the CUDA kernels runs as it would, on ``x`` and ``kernel``; only
+    each launch is a no-op. CPU tensors stand in for CUDA ones (CuPy's availability, the native
+    kernel and the first-contact verdict are stood in for while it runs: not for use while other
+    threads call the operator).
+
+    Args:
+        x / kernel: the inputs, on a CUDA device or the CPU.
+        stride / padding / dilation: as for ``involution``.
+        calls: calls timed together in one round.
+        rounds: rounds; each statistic is over the rounds' per-call means.
+        plans: a module standing in for the launch plans (``_plan``) of another revision, for an A/B.
+
+    Returns:
+        ``fwd_us``, ``fwd_bwd_us`` (median over rounds) and ``fwd_us_min``, ``fwd_bwd_us_min`` (fastest round).
+    """
+    return _host_overhead.measure_host_overhead(involution, x, kernel, stride, padding, dilation, calls, rounds, plans)
 
 
 def involution_cupy(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int, dilation: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ __all__ = [
     "backward_kernel",
     "can_run_on",
     "forward",
+    "fused_forward",
     "library",
     "openmp_runtimes",
 ]
@@ -50,7 +51,7 @@ SOURCE_PATH = Path(__file__).parent / "csrc" / "involution_cpu.cpp"
 # -Wno-psabi: silences a note about passing 128-byte vectors, which happens only inside the library.
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu++17", "-Wno-psabi")
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}  # as in involution_cpu.cpp
-_ABI = 1  # rednet_involution_abi() of the source this module speaks to
+_ABI = 2  # rednet_involution_abi() of the source this module speaks to
 _LAYOUTS = {"nchw": 0, "nhwc": 1}
 _FWD, _BWD_INPUT, _BWD_KERNEL = 0, 1, 2
 # Multiply-adds per thread below which more threads cost more than they save (PyTorch's own
@@ -90,6 +91,9 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
     fn.restype = ctypes.c_int
+    fused = lib.rednet_involution_fused
+    fused.argtypes = [ctypes.c_void_p] * 8 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    fused.restype = ctypes.c_int
     return lib
 
 
@@ -214,3 +218,46 @@ def backward_kernel(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tenso
     _call(_BWD_KERNEL, layout, dense(grad_out, layout), dense(x, layout), gw, x.shape, kernel.shape, stride,
           padding, dilation)
     return gw
+
+
+def fused_forward(x: torch.Tensor, reduce_weight: torch.Tensor, reduce_bias: torch.Tensor, span_weight: torch.Tensor,
+                  span_bias: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, kernel_size: int,
+                  stride: int, groups: int, relu: bool) -> torch.Tensor:
+    """The fused inference pass on float32 channels_last tensors; see ``_fused`` for the weights' layout.
+
+    Args:
+        x: input (B, C, H, W), channels_last.
+        reduce_weight: (C, R) and reduce_bias (R): the reduce conv with its BatchNorm folded in.
+        reduce_bias: see reduce_weight.
+        span_weight: (R, N) and span_bias (N): the span conv, N >= G*K*K.
+        span_bias: see span_weight.
+        scale: per-channel (C) scale applied to the involution's output, or None.
+        shift: per-channel (C) shift, with scale.
+        kernel_size: window K (odd); padding is (K - 1) // 2.
+        stride: output stride.
+        groups: G.
+        relu: a ReLU after the affine map.
+    """
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(why)
+    b, c, h, w = x.shape
+    ho, wo = (h + stride - 1) // stride, (w + stride - 1) // stride  # "same" padding, odd K
+    y = torch.empty((b, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
+    x = x.contiguous(memory_format=torch.channels_last)
+    r, n = reduce_weight.shape[1], span_weight.shape[1]
+    dims = (ctypes.c_int64 * 13)(b, c, h, w, groups, kernel_size, ho, wo, stride, (kernel_size - 1) // 2, r, n,
+                                 int(relu))
+    # Multiply-adds of the three GEMM-like parts, for the thread count as in _call.
+    work = b * ho * wo * (c * r + r * n + c * kernel_size * kernel_size)
+    threads = max(1, min(torch.get_num_threads(), work // _GRAIN))
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    rc = _state["lib"].rednet_involution_fused(
+        x.data_ptr(), reduce_weight.data_ptr(), reduce_bias.data_ptr(), span_weight.data_ptr(), span_bias.data_ptr(),
+        ptr(scale), ptr(shift), y.data_ptr(), dims, threads)
+    if rc != 0:
+        raise RuntimeError(f"involution (native fused): library returned {rc} for {tuple(x.shape)}, K={kernel_size}, "
+                           f"groups={groups}, R={r}, N={n}")
+    return y

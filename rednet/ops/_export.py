@@ -14,10 +14,16 @@ match the reference to rounding of the final sum.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["involution_export", "is_exporting"]
+__all__ = ["export_fused", "exporting_fused", "involution_export", "is_exporting"]
+
+# Set by export_fused(); a module global like use_backend's (process-wide, read while tracing).
+_fused_export = False
 
 
 def is_exporting() -> bool:
@@ -45,3 +51,25 @@ def involution_export(x: torch.Tensor, kernel: torch.Tensor, stride: int, paddin
     cols = cols.view(-1, g, c // g, k * k, ho, wo)  # (B, G, C/G, K*K, Ho, Wo)
     out = (cols * kernel.reshape(-1, g, 1, k * k, ho, wo)).sum(3)  # (B, G, C/G, Ho, Wo)
     return out.reshape(-1, c, ho, wo)
+
+
+@contextlib.contextmanager
+def export_fused() -> Iterator[None]:
+    """Inside the block, an exported graph records each eval-mode Involution (with the BatchNorm and
+    ReLU after it) as one fused ``rednet::involution_fused`` node instead of the portable formulation.
+
+    ``tools/export.py --involution custom`` exports this way and translates the node to the ONNX
+    Runtime op ``rednet.Involution`` (``rednet.ops.onnx_translation_table``); such a graph needs
+    ``rednet.ops.ort_library_path()`` registered to run.
+    """
+    global _fused_export
+    previous, _fused_export = _fused_export, True
+    try:
+        yield
+    finally:
+        _fused_export = previous
+
+
+def exporting_fused() -> bool:
+    """Whether a graph is being exported inside ``export_fused()``."""
+    return _fused_export and is_exporting()

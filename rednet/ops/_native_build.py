@@ -55,7 +55,7 @@ try:
 except ImportError:  # not POSIX: concurrent builders each build and rename
     fcntl = None
 
-__all__ = ["NativeLibrary", "compiler", "describe_compiler", "library_path", "load", "open_library"]
+__all__ = ["NativeLibrary", "compiler", "describe_compiler", "hold", "library_path", "load", "open_library"]
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +110,22 @@ def library_path(lib: NativeLibrary, cxx: str) -> Path:
     return cache_root() / f"{lib.name}-{h.hexdigest()[:20]}.so"
 
 
+def _checked_or_built(lib: NativeLibrary) -> tuple[int, Path | None]:
+    """An open descriptor of ``lib``'s checked file, built first where needed, and the private copy
+    it is (None: the cache entry)."""
+    cxx = compiler()
+    if shutil.which(cxx) is None:
+        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
+    path = library_path(lib, cxx)
+    opened = _open_checked(path, quiet=False)
+    return opened if opened is not None else _build(lib, cxx, path)
+
+
+def _fd_path(fd: int, fallback: Path) -> str:
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(fallback)
+
+
 @contextlib.contextmanager
 def open_library(lib: NativeLibrary) -> Iterator[str]:
     """Build ``lib`` if it is not cached (or not usable), and give the path a loader should open, valid
@@ -119,27 +135,38 @@ def open_library(lib: NativeLibrary) -> Iterator[str]:
         OSError: no compiler, or the build failed (with the compiler's message).
         subprocess.SubprocessError: the compiler timed out.
     """
-    cxx = compiler()
-    if shutil.which(cxx) is None:
-        raise OSError(f"no C++ compiler: {cxx!r} not found (install g++ or set $CXX)")
-    path = library_path(lib, cxx)
-    opened = _open_checked(path, quiet=False)
-    if opened is None:
-        opened = _build(lib, cxx, path)
-    fd, private = opened
+    fd, private = _checked_or_built(lib)
     try:
-        proc = f"/proc/self/fd/{fd}"
-        yield proc if os.path.exists(proc) else str(private or path)
+        yield _fd_path(fd, private or library_path(lib, compiler()))
     finally:
         os.close(fd)
         if private is not None:
             private.unlink(missing_ok=True)
 
 
+# Descriptors of the libraries this process loaded, open until it exits. The dynamic loader
+# knows a library by the path it was opened with: were ``/proc/self/fd/N`` closed and N given
+# to another library's file, a later dlopen of that path would return the first library.
+_held_fds: list[int] = []
+
+
+def hold(lib: NativeLibrary) -> str:
+    """Build ``lib`` if needed and keep its checked file open for the life of the process; a path
+    naming that open file, for this process's loaders (ctypes, ONNX Runtime's registration).
+
+    Raises as ``open_library``.
+    """
+    fd, private = _checked_or_built(lib)
+    path = _fd_path(fd, private or library_path(lib, compiler()))
+    if private is not None and path.startswith("/proc/"):
+        private.unlink(missing_ok=True)  # the open descriptor keeps the file
+    _held_fds.append(fd)
+    return path
+
+
 def load(lib: NativeLibrary) -> ctypes.CDLL:
     """``lib`` loaded with ctypes, built first if it is not cached (raises as ``open_library``)."""
-    with open_library(lib) as path:
-        return ctypes.CDLL(path)
+    return ctypes.CDLL(hold(lib))
 
 
 # ----------------------------------------------------------------------------------------

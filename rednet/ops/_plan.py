@@ -2,7 +2,9 @@
 
 Pure PyTorch and numpy, no CuPy: outputs are allocated, and inputs densified, by
 ``_memory_format`` (as the fake functions and the CPU kernels do), ``_cupy.launch``
-executes the plans, and tests run the same plans on a host emulation of the kernels.
+executes the plans, and tests run the same plans on a host emulation of the kernels. The
+geometry of a launch is computed once per shape (``_geometry``, cached); each call adds only
+its tensors' addresses.
 """
 from __future__ import annotations
 
@@ -108,7 +110,12 @@ def nhwc_threads_per_item(channels: int, groups: int, k: int, dtype: torch.dtype
     tensors and K <= NHWC_MAX_K; a block's kernel rows must be whole 32-bit words
     (``_launch`` checks that and the shared memory, which depend on the pass).
     """
-    if groups == 0 or channels != 16 * groups or k > NHWC_MAX_K or any(t.data_ptr() % 16 for t in tensors):
+    return _nhwc_slices(channels, groups, k, dtype, not any(t.data_ptr() % 16 for t in tensors))
+
+
+def _nhwc_slices(channels: int, groups: int, k: int, dtype: torch.dtype, aligned: bool) -> int | None:
+    """``nhwc_threads_per_item`` given whether every tensor is 16-byte aligned."""
+    if not aligned or groups == 0 or channels != 16 * groups or k > NHWC_MAX_K:
         return None
     return dtype.itemsize
 
@@ -141,22 +148,36 @@ def max_shared_bytes(device: torch.device) -> int:
 # Launch plans.
 
 
-def _ptr(t: torch.Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x_shape, kernel_shape,
-            stride: int, padding: int, dilation: int, memory_format: str) -> Launch:
+class _Geometry(NamedTuple):
+    """What a launch needs besides its tensors' addresses: the same for every call of a shape."""
+
+    name: str
+    module: tuple
+    grid: int
+    tail: tuple  # the arguments after the three pointers, numpy scalars
+    smem: int
+
+
+# Planning costs a few microseconds of Python per pass, a training step runs three passes per
+# involution layer (17 in RedNet-50), and a run meets a handful of shapes: each is planned once.
+# Bounded, as a run with variable input sizes (detection) meets many.
+@functools.lru_cache(maxsize=1024)
+def _geometry(kind: str, dtype: torch.dtype, x_shape: tuple, kernel_shape: tuple, stride: int, padding: int,
+              dilation: int, memory_format: str, aligned: bool, max_shared: int) -> _Geometry:
+    """The launch geometry of one pass, from everything it depends on but the data pointers.
+
+    The inputs are dense in ``memory_format`` (the plans densify them), so the shapes and the
+    format stand for their strides; ``aligned``: every pointer is 16-byte aligned (the NHWC
+    vector kernels' condition); ``max_shared``: the device's dynamic shared memory per block.
+    """
     b, c, h, w = x_shape
     _, g, k, _, ho, wo = kernel_shape
-    module = (out.dtype, k, stride, dilation)
-    # Raw pointers address the storage as laid out by the plan; the NHWC grad_w output is a
-    # permuted view whose storage is (B, Ho, Wo, G, K, K) contiguous, which data_ptr() still is.
-    args = (_ptr(ins[0]), _ptr(ins[1]), _ptr(out)) + tuple(np.int32(v) for v in (c, h, w, g, ho, wo, padding))
+    module = (dtype, k, stride, dilation)
+    sizes = tuple(np.int32(v) for v in (c, h, w, g, ho, wo, padding))
     # grad_x runs over input pixels, the other passes over output pixels.
     rows, cols = (h, w) if kind == "bwd_input" else (ho, wo)
     if memory_format == "nchw":
@@ -170,13 +191,13 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
         if max(grid, planes) > _INT_MAX:
             raise ValueError(f"involution: grid of {grid} blocks ({planes} planes) is too large for one launch")
         geometry = (tw, th, tiles_w, tiles, planes)
-        return Launch(kernel_name(kind, "nchw", out.dtype, k, stride, dilation), module, grid,
-                      args + tuple(np.int32(v) for v in geometry), ins)
+        return _Geometry(kernel_name(kind, "nchw", dtype, k, stride, dilation), module, grid,
+                         sizes + tuple(np.int32(v) for v in geometry), 0)
     items = b * rows * cols * g  # (pixel, group) rows, in storage order
-    tpi = nhwc_threads_per_item(c, g, k, out.dtype, (*ins, out))
+    tpi = _nhwc_slices(c, g, k, dtype, aligned)
     if tpi is not None:
         gb = nhwc_groups_per_block(tpi, g)
-        size, kk = out.dtype.itemsize, k * k
+        size, kk = dtype.itemsize, k * k
         smem = nhwc_shared_bytes(kind, k, stride, dilation)
         # Patches tile the map the pass writes: output pixels, or input pixels for grad_input.
         tiles_w = _cdiv(cols, NHWC_PATCH)
@@ -184,13 +205,24 @@ def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor
         ptiles = _cdiv(tiles, NHWC_SLOTS // (gb * tpi))
         grid = b * (g // gb) * ptiles
         if ((gb * kk * size) % 4 == 0 and (g * kk * size) % 4 == 0  # kernel rows in 32-bit words
-                and smem <= max_shared_bytes(out.device) and (kind != "bwd_input" or stride <= 2)
+                and smem <= max_shared and (kind != "bwd_input" or stride <= 2)
                 and max(h * w * c, ho * wo * c, ho * wo * g * kk, grid) <= _INT_MAX):  # 32-bit offsets in an image
-            return Launch(kernel_name(kind, "nhwc", out.dtype, k, stride, dilation), module, grid,
-                          args + tuple(np.int32(v) for v in (gb, tiles_w, tiles, ptiles)), ins, smem)
+            return _Geometry(kernel_name(kind, "nhwc", dtype, k, stride, dilation), module, grid,
+                             sizes + tuple(np.int32(v) for v in (gb, tiles_w, tiles, ptiles)), smem)
     grid = min(_cdiv(items, THREADS), _MAX_BLOCKS)
-    return Launch(kernel_name(kind, "nhwc_scalar", out.dtype, k, stride, dilation), module, grid,
-                  args + (np.int64(items),), ins)
+    return _Geometry(kernel_name(kind, "nhwc_scalar", dtype, k, stride, dilation), module, grid,
+                     sizes + (np.int64(items),), 0)
+
+
+def _launch(kind: str, ins: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x_shape, kernel_shape,
+            stride: int, padding: int, dilation: int, memory_format: str) -> Launch:
+    # Raw pointers address the storage as laid out by the plan; the NHWC grad_w output is a
+    # permuted view whose storage is (B, Ho, Wo, G, K, K) contiguous, which data_ptr() still is.
+    # They change from call to call, so they stay out of the cached geometry.
+    ptrs = (ins[0].data_ptr(), ins[1].data_ptr(), out.data_ptr())
+    geo = _geometry(kind, out.dtype, tuple(x_shape), tuple(kernel_shape), stride, padding, dilation, memory_format,
+                    not (ptrs[0] | ptrs[1] | ptrs[2]) % 16, max_shared_bytes(out.device))
+    return Launch(geo.name, geo.module, geo.grid, tuple(np.uint64(p) for p in ptrs) + geo.tail, ins, geo.smem)
 
 
 def plan_forward(x: torch.Tensor, kernel: torch.Tensor, stride: int, padding: int,

@@ -14,7 +14,10 @@ guarantees (``error_bound``). The outcome is kept for the process. A failure nam
 - ``context``: the kernel faulted and CUDA's error is sticky: the device cannot run
   anything more in this process, the reference included;
 - ``capture``: not a verdict: asked while a CUDA graph is being captured, where the check
-  cannot run (it synchronises); nothing is stored and the next eager call checks.
+  cannot run (it synchronises); nothing is stored and the next eager call checks;
+- ``peer``: the check passed (or was not run) here but failed in another process of the job
+  (``decline``): every process uses the reference for it, so that none runs slower code than
+  the others and holds up their collectives.
 
 Beyond the compile, which the first launch would pay anyway (and which the disk cache
 pays once per machine), the check is a few launches on tiny inputs, each pass followed by
@@ -39,12 +42,12 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import _cupy, _plan
 from ._reference import involution_reference
 
-__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "describe", "error_bound", "verdict",
-           "warn_once", "warn_unavailable"]
+__all__ = ["REPORT_HINT", "STAGES", "Key", "KernelCheck", "KernelCheckWarning", "decline", "describe", "error_bound",
+           "verdict", "warn_once", "warn_unavailable"]
 
 _logger = logging.getLogger(__name__)
 
-STAGES = ("compile", "launch", "result", "context", "capture")
+STAGES = ("compile", "launch", "result", "context", "capture", "peer")
 REPORT_HINT = ("Please report it on the project's issue tracker with the output of "
                "`python tools/benchmark.py selfcheck`.")
 
@@ -152,11 +155,26 @@ def verdict(key: Key) -> KernelCheck:
     return found
 
 
+def decline(key: Key, cause: str) -> KernelCheck:
+    """Record that the kernel is not to be used for ``key`` in this process (``stage='peer'``), and why.
+
+    For a configuration that failed in another process of the job; a failure of this process's
+    own check is kept as it is.
+    """
+    with _lock:
+        found = _verdicts.get(key)
+        if found is None or found.ok:
+            found = _verdicts[key] = KernelCheck(False, "peer", cause, 0.0)
+    return found
+
+
 def describe(key: Key, check: KernelCheck) -> str:
     """One message for a failed check: configuration, stage and cause."""
     cause = check.cause if len(check.cause) <= 2000 else check.cause[:2000] + " [...]"
     if check.stage == "capture":
         return f"the CUDA involution kernel was not checked for {key} (capture stage): {cause}"
+    if check.stage == "peer":
+        return f"the CUDA involution kernel is not used for {key} (peer stage): {cause}"
     return f"the CUDA involution kernel failed its first-contact check for {key} at the {check.stage} stage: {cause}"
 
 

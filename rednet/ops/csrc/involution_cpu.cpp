@@ -24,6 +24,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef int64_t i64;
 
@@ -161,7 +164,43 @@ inline void interior(i64 n_in, i64 n_out, i64 K, i64 s, i64 p, i64 d, i64* lo, i
   *hi = h > *lo ? h : *lo;
 }
 
-#define REDNET_PARALLEL_FOR _Pragma("omp for schedule(static)")
+// ---------------------------------------------------------------------------------------
+// Threads. Every parallel loop is parallel_chunks(n, nt, body): body(lo, hi) runs over
+// consecutive chunks that cover [0, n) exactly once, each chunk on one thread, with its own
+// scratch. Through ctypes (PyTorch) the chunks are OpenMP's static split over nt threads.
+// A host with its own thread pool (the ONNX Runtime op, involution_ort.cpp) installs a
+// ChunkRunner on the calling thread for the duration of a call: two spinning pools in one
+// process fight over the cores (measured 0.3-1.0x of RedNet-50's speed inside ORT).
+
+typedef void (*ChunkFn)(const void* body, i64 lo, i64 hi);
+
+struct ChunkRunner {
+  // Calls fn(body, lo, hi) for chunks covering [0, n), and returns when all have run.
+  void (*run)(ChunkRunner* self, i64 n, ChunkFn fn, const void* body);
+};
+
+thread_local ChunkRunner* t_runner = nullptr;
+
+template <class F> void call_chunk(const void* body, i64 lo, i64 hi) { (*static_cast<const F*>(body))(lo, hi); }
+
+template <class F> void parallel_chunks(i64 n, int nt, const F& body) {
+  if (n <= 0) return;
+  if (t_runner) {
+    t_runner->run(t_runner, n, &call_chunk<F>, &body);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
+    const i64 lo = n * t / T, hi = n * (t + 1) / T;
+    if (lo < hi) body(lo, hi);
+  }
+#else
+  (void)nt;
+  body(0, n);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------
 // Channels_last, groups of 16k channels: vectors of 16 channels.
@@ -172,31 +211,99 @@ inline void interior(i64 n_in, i64 n_out, i64 K, i64 s, i64 p, i64 d, i64* lo, i
 // keep the same loop; adding k * 0 leaves a sum unchanged, as skipping does.
 
 constexpr int JB = 4;
+constexpr int JB2 = 8;  // pixels per block in fwd_nhwc_block_fixed
 
-// Forward of JB consecutive output pixels j .. j+JB-1 of row i.
-template <class S, int NB, bool CHECK>
-inline void fwd_nhwc_block(const S* xb, const S* wp, S* yp, i64 i, i64 j, i64 u0, i64 u1, const S* zeros,
-                           const Dims& D) {
+// What a forward pass does to each 16-channel vector of sums before storing it: nothing, or
+// (the fused inference pass) a per-channel affine map (an inference BatchNorm) and a ReLU.
+struct NoEpilogue {
+  template <class V> V operator()(V acc, i64) const { return acc; }
+};
+
+struct AffineRelu {
+  const float* scale;  // per channel, or null for none (shift then too)
+  const float* shift;
+  bool relu;
+  f32x16 operator()(f32x16 acc, i64 c0) const {
+    typedef Traits<float> T;
+    if (scale) acc = acc * T::load(scale + c0) + T::load(shift + c0);
+    if (relu) acc = (f32x16)((i32x16)acc & ~(i32x16)(acc < 0));  // NaN stays NaN, as torch.relu
+    return acc;
+  }
+};
+
+// Where a pass finds the kernel: value (g, u, v) of output pixel jj (counted from a block's
+// first pixel) at w[jj * ps + (g*K*K + u*K + v) * ts]. The module's kernel tensor, channels_last
+// (B, Ho, Wo, G, K, K), has ps = G*K*K and ts = 1; the fused pass keeps each block's kernels
+// tap-major, ps = 1 and ts = PB (16 pixels per tap).
+struct KernelLayout {
+  i64 ps, ts;
+};
+
+// Forward of NB consecutive output pixels j .. j+NB-1 of row i.
+template <class S, int NB, bool CHECK, class E>
+inline void fwd_nhwc_block(const S* xb, const S* wp, KernelLayout L, S* yp, i64 i, i64 j, i64 u0, i64 u1,
+                           const S* zeros, const Dims& D, const E& epilogue) {
   typedef Traits<S> T;
   typedef typename T::V V;
-  const i64 C = D.C, cg = D.cg(), KK = D.kk(), GKK = D.G * KK;
+  const i64 C = D.C, cg = D.cg(), KK = D.kk();
   for (i64 g = 0; g < D.G; ++g) {
     for (i64 c0 = g * cg; c0 < (g + 1) * cg; c0 += 16) {
       V acc[NB];
       for (int jj = 0; jj < NB; ++jj) acc[jj] = V{};
       for (i64 u = u0; u < u1; ++u) {
         const S* xr = xb + (i * D.s - D.p + u * D.d) * D.W * C + c0;
-        const S* wu = wp + g * KK + u * D.K;
+        const S* wu = wp + (g * KK + u * D.K) * L.ts;
         for (i64 v = 0; v < D.K; ++v) {
           for (int jj = 0; jj < NB; ++jj) {
             const i64 q = (j + jj) * D.s - D.p + v * D.d;
             const S* xp = xr + q * C;
             if (CHECK && (q < 0 || q >= D.W)) xp = zeros;
-            acc[jj] += T::get(wu + jj * GKK + v) * T::load(xp);
+            acc[jj] += T::get(wu + jj * L.ps + v * L.ts) * T::load(xp);
           }
         }
       }
-      for (int jj = 0; jj < NB; ++jj) T::store(yp + jj * C + c0, acc[jj]);
+      for (int jj = 0; jj < NB; ++jj) T::store(yp + jj * C + c0, epilogue(acc[jj], c0));
+    }
+  }
+}
+
+// The same for up to NB pixels (n of them are stored), with the window, the stride (dilation 1)
+// and a tap-major kernel layout (ps = 1, ts = TS) known at compile time. The pixels read
+// S*(NB-1)+K consecutive input columns of each tap row: each column's vector is loaded once
+// and used by every pixel whose window covers it, instead of once per (pixel, tap), and
+// every kernel value is an FMA's broadcast operand at a constant offset from one pointer.
+// (With the kernel pixel-major at a run-time stride the compiler ran out of general
+// registers for the NB pointers and spilled.) CHECK: columns outside the image read zeros,
+// as in fwd_nhwc_block. Pixels past n are computed from whatever follows in the kernel
+// buffer and the image and thrown away. Each sum runs over the taps in (u, v) order, so
+// results are bit-identical to fwd_nhwc_block's.
+template <class S, int K, int STRIDE, int NB, int TS, bool CHECK, class E>
+inline void fwd_nhwc_block_fixed(const S* xb, const S* wp, S* yp, i64 i, i64 j, i64 n, i64 u0, i64 u1,
+                                 const Dims& D, const E& epilogue) {
+  typedef Traits<S> T;
+  typedef typename T::V V;
+  constexpr int NQ = STRIDE * (NB - 1) + K;
+  const i64 C = D.C, cg = D.cg(), q0 = j * STRIDE - D.p;  // the first column read
+  const i64 tlo = CHECK && q0 < 0 ? -q0 : 0, thi = CHECK && q0 + NQ > D.W ? D.W - q0 : NQ;  // columns inside
+  for (i64 g = 0; g < D.G; ++g) {
+    for (i64 c0 = g * cg; c0 < (g + 1) * cg; c0 += 16) {
+      V acc[NB];
+      for (int jj = 0; jj < NB; ++jj) acc[jj] = V{};
+      for (i64 u = u0; u < u1; ++u) {
+        const S* xr = xb + (i * STRIDE - D.p + u) * D.W * C + c0;
+        const S* wu = wp + (g * K * K + u * K) * TS;
+#pragma GCC unroll 32
+        for (int t = 0; t < NQ; ++t) {
+          const V xv = !CHECK || (t >= tlo && t < thi) ? T::load(xr + (q0 + t) * C) : V{};
+#pragma GCC unroll 16
+          for (int jj = 0; jj < NB; ++jj) {
+            const int v = t - STRIDE * jj;
+            if (v >= 0 && v < K) acc[jj] += T::get(wu + v * TS + jj) * xv;
+          }
+        }
+      }
+      for (int jj = 0; jj < NB; ++jj)
+        if (jj < n) T::store(yp + jj * C + c0, epilogue(acc[jj], c0));
     }
   }
 }
@@ -208,29 +315,60 @@ template <class S> struct FwdRows {
   std::vector<S> zeros;
   explicit FwdRows(const Dims& dims) : D(dims), zeros(16) { interior(D.W, D.Wo, D.K, D.s, D.p, D.d, &jlo, &jhi); }
 
-  void operator()(const S* x, const S* w, S* y, i64 bi) const {
-    const i64 C = D.C, GKK = D.G * D.kk();
-    const i64 b = bi / D.Ho, i = bi % D.Ho;
+  // Output columns [j0, j1) of row i of image b: w holds pixel j0's kernel, y is its output.
+  // TS > 0: the kernel is tap-major (ps = 1, ts = TS), and RedNet's windows take the fast block.
+  template <int TS, class E>
+  void segment(const S* x, const S* w, KernelLayout L, S* y, i64 b, i64 i, i64 j0, i64 j1, const E& epilogue) const {
     i64 u0, u1;
     tap_range(i, D.s, D.p, D.d, D.K, D.H, &u0, &u1);
-    const S* xb = x + b * D.H * D.W * C;
-    const S* wrow = w + bi * D.Wo * GKK;
-    S* yrow = y + bi * D.Wo * C;
-    i64 j = 0;
-    for (; j + JB <= D.Wo; j += JB) {
-      if (j >= jlo && j + JB <= jhi)
-        fwd_nhwc_block<S, JB, false>(xb, wrow + j * GKK, yrow + j * C, i, j, u0, u1, zeros.data(), D);
-      else
-        fwd_nhwc_block<S, JB, true>(xb, wrow + j * GKK, yrow + j * C, i, j, u0, u1, zeros.data(), D);
+    const S* xb = x + b * D.H * D.W * D.C;
+    i64 j = j0;
+    if constexpr (TS > 0) {
+      // RedNet's windows, 8 pixels a block: eight independent sums cover the FMA latency.
+      if (D.d == 1 && ((D.K == 7 && (D.s == 1 || D.s == 2)) || (D.K == 3 && D.s == 1))) {
+        for (; j < j1; j += JB2) {
+          const i64 n = j1 - j < JB2 ? j1 - j : JB2;
+          const bool inside = j >= jlo && j + JB2 <= jhi;
+          const S* wp = w + (j - j0);
+          S* yp = y + (j - j0) * D.C;
+          if (D.K == 3)
+            inside ? fwd_nhwc_block_fixed<S, 3, 1, JB2, TS, false>(xb, wp, yp, i, j, n, u0, u1, D, epilogue)
+                   : fwd_nhwc_block_fixed<S, 3, 1, JB2, TS, true>(xb, wp, yp, i, j, n, u0, u1, D, epilogue);
+          else if (D.s == 1)
+            inside ? fwd_nhwc_block_fixed<S, 7, 1, JB2, TS, false>(xb, wp, yp, i, j, n, u0, u1, D, epilogue)
+                   : fwd_nhwc_block_fixed<S, 7, 1, JB2, TS, true>(xb, wp, yp, i, j, n, u0, u1, D, epilogue);
+          else
+            inside ? fwd_nhwc_block_fixed<S, 7, 2, JB2, TS, false>(xb, wp, yp, i, j, n, u0, u1, D, epilogue)
+                   : fwd_nhwc_block_fixed<S, 7, 2, JB2, TS, true>(xb, wp, yp, i, j, n, u0, u1, D, epilogue);
+        }
+        return;
+      }
     }
-    for (; j < D.Wo; ++j) fwd_nhwc_block<S, 1, true>(xb, wrow + j * GKK, yrow + j * C, i, j, u0, u1, zeros.data(), D);
+    for (; j + JB <= j1; j += JB) {
+      const S* wp = w + (j - j0) * L.ps;
+      S* yp = y + (j - j0) * D.C;
+      if (j >= jlo && j + JB <= jhi)
+        fwd_nhwc_block<S, JB, false>(xb, wp, L, yp, i, j, u0, u1, zeros.data(), D, epilogue);
+      else
+        fwd_nhwc_block<S, JB, true>(xb, wp, L, yp, i, j, u0, u1, zeros.data(), D, epilogue);
+    }
+    for (; j < j1; ++j)
+      fwd_nhwc_block<S, 1, true>(xb, w + (j - j0) * L.ps, L, y + (j - j0) * D.C, i, j, u0, u1, zeros.data(), D,
+                                 epilogue);
+  }
+
+  void operator()(const S* x, const S* w, S* y, i64 bi) const {
+    const i64 GKK = D.G * D.kk();
+    segment<0>(x, w + bi * D.Wo * GKK, KernelLayout{GKK, 1}, y + bi * D.Wo * D.C, bi / D.Ho, bi % D.Ho, 0, D.Wo,
+               NoEpilogue());
   }
 };
 
 template <class S> void fwd_nhwc_vec(const S* x, const S* w, S* y, const Dims& D, int nt) {
   const FwdRows<S> rows(D);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (i64 bi = 0; bi < D.B * D.Ho; ++bi) rows(x, w, y, bi);
+  parallel_chunks(D.B * D.Ho, nt, [&](i64 lo, i64 hi) {
+    for (i64 bi = lo; bi < hi; ++bi) rows(x, w, y, bi);
+  });
 }
 
 // The taps t < K of input position n that an output position o reads, with that o:
@@ -315,13 +453,11 @@ template <class S> struct BwdInputRows {
 
 template <class S> void bwd_input_nhwc_vec(const S* go, const S* w, S* gx, const Dims& D, int nt) {
   const BwdInputRows<S> rows(D);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.H, nt, [&](i64 lo, i64 hi) {
     std::vector<int> us(D.K);
     std::vector<i64> is(D.K);
-    REDNET_PARALLEL_FOR
-    for (i64 br = 0; br < D.B * D.H; ++br) rows(go, w, gx, br, us.data(), is.data());
-  }
+    for (i64 br = lo; br < hi; ++br) rows(go, w, gx, br, us.data(), is.data());
+  });
 }
 
 // Grad-kernel: one 16-channel dot product per (pixel, group, tap), reduced 16 at a time by
@@ -406,12 +542,177 @@ template <class S> struct BwdKernelRows {
 
 template <class S> void bwd_kernel_nhwc_vec(const S* go, const S* x, S* gw, const Dims& D, int nt) {
   const BwdKernelRows<S> rows(D);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.Ho, nt, [&](i64 lo, i64 hi) {
     std::vector<const S*> xp(D.G * D.kk());
-    REDNET_PARALLEL_FOR
-    for (i64 bi = 0; bi < D.B * D.Ho; ++bi) rows(go, x, gw, bi, xp.data());
+    for (i64 bi = lo; bi < hi; ++bi) rows(go, x, gw, bi, xp.data());
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused inference (float, channels_last, groups of 16k channels): the Involution module's
+// kernel generation, the aggregation and the BatchNorm + ReLU after it, in one pass.
+//
+//   x' = AvgPool(s)(x) (ceil mode: a window cut by the border averages what it covers)
+//   r  = relu(x' @ wr + br)          wr (C, R): reduce conv with its BatchNorm folded in
+//   k  = r @ ws + bs                 ws (R, N): span conv, N = G*K*K
+//   y  = act(scale * involution(x, k) + shift)
+//
+// R and N are padded to multiples of 16 with zero columns (and rows of ws), so GEMM rows are
+// whole vectors; the padded r columns are relu(0) = 0 and add nothing. Output pixels go in
+// blocks of PB = 16 consecutive ones (over b, i, j: blocks cross rows, which keeps the small
+// late-stage maps in full blocks). A block's r and k live in per-thread scratch and never
+// reach memory: r as (R, PB) and k as (N, PB), one 16-pixel vector per channel, so the span
+// GEMM's accumulators are vectors over the block's pixels, each weight of ws is an FMA's
+// broadcast operand, and the aggregation finds a tap's kernel values for consecutive pixels
+// side by side (KernelLayout{1, PB}).
+
+constexpr int PB = 16;
+#ifdef __AVX512F__
+constexpr int GEMM_NV = 4;  // 4 x 4 accumulators + 4 weight vectors: 21 of AVX-512's 32 registers
+constexpr int SPAN_NB = 16;  // 16 accumulators + 1 input vector
+#else
+constexpr int GEMM_NV = 2;  // a 16-float vector is two AVX2 registers
+constexpr int SPAN_NB = 6;
+#endif
+constexpr int GEMM_MB = 4;  // rows per tile
+
+// Cm[m][n] = relu(bias[n] + sum_k A[m*lda + k] * Bm[k*ldb + n]) for m < MB and NV vectors of n.
+template <int MB, int NV>
+inline void gemm_tile(const float* A, i64 lda, const float* Bm, i64 ldb, const float* bias, float* Cm, i64 ldc,
+                      i64 K) {
+  typedef Traits<float> T;
+  f32x16 acc[MB][NV];
+  for (int nv = 0; nv < NV; ++nv) {
+    const f32x16 b = T::load(bias + 16 * nv);
+    for (int m = 0; m < MB; ++m) acc[m][nv] = b;
   }
+  for (i64 k = 0; k < K; ++k) {
+    f32x16 bv[NV];
+    for (int nv = 0; nv < NV; ++nv) bv[nv] = T::load(Bm + k * ldb + 16 * nv);
+    for (int m = 0; m < MB; ++m) {
+      const float a = A[m * lda + k];
+      for (int nv = 0; nv < NV; ++nv) acc[m][nv] += a * bv[nv];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int nv = 0; nv < NV; ++nv) {
+      const f32x16 v = acc[m][nv];
+      T::store(Cm + m * ldc + 16 * nv, (f32x16)((i32x16)v & ~(i32x16)(v < 0)));
+    }
+}
+
+template <int NV>
+inline void gemm_panel(const float* A, i64 lda, i64 M, const float* Bm, i64 ldb, const float* bias, float* Cm,
+                       i64 ldc, i64 K) {
+  constexpr int MB = NV == 1 ? 2 * GEMM_MB : GEMM_MB;  // one column vector: more rows for independent sums
+  i64 m = 0;
+  for (; m + MB <= M; m += MB) gemm_tile<MB, NV>(A + m * lda, lda, Bm, ldb, bias, Cm + m * ldc, ldc, K);
+  for (; m + 2 <= M; m += 2) gemm_tile<2, NV>(A + m * lda, lda, Bm, ldb, bias, Cm + m * ldc, ldc, K);
+  if (m < M) gemm_tile<1, NV>(A + m * lda, lda, Bm, ldb, bias, Cm + m * ldc, ldc, K);
+}
+
+// Cm (M, N) = relu(A (M, K) @ Bm (K, N) + bias), N a multiple of 16: panels of NV vectors of
+// output columns, all M rows each, so a panel of Bm stays in L1 while the rows pass.
+inline void gemm_bias_relu(const float* A, i64 lda, i64 M, const float* Bm, i64 ldb, const float* bias, float* Cm,
+                           i64 ldc, i64 K, i64 N) {
+  i64 n = 0;
+  for (; n + 16 * GEMM_NV <= N; n += 16 * GEMM_NV)
+    gemm_panel<GEMM_NV>(A, lda, M, Bm + n, ldb, bias + n, Cm + n, ldc, K);
+  for (; n < N; n += 16) gemm_panel<1>(A, lda, M, Bm + n, ldb, bias + n, Cm + n, ldc, K);
+}
+
+// kT[n][0:PB] = bias[n] + sum_j W[j*ldw + n] * rT[j][0:PB] for NB consecutive n.
+template <int NB>
+inline void span_tile(const float* rT, i64 R, const float* W, i64 ldw, const float* bias, float* kT) {
+  typedef Traits<float> T;
+  f32x16 acc[NB];
+  for (int nb = 0; nb < NB; ++nb) acc[nb] = f32x16{} + bias[nb];
+  for (i64 j = 0; j < R; ++j) {
+    const f32x16 rv = T::load(rT + j * PB);
+    const float* w = W + j * ldw;
+    for (int nb = 0; nb < NB; ++nb) acc[nb] += w[nb] * rv;
+  }
+  for (int nb = 0; nb < NB; ++nb) T::store(kT + nb * PB, acc[nb]);
+}
+
+// kT (N, PB) = ws^T @ rT + bs, for all N outputs, N a multiple of 16.
+inline void span_gemm(const float* rT, i64 R, const float* W, i64 N, const float* bias, float* kT) {
+  i64 n = 0;
+  for (; n + SPAN_NB <= N; n += SPAN_NB) span_tile<SPAN_NB>(rT, R, W + n, N, bias + n, kT + n * PB);
+  for (; n < N; ++n) span_tile<1>(rT, R, W + n, N, bias + n, kT + n * PB);
+}
+
+struct FusedParams {
+  const float *wr, *br, *ws, *bs, *scale, *shift;
+  i64 R, N;  // padded widths of r and k
+  bool relu;
+};
+
+// Output pixels [p0, p1) (flattened over b, i, j), p1 - p0 <= PB.
+struct FusedBlocks {
+  FwdRows<float> rows;
+  FusedParams P;
+  FusedBlocks(const Dims& D, const FusedParams& params) : rows(D), P(params) {}
+
+  // xs: scratch for PB pooled pixels (C); rs: r as (PB, R), then rT (R, PB); ks: k as (N, PB).
+  void operator()(const float* x, float* y, i64 p0, i64 p1, float* xs, float* rs, float* rT, float* ks) const {
+    const Dims& D = rows.D;
+    const i64 C = D.C, M = p1 - p0, HoWo = D.Ho * D.Wo;
+    const float* a = x + p0 * C;  // stride 1: output pixel p generates its kernel from input pixel p
+    if (D.s != 1) {
+      for (i64 m = 0; m < M; ++m) pool_pixel(x, p0 + m, xs + m * C);
+      a = xs;
+    }
+    gemm_bias_relu(a, C, M, P.wr, P.R, P.br, rs, P.R, C, P.R);
+    for (i64 j = 0; j < P.R; ++j)  // (M, R) -> (R, PB), pixels past M zero
+      for (i64 m = 0; m < PB; ++m) rT[j * PB + m] = m < M ? rs[m * P.R + j] : 0.0f;
+    span_gemm(rT, P.R, P.ws, P.N, P.bs, ks);
+    const AffineRelu epilogue{P.scale, P.shift, P.relu};
+    for (i64 p = p0; p < p1;) {  // the block's pieces of output rows
+      const i64 b = p / HoWo, i = p % HoWo / D.Wo, j0 = p % D.Wo;
+      const i64 j1 = j0 + (p1 - p) < D.Wo ? j0 + (p1 - p) : D.Wo;
+      rows.segment<PB>(x, ks + (p - p0), KernelLayout{1, PB}, y + p * C, b, i, j0, j1, epilogue);
+      p += j1 - j0;
+    }
+  }
+
+  // The s x s average of x under output pixel p, as AvgPool2d(s, s, ceil_mode=True).
+  void pool_pixel(const float* x, i64 p, float* out) const {
+    typedef Traits<float> T;
+    const Dims& D = rows.D;
+    const i64 C = D.C, HoWo = D.Ho * D.Wo;
+    const i64 b = p / HoWo, r0 = p % HoWo / D.Wo * D.s, q0 = p % D.Wo * D.s;
+    const i64 r1 = r0 + D.s < D.H ? r0 + D.s : D.H, q1 = q0 + D.s < D.W ? q0 + D.s : D.W;
+    const float inv = 1.0f / float((r1 - r0) * (q1 - q0));
+    for (i64 c = 0; c < C; c += 16) {
+      f32x16 sum = {};
+      for (i64 r = r0; r < r1; ++r)
+        for (i64 q = q0; q < q1; ++q) sum += T::load(x + ((b * D.H + r) * D.W + q) * C + c);
+      T::store(out + c, sum * inv);
+    }
+  }
+};
+
+void fused_nhwc(const float* x, float* y, const Dims& D, const FusedParams& P, int nt) {
+  const FusedBlocks blocks(D, P);
+  const i64 pixels = D.B * D.Ho * D.Wo, nblocks = (pixels + PB - 1) / PB;
+  parallel_chunks(nblocks, nt, [&](i64 lo, i64 hi) {
+    // Scratch per thread, kept from call to call: under ORT's pool the chunks are many and
+    // short, and a fresh allocation of this size (up to 150 KB) goes to mmap and faults its
+    // pages in each time. ks gets JB2 more floats for the pixels a block's last piece
+    // computes past its end (fwd_nhwc_block_fixed).
+    thread_local std::vector<float> scratch;
+    const size_t need = size_t(PB * (D.C + 2 * P.R + P.N) + JB2);
+    if (scratch.size() < need) scratch.resize(need);
+    float* xs = scratch.data();
+    float* rs = xs + PB * D.C;
+    float* rT = rs + PB * P.R;
+    float* ks = rT + PB * P.R;
+    for (i64 blk = lo; blk < hi; ++blk) {
+      const i64 p0 = blk * PB, p1 = p0 + PB < pixels ? p0 + PB : pixels;
+      blocks(x, y, p0, p1, xs, rs, rT, ks);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -421,11 +722,9 @@ template <class S> void fwd_nhwc_any(const S* x, const S* w, S* y, const Dims& D
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 C = D.C, cg = D.cg(), KK = D.kk(), GKK = D.G * KK;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.Ho, nt, [&](i64 lo, i64 hi) {
     std::vector<A> acc(C);
-    REDNET_PARALLEL_FOR
-    for (i64 bi = 0; bi < D.B * D.Ho; ++bi) {
+    for (i64 bi = lo; bi < hi; ++bi) {
       const i64 b = bi / D.Ho, i = bi % D.Ho;
       i64 u0, u1, v0, v1;
       tap_range(i, D.s, D.p, D.d, D.K, D.H, &u0, &u1);
@@ -446,18 +745,16 @@ template <class S> void fwd_nhwc_any(const S* x, const S* w, S* y, const Dims& D
         for (i64 c = 0; c < C; ++c) T::put(yp + c, acc[c]);
       }
     }
-  }
+  });
 }
 
 template <class S> void bwd_input_nhwc_any(const S* go, const S* w, S* gx, const Dims& D, int nt) {
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 C = D.C, cg = D.cg(), KK = D.kk(), GKK = D.G * KK;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.H, nt, [&](i64 lo, i64 hi) {
     std::vector<A> acc(C);
-    REDNET_PARALLEL_FOR
-    for (i64 br = 0; br < D.B * D.H; ++br) {
+    for (i64 br = lo; br < hi; ++br) {
       const i64 b = br / D.H, r = br % D.H;
       for (i64 q = 0; q < D.W; ++q) {
         for (i64 c = 0; c < C; ++c) acc[c] = 0;
@@ -480,17 +777,15 @@ template <class S> void bwd_input_nhwc_any(const S* go, const S* w, S* gx, const
         for (i64 c = 0; c < C; ++c) T::put(gxp + c, acc[c]);
       }
     }
-  }
+  });
 }
 
 template <class S> void bwd_kernel_nhwc_any(const S* go, const S* x, S* gw, const Dims& D, int nt) {
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 C = D.C, cg = D.cg(), K = D.K, KK = D.kk(), GKK = D.G * KK;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    REDNET_PARALLEL_FOR
-    for (i64 bi = 0; bi < D.B * D.Ho; ++bi) {
+  parallel_chunks(D.B * D.Ho, nt, [&](i64 lo, i64 hi) {
+    for (i64 bi = lo; bi < hi; ++bi) {
       const i64 b = bi / D.Ho, i = bi % D.Ho;
       i64 u0, u1, v0, v1;
       tap_range(i, D.s, D.p, D.d, K, D.H, &u0, &u1);
@@ -512,7 +807,7 @@ template <class S> void bwd_kernel_nhwc_any(const S* go, const S* x, S* gw, cons
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -549,55 +844,49 @@ inline Dims one_group(const Dims& D) {
 template <class S> void fwd_nchw_tiled(const S* x, const S* w, S* y, const Dims& D, int nt) {
   const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
   const FwdRows<S> rows(one_group(D));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G, nt, [&](i64 lo, i64 hi) {
     std::vector<S> xt(cg * HW), wt(KK * HoWo), yt(cg * HoWo);
-    REDNET_PARALLEL_FOR
-    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+    for (i64 bg = lo; bg < hi; ++bg) {
       const i64 c0 = bg / D.G * D.C + bg % D.G * cg;  // first channel of the slab, counting over b
       interleave(x + c0 * HW, xt.data(), cg, HW);
       interleave(w + bg * KK * HoWo, wt.data(), KK, HoWo);
       for (i64 i = 0; i < D.Ho; ++i) rows(xt.data(), wt.data(), yt.data(), i);
       deinterleave(yt.data(), y + c0 * HoWo, cg, HoWo);
     }
-  }
+  });
 }
 
 template <class S> void bwd_input_nchw_tiled(const S* go, const S* w, S* gx, const Dims& D, int nt) {
   const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
   const BwdInputRows<S> rows(one_group(D));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G, nt, [&](i64 lo, i64 hi) {
     std::vector<S> gt(cg * HoWo), wt(KK * HoWo), xt(cg * HW);
     std::vector<int> us(D.K);
     std::vector<i64> is(D.K);
-    REDNET_PARALLEL_FOR
-    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+    for (i64 bg = lo; bg < hi; ++bg) {
       const i64 c0 = bg / D.G * D.C + bg % D.G * cg;
       interleave(go + c0 * HoWo, gt.data(), cg, HoWo);
       interleave(w + bg * KK * HoWo, wt.data(), KK, HoWo);
       for (i64 r = 0; r < D.H; ++r) rows(gt.data(), wt.data(), xt.data(), r, us.data(), is.data());
       deinterleave(xt.data(), gx + c0 * HW, cg, HW);
     }
-  }
+  });
 }
 
 template <class S> void bwd_kernel_nchw_tiled(const S* go, const S* x, S* gw, const Dims& D, int nt) {
   const i64 cg = D.cg(), KK = D.kk(), HW = D.H * D.W, HoWo = D.Ho * D.Wo;
   const BwdKernelRows<S> rows(one_group(D));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G, nt, [&](i64 lo, i64 hi) {
     std::vector<S> gt(cg * HoWo), xt(cg * HW), wt(KK * HoWo);
     std::vector<const S*> xp(KK);
-    REDNET_PARALLEL_FOR
-    for (i64 bg = 0; bg < D.B * D.G; ++bg) {
+    for (i64 bg = lo; bg < hi; ++bg) {
       const i64 c0 = bg / D.G * D.C + bg % D.G * cg;
       interleave(go + c0 * HoWo, gt.data(), cg, HoWo);
       interleave(x + c0 * HW, xt.data(), cg, HW);
       for (i64 i = 0; i < D.Ho; ++i) rows(gt.data(), xt.data(), wt.data(), i, xp.data());
       deinterleave(wt.data(), gw + bg * KK * HoWo, KK, HoWo);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -607,11 +896,9 @@ template <class S> void fwd_nchw(const S* x, const S* w, S* y, const Dims& D, in
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 cg = D.cg(), K = D.K, HoWo = D.Ho * D.Wo;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G * D.Ho, nt, [&](i64 lo, i64 hi) {
     std::vector<A> acc(D.Wo);
-    REDNET_PARALLEL_FOR
-    for (i64 bgi = 0; bgi < D.B * D.G * D.Ho; ++bgi) {
+    for (i64 bgi = lo; bgi < hi; ++bgi) {
       const i64 bg = bgi / D.Ho, i = bgi % D.Ho, b = bg / D.G, g = bg % D.G;
       i64 u0, u1;
       tap_range(i, D.s, D.p, D.d, K, D.H, &u0, &u1);
@@ -636,18 +923,16 @@ template <class S> void fwd_nchw(const S* x, const S* w, S* y, const Dims& D, in
         for (i64 j = 0; j < D.Wo; ++j) T::put(yr + j, acc[j]);
       }
     }
-  }
+  });
 }
 
 template <class S> void bwd_input_nchw(const S* go, const S* w, S* gx, const Dims& D, int nt) {
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 cg = D.cg(), K = D.K, HoWo = D.Ho * D.Wo;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G * D.H, nt, [&](i64 lo, i64 hi) {
     std::vector<A> acc(D.W);
-    REDNET_PARALLEL_FOR
-    for (i64 bgr = 0; bgr < D.B * D.G * D.H; ++bgr) {
+    for (i64 bgr = lo; bgr < hi; ++bgr) {
       const i64 bg = bgr / D.H, r = bgr % D.H, b = bg / D.G, g = bg % D.G;
       for (i64 c = g * cg; c < (g + 1) * cg; ++c) {
         for (i64 q = 0; q < D.W; ++q) acc[q] = 0;
@@ -673,18 +958,16 @@ template <class S> void bwd_input_nchw(const S* go, const S* w, S* gx, const Dim
         for (i64 q = 0; q < D.W; ++q) T::put(gxr + q, acc[q]);
       }
     }
-  }
+  });
 }
 
 template <class S> void bwd_kernel_nchw(const S* go, const S* x, S* gw, const Dims& D, int nt) {
   typedef Traits<S> T;
   typedef typename T::A A;
   const i64 cg = D.cg(), K = D.K, HoWo = D.Ho * D.Wo;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_chunks(D.B * D.G * D.Ho, nt, [&](i64 lo, i64 hi) {
     std::vector<A> acc(D.Wo);
-    REDNET_PARALLEL_FOR
-    for (i64 bgi = 0; bgi < D.B * D.G * D.Ho; ++bgi) {
+    for (i64 bgi = lo; bgi < hi; ++bgi) {
       const i64 bg = bgi / D.Ho, i = bgi % D.Ho, b = bg / D.G, g = bg % D.G;
       i64 u0, u1;
       tap_range(i, D.s, D.p, D.d, K, D.H, &u0, &u1);
@@ -711,7 +994,7 @@ template <class S> void bwd_kernel_nchw(const S* go, const S* x, S* gw, const Di
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -749,7 +1032,7 @@ template <class S> int run(int pass, int layout, const void* a, const void* b, v
 extern "C" {
 
 // Bumped when the signature below changes; the loader checks it.
-int rednet_involution_abi(void) { return 1; }
+int rednet_involution_abi(void) { return 2; }
 
 // pass: 0 forward (a = x, b = kernel, out = y), 1 grad-input (a = grad_y, b = kernel,
 // out = grad_x), 2 grad-kernel (a = grad_y, b = x, out = grad_kernel). layout: 0 NCHW,
@@ -766,6 +1049,19 @@ int rednet_involution(int pass, int layout, int dtype, const void* a, const void
     case 2: return run<uint16_t>(pass, layout, a, b, out, D, nt);
   }
   return 1;
+}
+
+// The fused inference pass (float, channels_last): x (B, H, W, C), y (B, Ho, Wo, C); wr (C, R),
+// br (R), ws (R, N), bs (N) with R and N multiples of 16 (zero padded); scale and shift (C) or
+// both null. dims: B, C, H, W, G, K, Ho, Wo, stride, padding, R, N, relu. Returns 0, or 3 for
+// dimensions the pass does not take (C/G not a multiple of 16, R or N not multiples of 16).
+int rednet_involution_fused(const float* x, const float* wr, const float* br, const float* ws, const float* bs,
+                            const float* scale, const float* shift, float* y, const i64* dims, int nthreads) {
+  const Dims D{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], 1};
+  const FusedParams P{wr, br, ws, bs, scale, shift, dims[10], dims[11], dims[12] != 0};
+  if (D.G < 1 || D.C % D.G || D.cg() % 16 || P.R % 16 || P.N % 16 || P.N < D.G * D.kk()) return 3;
+  fused_nhwc(x, y, D, P, nthreads > 0 ? nthreads : 1);
+  return 0;
 }
 
 }  // extern "C"
