@@ -54,7 +54,8 @@ lock: env
 
 # The README's first command: RedNet-26 on scikit-learn's bundled digits (CPU, or a GPU when
 # present), then the single-crop evaluation of the best checkpoint. --resume auto makes a
-# second `make train` (or one after Ctrl-C) continue the run instead of starting over;
+# `make train` after Ctrl-C continue the run instead of starting over, and a second one on
+# a finished run say so (and how to train again) without training or validating again;
 # after a change to the config, `make train TRAIN_ARGS=--restart` moves the old results
 # aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
 # best.pt, eval.json and tb/ are RunDir's names (rednet/engine/rundir.py), written out here because

@@ -213,6 +213,19 @@ def test_same_file_name_at_two_urls_gets_two_entries(torch_home, files):
     assert len(names) == 2 and all(n.endswith("-weights.safetensors") for n in names)
 
 
+def test_a_download_follows_the_umask(torch_home, files):
+    """A cache entry is 0666 less the umask (0644 under 022), so a shared cache serves teammates too."""
+    root, base = files
+    _weights(1.0, root / "w.safetensors")
+    old = os.umask(0o022)
+    try:
+        load_weights(f"{base}/w.safetensors", progress=False)
+    finally:
+        os.umask(old)
+    (entry,) = (torch_home / "hub" / "checkpoints").iterdir()
+    assert oct(entry.stat().st_mode & 0o777) == oct(0o644)
+
+
 def test_sha256_in_the_url_fragment(torch_home, files):
     root, base = files
     digest = hashlib.sha256(_weights(1.0, root / "w.safetensors")).hexdigest()
