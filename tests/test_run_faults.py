@@ -19,7 +19,7 @@ import pytest
 from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.rundir import RunDir
 
-from .helpers import ROOT
+from .helpers import AS_NOBODY, ROOT, why_nobody_cannot_run
 
 # timm's test_resnet on synthetic 16 px images: a step and a checkpoint (1.5 MB) cost milliseconds.
 TINY = ["model.name=test_resnet", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
@@ -298,8 +298,8 @@ def test_no_space_during_a_checkpoint_in_process(tmp_path, monkeypatch):
 def nobody_run(tmp_path):
     """A run directory after steps 1 and 2 (checkpointed each), owned by uid 65534, whose newest checkpoint is
     root's and 0000: unreadable to 65534. (Root reads any file, so the trainer must run as 65534.)"""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run a trainer as another user")
+    if why_nobody_cannot_run():
+        pytest.skip(why_nobody_cannot_run())
     base = Path(tempfile.mkdtemp(prefix="rednet-uid-"))  # not under pytest's 0700 tmp_path
     run = base / "run"
     try:
@@ -317,7 +317,7 @@ def nobody_run(tmp_path):
 
 
 def _as_nobody(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args], cwd=ROOT,
+    return subprocess.run([*AS_NOBODY, *args], cwd=ROOT,
                           env=_env(HOME=str(home), TORCH_HOME=str(home / "torch")), capture_output=True, text=True,
                           timeout=120)
 
