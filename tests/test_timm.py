@@ -176,6 +176,53 @@ def test_global_pool_none_and_bad_values():
     assert sum(p.numel() for p in rednet.create_model("rednet26").parameters()) == PARAMS["rednet26"]
 
 
+def test_reset_classifier_on_a_model_without_pool():
+    # timm's test_model_default_cfgs: reset_classifier(n) on a global_pool='' model adds a classifier.
+    model = timm.create_model("rednet26", num_classes=0, global_pool="")
+    model.reset_classifier(5)
+    assert model.global_pool.pool_type == "avg" and model.num_classes == 5
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    model.reset_classifier(0, "")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model.reset_classifier(5, "")  # asked for explicitly, it is still an error
+    assert model.global_pool.pool_type == "" and model.num_classes == 0  # and changed nothing
+
+
+# ----------------------------------------------------------------------------------------
+# device, dtype and in_chans, as timm's models take them
+
+
+def test_device_and_dtype_arguments():
+    model = timm.create_model("rednet26", device="meta", dtype=torch.float64)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.device.type == "meta" for t in tensors.values())
+    assert {t.dtype for t in tensors.values()} == {torch.float64, torch.long}  # long: num_batches_tracked
+    assert all(t.dtype == torch.float64 for t in model.parameters())
+    cpu = rednet.create_model("rednet26", num_classes=4, dtype=torch.float64)
+    assert cpu(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+    layer = rednet.layers.Involution(32, 3, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in layer.parameters()} == {("meta", torch.bfloat16)}
+    with pytest.raises(TypeError):
+        timm.create_model("rednet26", device="meta", not_a_model_arg=1)
+
+
+def test_new_head_on_the_models_device_and_dtype():
+    model = rednet.create_model("rednet26").to(torch.float64)
+    model.reset_classifier(3)
+    assert model.fc.weight.dtype == torch.float64
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)
+    model.to("meta")
+    model.reset_classifier(2, "max")
+    assert (model.fc.weight.device.type, model.fc.weight.dtype) == ("meta", torch.float64)
+
+
+def test_in_chans_attribute():
+    assert rednet.create_model("rednet26").in_chans == 3
+    model = timm.create_model("rednet26", in_chans=1, num_classes=2)
+    assert model.in_chans == 1 == model.stem[0].conv.in_channels
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+
+
 # ----------------------------------------------------------------------------------------
 # Regularisation (timm recipe arguments)
 
