@@ -4,8 +4,6 @@ At inference on a CPU the module can also run as one fused native pass that incl
 BatchNorm and ReLU after it (``forward_fused``; RedNet's blocks and stem use it when
 ``can_fuse`` says so). Training, autograd and every other device take ``forward``.
 """
-from __future__ import annotations
-
 from collections import OrderedDict
 from typing import Optional
 

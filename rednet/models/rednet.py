@@ -3,9 +3,10 @@ Recognition", CVPR 2021), exactly as the authors released it.
 
 Module names follow the release (mmcls) without its ``backbone.`` / ``head.``
 prefixes, so both public checkpoint layouts map onto this model by name.
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here: an FX graph copies ``forward``'s annotations,
+and TorchScript cannot read them as strings (it scripts timm's FX graphs, issue 20).
+"""
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
