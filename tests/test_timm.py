@@ -104,6 +104,37 @@ def test_prune_intermediate_layers():
     assert isinstance(keep_all.fc, nn.Linear) and keep_all.num_features == 2048
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_fx_features_keep_rednet_out_indices_and_script():
+    # A feature_cfg that names only the class used to drop RedNet's default out_indices for timm's 0..4.
+    fx_feats = timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls="fx")).eval()
+    assert isinstance(fx_feats, FeatureGraphNet) and fx_feats.feature_info.channels() == [256, 512, 1024, 2048]
+    scripted = torch.jit.script(fx_feats)  # as timm's test_model_forward_torchscript_with_features_fx
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(scripted(x), fx_feats(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    picked = timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls="fx", out_indices=(2,)))
+    assert picked.feature_info.channels() == [1024]
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "fx", "getter"])
+@pytest.mark.parametrize("out_indices", [(4,), (0, 4), (-5,), (1, 1), (), 0, 5], ids=str)
+def test_bad_out_indices_name_the_valid_ones(feature_cls, out_indices):
+    with pytest.raises(ValueError, match=r"feature indices 0, 1, 2, 3 .*int from 1 to 4"):
+        timm.create_model("rednet26", features_only=True, feature_cls=feature_cls, out_indices=out_indices)
+    with pytest.raises(ValueError, match=r"out_indices=.* is not valid for RedNet"):
+        timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls=feature_cls,
+                                                                          out_indices=out_indices))
+
+
+def test_good_out_indices_still_accepted():
+    good = (((-1,), [2048]), (2, [1024, 2048]), ((0, -1), [256, 2048]), (4, [256, 512, 1024, 2048]))
+    for out_indices, channels in good:
+        model = timm.create_model("rednet26", features_only=True, out_indices=out_indices)
+        assert model.feature_info.channels() == channels
+
+
 # ----------------------------------------------------------------------------------------
 # torch.fx
 

@@ -29,6 +29,8 @@ POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
 # DropBlock per stage exactly as timm's ResNet applies it (timm.models.resnet.drop_blocks): the
 # last two stages only, where the DropBlock paper (Ghiasi et al., 2018) found it helps ResNet-50.
 _DROP_BLOCK_CFG = (None, None, dict(block_size=5, gamma_scale=0.25), dict(block_size=3, gamma_scale=1.0))
+# Feature index i is the output of stage i + 1 (feature_info); features_only returns all four by default.
+_FEATURE_INDICES = (0, 1, 2, 3)
 
 
 def _conv_bn_act(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, **dd) -> nn.Sequential:
@@ -355,13 +357,33 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_out_indices(out_indices) -> None:
+    # timm indexes feature_info with them and fails with a bare IndexError; say what is valid instead.
+    n = len(_FEATURE_INDICES)
+    if isinstance(out_indices, int):
+        valid = 1 <= out_indices <= n  # timm: an int n selects the last n
+    else:
+        picked = [i % n for i in out_indices if isinstance(i, int) and -n <= i < n]
+        valid = len(picked) == len(out_indices) == len(set(picked)) > 0
+    if not valid:
+        raise ValueError(
+            f"out_indices={out_indices!r} is not valid for RedNet: pick each at most once from its feature indices "
+            f"{', '.join(map(str, _FEATURE_INDICES))} (stages 1 to {n}, reductions 4 to 32; -{n} to -1 count from "
+            f"the end), or give an int from 1 to {n} for the last n"
+        )
+
+
 def _create_rednet(variant: str, layers: Sequence[int], pretrained=False, **kwargs) -> nn.Module:
     """Build through timm (pretrained_cfg, ``features_only``), then load weights ourselves.
 
     ``pretrained`` is ``False``, ``True`` (the variant's default weights), a local path or
     a URL. timm's own loader cannot read the foreign layouts, so it is never asked to.
     """
-    kwargs.setdefault("feature_cfg", dict(out_indices=(0, 1, 2, 3)))
+    # RedNet's default out_indices (timm's are 0..4, one more than RedNet has), also under a
+    # feature_cfg that sets other keys only (feature_cfg=dict(feature_cls='fx')).
+    kwargs["feature_cfg"] = {"out_indices": _FEATURE_INDICES, **(kwargs.get("feature_cfg") or {})}
+    if kwargs.get("features_only"):
+        _check_out_indices(kwargs.get("out_indices", kwargs["feature_cfg"]["out_indices"]))
     model = build_model_with_cfg(RedNet, variant, pretrained=False, layers=layers, **kwargs)
     if pretrained is True:
         cfg = model.pretrained_cfg
