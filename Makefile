@@ -10,12 +10,16 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 # earlier version made, which left an .installed-* stamp) is ever deleted and rebuilt: VENV
 # may name a folder of the user's.
 OWNED := .created-by-rednet-make
+# timm's own model tests, from the locked timm's source distribution: tests/test_timm_upstream.py
+# runs them on RedNet. No timm code lives in this repository.
+TIMM_TESTS := $(VENV)/timm-tests
+TIMM_TESTS_STAMP := $(TIMM_TESTS)/.extracted-$(LOCK_HASH)
 CXX ?= g++
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: env test train clean lock check-python check-cxx
 
-env: $(STAMP)
+env: $(STAMP) $(TIMM_TESTS_STAMP)
 
 check-python:
 	@command -v python3 >/dev/null 2>&1 || { echo "error: python3 not found: install Python 3.10 or newer (Debian/Ubuntu: apt install python3 python3-venv)" >&2; exit 2; }
@@ -39,7 +43,21 @@ $(STAMP): | check-python
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: env check-cxx
+# A target of its own, so that an environment made before it existed gets it too. pip fetches the
+# sdist as it fetches the wheels, checked against the lock's sha256 of timm (its entry is the
+# requirements file); the test file, and timm's pytest configuration (its markers), are kept.
+$(TIMM_TESTS_STAMP): | $(STAMP)
+	@echo "Fetching the tests of the locked timm (its source distribution, about 3 MB) into $(TIMM_TESTS)."
+	rm -rf $(TIMM_TESTS)
+	mkdir -p $(TIMM_TESTS)/sdist
+	awk '/^timm==/ {p = 1} p && /^ *#/ {exit} p' requirements.lock > $(TIMM_TESTS)/timm-requirement.txt
+	$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(TIMM_TESTS)/timm-requirement.txt -d $(TIMM_TESTS)/sdist
+	tar -xzf $(TIMM_TESTS)/sdist/timm-*.tar.gz -C $(TIMM_TESTS) --strip-components=1 --wildcards '*/tests/test_models.py' '*/pyproject.toml'
+	rm -rf $(TIMM_TESTS)/sdist
+	touch $@
+
+# The compiler check first: it stops before a first run's install, and before the fetch of timm's tests.
+test: check-cxx env
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -54,7 +72,8 @@ lock: env
 
 # The README's first command: RedNet-26 on scikit-learn's bundled digits (CPU, or a GPU when
 # present), then the single-crop evaluation of the best checkpoint. --resume auto makes a
-# second `make train` (or one after Ctrl-C) continue the run instead of starting over;
+# `make train` after Ctrl-C continue the run instead of starting over, and a second one on
+# a finished run say so (and how to train again) without training or validating again;
 # after a change to the config, `make train TRAIN_ARGS=--restart` moves the old results
 # aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
 # best.pt, eval.json and tb/ are RunDir's names (rednet/engine/rundir.py), written out here because

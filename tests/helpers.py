@@ -2,6 +2,7 @@
 wheel, and the published facts of the five RedNets (docs/reference.md), each written once."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -19,6 +20,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # The bundled configs (the one copy; a wheel ships them as rednet/configs, and `--config NAME`
 # finds them from any directory).
 CONFIGS = ROOT / "configs"
+
+# Tests of what another user sees run tools as uid 65534 ("nobody"), which root can switch to.
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@functools.cache
+def why_nobody_cannot_run() -> str | None:
+    """Why uid 65534 cannot run rednet with this interpreter (None when it can). Besides root and
+    setpriv, it needs to read the environment: one under a private home (/root is 0700) it cannot."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root, to run a tool as another user (uid 65534) with setpriv"
+    if shutil.which("setpriv") is None:
+        return "needs setpriv (util-linux), to run a tool as another user"
+    probe = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import timm, torch"], cwd="/",
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        return (f"uid 65534 cannot import torch and timm from the environment at {sys.prefix}: a folder above it "
+                "is private; put the environment where other users can read it (.ci/run does, as root)")
+    return None
+
 
 # Blocks per stage of each released variant.
 DEPTHS = {

@@ -50,6 +50,25 @@ def test_damaged_checkpoint_is_refused_from_the_file_alone(tmp_path, how):
         read_checkpoint(path)
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """Checkpoints, best.pt, last.pt, config.yaml and weights files get 0666 less the umask, as any new file does:
+    teammates can read results (tempfile.mkstemp's 0600 kept them out)."""
+    from rednet.models import save_weights
+
+    run_dir = RunDir(tmp_path / "run")
+    old = os.umask(umask)
+    try:
+        run_dir.save_checkpoint(_state(1), step=1)
+        run_dir.save_best(_state(1))
+        run_dir.write_config({"train": {"epochs": 1}})
+        save_weights({"stem.0.conv.weight": torch.zeros(4)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    written = [run_dir.checkpoint(1), run_dir.last, run_dir.best, run_dir.config, tmp_path / "w.safetensors"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(mode) for p in written}
+
+
 def test_checkpoint_is_a_plain_zip_with_the_digest_as_its_comment(tmp_path):
     import zipfile
 
@@ -182,8 +201,9 @@ def _check_old_or_new(run_dir) -> None:
         assert steps["best.pt"] == 4 and state["best_top1"] == 60.0
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs in ([1], [1, 2])
+    RunDir(run_dir).lock()
     RunDir(run_dir).remove_orphans()
-    left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl"}
+    left = {p.name for p in run_dir.iterdir()} - {"tb", "metrics.jsonl", RunDir.LOCK}
     assert left <= {"checkpoint-000000001.pt", "checkpoint-000000002.pt", "checkpoint-000000004.pt", "best.pt",
                     "last.pt"}, left
 

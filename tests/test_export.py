@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rednet
+from rednet.layers import Involution
 from rednet.ops import involution, involution_export, involution_output_size, involution_reference
 
 from .helpers import OP_SHAPES, live_eval_model, load_tool, read_only_dir
@@ -91,6 +92,29 @@ def test_torch_jit_script_eval_model():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torch_jit_script_of_fx_graphs():
+    # timm scripts FX graphs (test_model_forward_fx_torchscript): the graph copies forward's annotations,
+    # and its involution nodes call the front door itself, so both must be TorchScript's to read.
+    model = live_eval_model("rednet26", num_classes=10)
+    layer = Involution(32, 7, 2).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 32, 9, 9)
+    scripted_model = torch.jit.script(torch.fx.symbolic_trace(model))
+    scripted_layer = torch.jit.script(torch.fx.symbolic_trace(layer))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted_model(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scripted_layer(y), layer(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torch_jit_script_of_the_front_door():
+    scripted = torch.jit.script(involution)
+    x, kernel = torch.randn(2, 16, 9, 9), torch.randn(2, 2, 5, 5, 5, 5)
+    want = involution_reference(x, kernel, 2, 2, 1)
+    torch.testing.assert_close(scripted(x, kernel, 2), want, rtol=1e-5, atol=1e-5)  # padding defaults to "same"
+    torch.testing.assert_close(scripted(x, kernel, 2, 2), want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def _args(out, *extra):
 
 
 def _snapshot(run_dir) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+    """The results: every file but the trainer's lock, which says who runs there."""
+    from rednet.engine.rundir import RunDir
+
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != RunDir.LOCK}
 
 
 @pytest.fixture(scope="module")
@@ -199,10 +202,128 @@ def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monk
     capsys.readouterr()
     assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
     assert [r["epoch"] for r in _records(out)] == [1, 2]
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [".lock"]
     assert read_checkpoint(out / "last.pt")["global_step"] == 4
     log = _printed(capsys)
     assert "dropped 1 record(s) after epoch 1" in log and "removed 2 temporary file(s) (1.0 MB)" in log
+
+
+def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the last step of epoch 1: the checkpoint holds the finished steps and their statistics, and
+    the resumed run records epoch 1 with the loss of an uninterrupted run, not 0 at 0 img/s."""
+    import os
+    import signal
+
+    from rednet.engine import loop
+    from rednet.engine.checkpoint import read_checkpoint
+
+    assert load_tool("train").main(_args(tmp_path / "straight")) == 0
+    forward_backward = loop._forward_backward
+
+    def ctrl_c_in_the_last_step(ctx, batches, state):
+        if (state.epoch, state.iteration) == (0, 1):
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler asks for a stop after this step
+        return forward_backward(ctx, batches, state)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(loop, "_forward_backward", ctrl_c_in_the_last_step)
+    assert load_tool("train").main(_args(out)) == 130
+    monkeypatch.setattr(loop, "_forward_backward", forward_backward)
+    state = read_checkpoint(out / "last.pt")
+    assert (state["epoch"], state["iteration"], state["global_step"]) == (0, 2, 2)
+    assert not (out / "metrics.jsonl").exists()
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--resume", "auto")) == 0
+    straight, resumed = _records(tmp_path / "straight"), _records(out)
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-12) and b["train_loss"] > 0
+        assert b["images_per_s"] > 0 and b["epoch_time_s"] > 0
+    assert f"epoch 1/2: train loss {straight[0]['train_loss']:.4f}" in _printed(capsys)
+
+
+def test_resume_at_another_world_size_says_what_changes(tmp_path, capsys):
+    """A checkpoint of 2 processes, 1 step into an epoch of 4, resumed by 1: the batch, the peak lr (optim.lr null),
+    the schedule and the position in the epoch, in numbers."""
+    from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
+
+    sets = ("--set", "optim.lr=null", "--set", "train.max_iters_per_epoch=null", "--set", "train.epochs=1",
+            "--set", "train.ckpt_every_iters=1", "--set", "train.keep_last=10")
+    first = tmp_path / "first"
+    assert load_tool("train").main(_args(first, *sets)) == 0
+    state = read_checkpoint(first / "checkpoint-000000001.pt")
+    assert (state["epoch"], state["iteration"]) == (0, 1)
+    # As if 2 processes wrote it: then an epoch of the 32 images had 4 steps of 2 x 4.
+    (tmp_path / "run").mkdir()
+    save_checkpoint({**state, "world_size": 2, "rng": state["rng"] * 2}, tmp_path / "run" / "checkpoint-000000001.pt")
+    capsys.readouterr()
+    assert load_tool("train").main(_args(tmp_path / "run", *sets, "--resume", "auto")) == 0
+    assert ("resuming a run of 2 processes with 1: the global batch changes from 8 to 4 images per step; optim.lr "
+            "is null, so the peak lr follows it, from 0.003125 to 0.001563; an epoch has 8 steps instead of 4, so the "
+            "schedule continues at step 1 of 8 (it was of 4); epoch 1 was 1 steps in (8 images of its shuffled "
+            "order); it continues after its first 4 images, so 4 of them are trained on twice; its record in "
+            "metrics.jsonl covers only the steps after this resume; the data order differs from an uninterrupted "
+            "run") in _printed(capsys)
+
+
+def test_a_finished_run_says_so_and_how_to_train_again_without_validating(one_epoch, tmp_path, monkeypatch, capsys):
+    """A second `make train`: --resume auto on a run that has done its epochs changes nothing and validates nothing."""
+    from rednet.engine import trainer
+
+    out = _copy(one_epoch, tmp_path / "run")
+    before = _snapshot(out)
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("a finished run was validated again")
+
+    monkeypatch.setattr(trainer, "evaluate", no_validation)
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--set", "train.epochs=1", "--resume", "auto")) == 0
+    log = _printed(capsys)
+    best = _records(out)[-1]["best_top1"]
+    assert (f"{out} holds a finished run: 1 of 1 epochs done, best top-1 {best:.2f}; its results are there (best.pt, "
+            f"last.pt, metrics.jsonl). To train again: --restart (moves them into {out}/previous-<time>/ and starts "
+            "over), --set train.epochs=N with N > 1 (continues this run), or another --output") in log
+    assert '"finished": true' in log
+    assert _snapshot(out) == before
+
+
+def test_metrics_lines_that_are_not_utf8_are_dropped_and_counted(one_epoch, tmp_path, capsys):
+    out = _copy(one_epoch, tmp_path / "run")
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"epoch": 2, "train_loss": \xff\xfe\n')  # a disk error's bytes, not UTF-8
+    train = load_tool("train")
+    capsys.readouterr()
+    assert train.main(_args(out)) == 2  # no --resume: the refusal counts the lines
+    assert "metrics.jsonl (2 epoch records)" in _printed(capsys)
+    assert train.main(_args(out, "--resume", "auto")) == 0
+    assert "metrics.jsonl: dropped 1 damaged line(s)" in _printed(capsys)
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, monkeypatch, capsys):
+    """Lustre without -o flock answers ENOSYS: the run goes on, says that nothing keeps a second trainer out, and
+    leaves the temporary files it cannot know to be dead."""
+    import errno
+    import os
+
+    from rednet.engine import rundir
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover = out / ".checkpoint-000000002.pt.k3j_x9q2.tmp"
+    leftover.write_bytes(b"\0")
+    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    capsys.readouterr()
+    assert load_tool("train").main(_args(out, "--set", "train.epochs=1")) == 0
+    log = _printed(capsys)
+    assert (f"cannot lock {out / '.lock'} (flock: Function not implemented; the file system does not support it, "
+            "e.g. Lustre mounted without -o flock): nothing keeps a second trainer from writing there at the same "
+            "time, and leftovers of interrupted writes are not removed") in log
+    assert leftover.exists() and not rundir.RunDir(out).locked
 
 
 # --- the class names a checkpoint stores -------------------------------------------------------------------

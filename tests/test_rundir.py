@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 
+import pytest
+
 from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.rundir import RunDir
 from rednet.fileio import atomic_write
@@ -45,9 +47,13 @@ def test_remove_orphans_removes_what_an_interrupted_atomic_write_leaves(tmp_path
         shutil.copy(p, run_dir.path / p.name)
     (run_dir.path / ".last.pt.link").write_bytes(b"")
     (run_dir.path / ".notes.txt.abc.tmp").write_bytes(b"")  # not the trainer's: left alone
+    with pytest.raises(RuntimeError, match="needs the lock"):  # another trainer may be writing them
+        run_dir.remove_orphans()
+    run_dir.lock()
     removed = run_dir.remove_orphans()
     assert len(removed) == len(written) + 1
-    assert sorted(p.name for p in run_dir.path.iterdir()) == sorted([p.name for p in written] + [".notes.txt.abc.tmp"])
+    assert sorted(p.name for p in run_dir.path.iterdir()) == sorted([p.name for p in written] + [
+        ".notes.txt.abc.tmp", RunDir.LOCK])
 
 
 def test_set_aside_and_restart_names_never_overwrite(tmp_path):

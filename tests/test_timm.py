@@ -104,6 +104,37 @@ def test_prune_intermediate_layers():
     assert isinstance(keep_all.fc, nn.Linear) and keep_all.num_features == 2048
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_fx_features_keep_rednet_out_indices_and_script():
+    # A feature_cfg that names only the class used to drop RedNet's default out_indices for timm's 0..4.
+    fx_feats = timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls="fx")).eval()
+    assert isinstance(fx_feats, FeatureGraphNet) and fx_feats.feature_info.channels() == [256, 512, 1024, 2048]
+    scripted = torch.jit.script(fx_feats)  # as timm's test_model_forward_torchscript_with_features_fx
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(scripted(x), fx_feats(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    picked = timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls="fx", out_indices=(2,)))
+    assert picked.feature_info.channels() == [1024]
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "fx", "getter"])
+@pytest.mark.parametrize("out_indices", [(4,), (0, 4), (-5,), (1, 1), (), 0, 5], ids=str)
+def test_bad_out_indices_name_the_valid_ones(feature_cls, out_indices):
+    with pytest.raises(ValueError, match=r"feature indices 0, 1, 2, 3 .*int from 1 to 4"):
+        timm.create_model("rednet26", features_only=True, feature_cls=feature_cls, out_indices=out_indices)
+    with pytest.raises(ValueError, match=r"out_indices=.* is not valid for RedNet"):
+        timm.create_model("rednet26", features_only=True, feature_cfg=dict(feature_cls=feature_cls,
+                                                                          out_indices=out_indices))
+
+
+def test_good_out_indices_still_accepted():
+    good = (((-1,), [2048]), (2, [1024, 2048]), ((0, -1), [256, 2048]), (4, [256, 512, 1024, 2048]))
+    for out_indices, channels in good:
+        model = timm.create_model("rednet26", features_only=True, out_indices=out_indices)
+        assert model.feature_info.channels() == channels
+
+
 # ----------------------------------------------------------------------------------------
 # torch.fx
 
@@ -174,6 +205,53 @@ def test_global_pool_none_and_bad_values():
     with pytest.raises(ValueError, match="global_pool must be one of"):
         rednet.create_model("rednet26").reset_classifier(10, "fast")
     assert sum(p.numel() for p in rednet.create_model("rednet26").parameters()) == PARAMS["rednet26"]
+
+
+def test_reset_classifier_on_a_model_without_pool():
+    # timm's test_model_default_cfgs: reset_classifier(n) on a global_pool='' model adds a classifier.
+    model = timm.create_model("rednet26", num_classes=0, global_pool="")
+    model.reset_classifier(5)
+    assert model.global_pool.pool_type == "avg" and model.num_classes == 5
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    model.reset_classifier(0, "")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model.reset_classifier(5, "")  # asked for explicitly, it is still an error
+    assert model.global_pool.pool_type == "" and model.num_classes == 0  # and changed nothing
+
+
+# ----------------------------------------------------------------------------------------
+# device, dtype and in_chans, as timm's models take them
+
+
+def test_device_and_dtype_arguments():
+    model = timm.create_model("rednet26", device="meta", dtype=torch.float64)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.device.type == "meta" for t in tensors.values())
+    assert {t.dtype for t in tensors.values()} == {torch.float64, torch.long}  # long: num_batches_tracked
+    assert all(t.dtype == torch.float64 for t in model.parameters())
+    cpu = rednet.create_model("rednet26", num_classes=4, dtype=torch.float64)
+    assert cpu(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+    layer = rednet.layers.Involution(32, 3, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in layer.parameters()} == {("meta", torch.bfloat16)}
+    with pytest.raises(TypeError):
+        timm.create_model("rednet26", device="meta", not_a_model_arg=1)
+
+
+def test_new_head_on_the_models_device_and_dtype():
+    model = rednet.create_model("rednet26").to(torch.float64)
+    model.reset_classifier(3)
+    assert model.fc.weight.dtype == torch.float64
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).shape == (2, 3)
+    model.to("meta")
+    model.reset_classifier(2, "max")
+    assert (model.fc.weight.device.type, model.fc.weight.dtype) == ("meta", torch.float64)
+
+
+def test_in_chans_attribute():
+    assert rednet.create_model("rednet26").in_chans == 3
+    model = timm.create_model("rednet26", in_chans=1, num_classes=2)
+    assert model.in_chans == 1 == model.stem[0].conv.in_channels
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2)
 
 
 # ----------------------------------------------------------------------------------------

@@ -91,6 +91,19 @@ def test_torchrun_train_and_resume(torchrun_run):
     assert state["world_size"] == 2 and state["global_step"] == 6
 
 
+@pytest.mark.slow
+def test_torchrun_on_a_finished_run_says_so_on_every_rank_and_exits_0(torchrun_run):
+    """Every rank returns early, together; nothing is trained, validated or written."""
+    out, _, _ = torchrun_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != RunDir.LOCK}
+    third = _torchrun(2, "train.py", "--config", "digits.yaml", "--output", str(out),
+                      *_sets(TINY + ["train.max_iters_per_epoch=3", "train.ckpt_every_iters=2", "train.epochs=2"]),
+                      "--resume", "auto")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert f"{out} holds a finished run: 2 of 2 epochs done" in third.stdout and " val " not in third.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != RunDir.LOCK} == before
+
+
 @pytest.fixture(scope="module")
 def torchrun_straight_and_resumed(tmp_path_factory):
     """Two gloo processes train 2 epochs of 3 steps, checkpointing every step; a second pair starts from a

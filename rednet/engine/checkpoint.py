@@ -12,6 +12,8 @@ weights_only=True)`` reads it without executing pickled code:
                        (iteration 0: the epoch has not started)
     global_step        optimizer steps since the start of training
     rng                one entry per rank: RNG states of python, numpy, torch (CPU and CUDA)
+    epoch_meter        one entry per rank: the running totals of the epoch in progress (loss sum,
+                       steps, images, loader wait, time), or None at an epoch's end; optional
     world_size, best_top1, metrics   bookkeeping
     classes            the training set's class names by label (a list of str; absent in checkpoints
                        written before they were stored), checked by a resume and by an evaluation
@@ -159,11 +161,18 @@ def verify_checkpoint_file(path: str | Path) -> bool:
     """Check a checkpoint's bytes against its digest; True if it is a legacy file verified by its sidecar.
 
     Raises:
-        CheckpointError: missing, truncated, damaged, or without a digest.
+        CheckpointError: missing, unreadable (permissions), truncated, damaged, or without a digest.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return _verify(path)
+    except OSError as e:  # a file this user may not read (permissions), or an I/O error
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+
+
+def _verify(path: Path) -> bool:
     found = _embedded_digest(path)
     if found is not None:
         expected, covered = found

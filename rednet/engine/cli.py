@@ -65,12 +65,14 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(UsageError, 2, "a command-line option (a path holding a name over 255 bytes included)"),
     ExitCode(DataError, 2, "a dataset: a split in which no image decodes, a folder reached twice through symlinks, "
                            "classes that differ from the model's"),
-    ExitCode(CheckpointError, 2, "a checkpoint or weights file that is missing, damaged, unsafe or does not fit "
-                                 "(a resume on data of other class names included), or a run directory whose "
-                                 "results the command would overwrite"),
+    ExitCode(CheckpointError, 2, "a checkpoint or weights file that is missing, unreadable, damaged, unsafe or does "
+                                 "not fit (a resume on data of other class names included); a run directory whose "
+                                 "results the command would overwrite, that another trainer holds (`RunDirBusy`), or "
+                                 "whose disk, quota or file-size limit is full (`NoSpaceError`)"),
     ExitCode(OutputDirError, 2, "a run directory, results folder or output file that cannot be written"),
     ExitCode(NonFiniteLossError, 3, "the loss became NaN or infinite; the last good checkpoint stays as it was"),
-    ExitCode(TrainingInterrupted, 128, "signal N (SIGTERM, SIGINT) stopped training, after a checkpoint"),
+    ExitCode(TrainingInterrupted, 128, "signal N stopped training, after a checkpoint: 129 SIGHUP, 130 SIGINT, "
+                                       "138 SIGUSR1, 143 SIGTERM (Linux's numbers)"),
     ExitCode(KeyboardInterrupt, 130, "Ctrl-C outside the training loop (before it starts, during eval): "
                                      "nothing to save"),
 )

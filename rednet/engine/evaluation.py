@@ -23,7 +23,7 @@ from ..data import (
     format_eval_transform,
     resolve_eval_transform,
 )
-from ..fileio import STDOUT, OutputDirError, atomic_write, check_output_file
+from ..fileio import STDOUT, NoSpaceError, OutputDirError, atomic_write, check_output_file
 from ..models import redact_url
 from .builder import (
     autocast_dtype,
@@ -148,7 +148,7 @@ def _write_results(path: str, result: dict[str, Any]) -> None:
                 f.write(text)
         else:  # never a truncated file: the old one stays until the new one is complete
             atomic_write(p.resolve(), lambda f: f.write(text.encode()))
-    except OSError as e:
+    except (OSError, NoSpaceError) as e:
         print(json.dumps(result), flush=True)  # a full disk at the end must not cost the evaluation
         raise OutputDirError(f"--json {path} was not written ({e.strerror or e}); the results were printed on "
                              "stdout instead") from None

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Optional
 
+from ..fileio import no_space_error
 from .rundir import RunDir
 
 __all__ = ["Progress", "RunLogger", "setup_logging"]
@@ -98,8 +99,14 @@ class RunLogger:
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a line cut short here is dropped, counted, by the next resume
+            full = no_space_error(e, self.jsonl_path)
+            if full is None:
+                raise
+            raise full from None
         if self.tb is not None:
             self.tb.flush()
 

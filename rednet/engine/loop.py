@@ -21,6 +21,7 @@ from .stepguard import DeferredChecks, NonFiniteLossError, scaler_found_inf
 
 __all__ = [
     "EpochResult",
+    "EvaluationStopped",
     "NonFiniteLossError",
     "StepContext",
     "StepResult",
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("rednet")
+
+
+class EvaluationStopped(Exception):
+    """``evaluate`` stopped before the end of the data: a stop was requested on some rank."""
 
 
 @dataclass
@@ -68,7 +73,7 @@ class StepContext:
         ema_source: the unwrapped model the EMA follows.
         mixup: a timm ``Mixup`` applied to each batch, or None.
         no_sync: ``model.no_sync`` for DDP (skip the all-reduce on non-final micro-batches), or None.
-        stop_requested: returns True once a SIGTERM/SIGINT arrived.
+        stop_requested: returns True once a signal asked training to stop (the trainer's ``_Signals``).
         on_step: called after each optimizer step with the state; may write a checkpoint.
         log_every: steps between log points, where the loss and the checks are read.
         world_size: processes.
@@ -295,6 +300,7 @@ def train_one_epoch(
     logger: Optional[RunLogger] = None,
     desc: str = "",
     main_process: bool = True,
+    meter: Optional[TrainMeter] = None,
 ) -> EpochResult:
     """Train from ``state.iteration`` to ``steps`` optimizer steps of epoch ``state.epoch``.
 
@@ -310,6 +316,8 @@ def train_one_epoch(
         logger: TensorBoard / JSON sink (rank 0).
         desc: progress prefix.
         main_process: rank 0 shows progress.
+        meter: the epoch's running statistics; a fresh one when None. The trainer passes its own,
+            holding the totals of the steps before a resume, and checkpoints it with the run.
 
     Raises:
         NonFiniteLossError: the loss was NaN/inf; its optimizer step was not taken, so no bad weights are saved.
@@ -318,15 +326,16 @@ def train_one_epoch(
     ctx.model.train()
     progress = Progress(steps, state.iteration, desc, main_process, ctx.log_every)
     batches = _until_steps(ctx.input.batches(loader, ctx.device, ctx.channels_last), state, steps)
-    meter = TrainMeter(ctx.device, ctx.world_size)
+    meter = meter if meter is not None else TrainMeter(ctx.device, ctx.world_size)
     checks = DeferredChecks(ctx.model, ctx.optimizer, ctx.device) if ctx.deferred else None
-    stopped, shown = False, {}
+    stopped, shown, taken = False, {}, 0
     while state.iteration < steps and not stopped:
         step = train_step(ctx, batches, state, checks)
         meter.update(step.loss, step.images, step.skipped, step.wait_s)
         stopped = step.stop
         if step.loss is None:
             continue
+        taken += 1
         logged = state.global_step % ctx.log_every == 0
         due = logged or state.iteration >= steps or (ctx.ckpt_every and state.global_step % ctx.ckpt_every == 0)
         if checks is not None and due:
@@ -347,7 +356,7 @@ def train_one_epoch(
         raise DataError(f"every image of epoch {state.epoch + 1} was unreadable ({int(skipped)} skipped): "
                         "check the training split")
     stats = meter.epoch_stats(state.epoch + 1, state.global_step, ctx.optimizer.param_groups[0]["lr"])
-    return EpochResult(stats, int(done) // ctx.world_size, stopped)
+    return EpochResult(stats, taken, stopped)
 
 
 @torch.no_grad()
@@ -360,11 +369,19 @@ def evaluate(
     main_process: bool = True,
     desc: str = "eval",
     device_input: Optional[DeviceInput] = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict[str, float]:
     """Single-pass top-1/top-5/loss over the loader's samples, summed exactly across ranks.
 
     Use an unwrapped model (not DDP): ranks may hold one batch more or less (see
     ``ShardSampler``), so no collective may run inside the loop.
+
+    A stop request is checked before every batch; this rank then leaves the loop. With no
+    collective in the loop, the ranks agree in the one all-reduce at its end, where each
+    brings a stop flag with its sums: every rank raises ``EvaluationStopped`` if any rank was
+    asked to stop. A signal that reaches every rank (SLURM, ``scancel``, ``kill -- -PGID``,
+    torchrun forwarding it) stops them all within one batch; a rank that received none
+    finishes its shard first.
 
     Args:
         model: the network.
@@ -375,16 +392,24 @@ def evaluate(
         main_process: show progress on rank 0.
         desc: progress prefix.
         device_input: turns loader batches into model input (normalisation); None: ImageNet's mean and std.
+        stop_requested: returns True once the evaluation should stop (a signal arrived).
 
     Returns:
         ``top1``, ``top5`` (percent), ``loss`` (plain cross-entropy), ``count`` (images scored over all
         ranks), ``skipped`` (unreadable), ``images_per_s``.
+
+    Raises:
+        EvaluationStopped: a stop was requested on some rank (on every rank alike).
+        DataError: no image could be scored.
     """
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, top-1, top-5, count, skipped, stopped
     progress = Progress(len(loader), 0, desc, main_process, max(1, len(loader) // 4))
     t0 = time.perf_counter()
     for images, targets, skipped in (device_input or DeviceInput()).batches(loader, device, channels_last):
+        if stop_requested():
+            sums[5] = 1
+            break
         sums[4] += skipped
         if images.numel() == 0:
             progress.update({})
@@ -403,7 +428,9 @@ def evaluate(
     progress.close()
     all_reduce(sums, "sum")
     elapsed = time.perf_counter() - t0
-    loss, c1, c5, n, skipped = sums.tolist()
+    loss, c1, c5, n, skipped, stopped = sums.tolist()
+    if stopped:
+        raise EvaluationStopped(f"{desc}: stopped after {int(n)} images")
     if n == 0:
         raise DataError("evaluation scored no images (empty or entirely unreadable validation set)")
     if not math.isfinite(loss):

@@ -71,24 +71,41 @@ class TrainMeter:
     """Running statistics of one training epoch on this rank: totals for ``EpochStats`` and a window
     of them for the TensorBoard scalars every ``train.log_every`` steps.
 
-    Losses are summed on the device and read only by ``take_window`` and ``reduce``, so counting a
-    step does not make the host wait for the GPU.
+    Losses are summed on the device and read only by ``take_window``, ``reduce`` and ``state``, so
+    counting a step does not make the host wait for the GPU.
+
+    A checkpoint written in mid-epoch stores each rank's totals (``state``); the run that resumes
+    from it starts from them (``resumed``), so that the epoch's record covers all its steps, not
+    only those after the resume.
 
     Args:
         device: where training runs (CUDA adds the peak memory to the scalars).
         world_size: processes; images/s counts them all.
+        resumed: ``state()`` of this rank's meter in the checkpoint the run resumed from, or None.
     """
 
-    def __init__(self, device: torch.device, world_size: int):
+    def __init__(self, device: torch.device, world_size: int, resumed: Optional[dict[str, float]] = None):
         self.device, self.world_size = device, world_size
-        self._loss = torch.zeros((), dtype=torch.float64, device=device)  # the epoch's loss sum
+        resumed = resumed or {}
+        # the epoch's loss sum
+        self._loss = torch.tensor(float(resumed.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
         self._window_loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps, self.skipped = 0, 0
+        self.steps, self.skipped = int(resumed.get("steps", 0)), int(resumed.get("skipped", 0))
         self._reduced: Optional[tuple[float, float, float]] = None
-        self.wait_s = 0.0
-        self.images = 0
+        self.wait_s = float(resumed.get("wait_s", 0.0))
+        self.images = int(resumed.get("images", 0))
+        self._elapsed_before = float(resumed.get("elapsed_s", 0.0))  # the epoch's time before the resume
         self.start = self._window_start = time.perf_counter()
         self._window = _Window()
+
+    def state(self) -> dict[str, float]:
+        """This rank's totals so far, for a checkpoint (plain numbers; reads the loss)."""
+        return {"loss_sum": self._loss.item(), "steps": self.steps, "skipped": self.skipped, "images": self.images,
+                "wait_s": self.wait_s, "elapsed_s": self.elapsed()}
+
+    def elapsed(self) -> float:
+        """Seconds of training in this epoch, the runs before a resume included."""
+        return self._elapsed_before + time.perf_counter() - self.start
 
     def update(self, loss: Optional[torch.Tensor], images: int, skipped: int, wait_s: float) -> None:
         """Count one step; ``loss`` None: a step of only unreadable images, which only counts those."""
@@ -134,7 +151,7 @@ class TrainMeter:
         if self._reduced is None:  # this rank's own totals
             self._reduced = (self._loss.item(), float(self.steps), float(self.skipped))
         loss_sum, steps, skipped = self._reduced
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.elapsed()
         return EpochStats(
             epoch=epoch,
             global_step=global_step,

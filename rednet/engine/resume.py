@@ -27,9 +27,14 @@ directory changes; ``--allow-config-change`` accepts that too.
 
 A worker that ``torchrun --max-restarts`` restarted continues the run as ``--resume auto``.
 
-Before the run builds anything, rank 0 removes the temporary files interrupted writes left
-behind. On a resume it also drops the ``metrics.jsonl`` records of epochs after the checkpoint's,
-which the run writes again. An epoch then replaces ``best.pt`` only by beating the top-1 it holds.
+A run whose checkpoint has done ``train.epochs`` is finished: ``fit`` says so, and how to train
+again, without changing the directory or validating again.
+
+Rank 0 takes the run directory's lock (``RunDir.lock``) before it reads the directory, so a
+second trainer there is refused before it decides anything. Before the run builds anything,
+rank 0 removes the temporary files interrupted writes left behind. On a resume it also drops
+the ``metrics.jsonl`` records of epochs after the checkpoint's, which the run writes again, and
+its damaged lines. An epoch then replaces ``best.pt`` only by beating the top-1 it holds.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ class StartPlan:
     Args:
         checkpoint: the checkpoint to continue from; None starts from scratch.
         epoch: the checkpoint's epoch in progress; later records in ``metrics.jsonl`` are dropped.
+        iteration: the optimizer steps the checkpoint had done in that epoch.
         best_top1: the best top-1 the directory's ``best.pt`` holds; an epoch replaces it only by beating it.
         restart_dir: ``--restart``: the folder the directory's results move into.
         move_aside: the entries that move there.
@@ -85,6 +91,7 @@ class StartPlan:
 
     checkpoint: Optional[Path] = None
     epoch: int = 0
+    iteration: int = 0
     best_top1: float = -1.0
     restart_dir: Optional[Path] = None
     move_aside: list[Path] = field(default_factory=list)
@@ -153,7 +160,8 @@ def _continue_from(path: Path, state: dict, config: dict, run_dir: RunDir) -> St
             raise CheckpointError(f"the weights in {path} do not fit the model of the current config ({misfit})")
         _logger.warning("--allow-config-change: continuing from %s despite config changes: %s", path,
                         "; ".join(unsafe))
-    plan = StartPlan(checkpoint=path, epoch=int(state["epoch"]), best_top1=float(state.get("best_top1", -1.0)))
+    plan = StartPlan(checkpoint=path, epoch=int(state["epoch"]), iteration=int(state.get("iteration", 0)),
+                     best_top1=float(state.get("best_top1", -1.0)))
     best = run_dir.best
     if best.is_file() and not best.samefile(path):
         try:
@@ -275,9 +283,10 @@ def plan_start(run_dir: RunDir, config: dict, resume: Optional[str] = None, *, r
 
 
 def carry_out(plan: StartPlan, run_dir: RunDir) -> None:
-    """Apply a plan to the run directory (rank 0 only, before any rank writes to it)."""
+    """Apply a plan to the run directory (rank 0 only, under its lock, before any rank writes to it)."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    run_dir.remove_orphans()
+    if run_dir.locked:  # without the lock (a file system without flock) another trainer's files may be live
+        run_dir.remove_orphans()
     if plan.restart_dir is not None:
         run_dir.move_aside(plan.move_aside, plan.restart_dir)
     for p in plan.set_aside:

@@ -15,21 +15,35 @@ What a run directory (``train.output``) holds, and who writes it:
     previous-<time>/            what ``--restart`` moved aside (``move_aside``)
     <name>.other-config[-N]     a checkpoint of another config that ``--resume auto`` set aside
     .<name>.<random>.tmp, .last.pt.link   left by interrupted writes (``remove_orphans``)
+    .lock                       the trainer's lock; while one holds it, the text of who does (``lock``)
 
 The bytes of a checkpoint are ``checkpoint.py``'s; which checkpoint a run continues from, and
 what a command may do to a directory's results, is ``resume.py``'s. This module only names,
 lists, writes, links, rotates and moves.
 
-One trainer writes to a run directory at a time; nothing checks that yet. The lock that
-will (rank 0 holding an flock on a file here from before ``resume.plan_start`` reads the
-directory until the run ends) belongs in this class, next to the names.
+One trainer writes to a run directory at a time: its rank 0 holds an exclusive ``flock`` on
+``.lock`` from before ``resume.plan_start`` reads the directory until the process exits, and a
+second trainer is refused (``RunDirBusy``) with the holder's host, pid and start time. The
+kernel releases an flock when its holder dies, however it dies, so there is no stale lock to
+break: a ``.lock`` that still names a holder but is free means that holder was killed or
+crashed, and the next trainer takes it over and says so. Leftovers of interrupted writes are
+removed only under the lock (``remove_orphans``), so a second start can never delete the
+temporary file of a checkpoint the first is writing.
+
+Where the file system refuses flock (some Lustre mounts, ENOSYS or EINVAL), the trainer warns
+that nothing keeps two trainers apart and goes on without the lock, and without removing
+leftovers. On NFSv4, Linux turns flock into a POSIX lock the server arbitrates between
+clients; Lustre mounted with ``-o localflock`` locks per node only, which nothing here can tell.
 """
 from __future__ import annotations
 
+import atexit
+import errno
 import json
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -37,12 +51,21 @@ from typing import Any, Iterator, Optional
 import torch
 import yaml
 
-from ..fileio import atomic_temp_pattern, atomic_write
+from ..fileio import atomic_temp_pattern, atomic_write, no_space_error
 from .checkpoint import SIDECAR_SUFFIX, CheckpointError, read_checkpoint, save_checkpoint, sidecar
 
-__all__ = ["RunDir"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+__all__ = ["RunDir", "RunDirBusy"]
 
 _logger = logging.getLogger("rednet")
+
+
+class RunDirBusy(CheckpointError):
+    """Another process holds the run directory's lock: a trainer is running there."""
 
 
 class RunDir:
@@ -63,6 +86,7 @@ class RunDir:
     EVAL = "eval.json"
     PREVIOUS = "previous-"  # + the time of the --restart
     OTHER_CONFIG = ".other-config"
+    LOCK = ".lock"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -98,6 +122,10 @@ class RunDir:
     def last(self) -> Path:
         return self.path / self.LAST
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / self.LOCK
+
     def checkpoint(self, step: int) -> Path:
         """The rolling checkpoint written after ``step`` optimizer steps."""
         return self.path / f"checkpoint-{step:09d}.pt"
@@ -107,6 +135,71 @@ class RunDir:
         """The global step a rolling checkpoint's name holds; None for any other name."""
         m = _ROLLING.fullmatch(Path(path).name)
         return int(m.group(1)) if m else None
+
+    # --- the lock ---------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the directory's lock."""
+        return _lock_key(self.path) in _HELD
+
+    def lock(self) -> bool:
+        """Take the directory's lock for the rest of this process's life (creating the directory).
+
+        Taking it again in the same process is a no-op. Forked children (loader workers) do not
+        hold it: they close their copy, so the lock goes when the trainer goes.
+
+        Returns:
+            True: held. False: the file system does not support flock; a warning said that
+            nothing keeps two trainers apart here.
+
+        Raises:
+            RunDirBusy: another process holds it; the message names it (host, pid, start time).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = _lock_key(self.path)
+        if key in _HELD:
+            return True
+        if fcntl is None:
+            _logger.warning("no flock on this platform: nothing keeps two trainers from writing to %s at once", self)
+            return False
+        try:
+            fd, writable = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # a teammate's lock file (0644): flock needs only reading
+            fd, writable = os.open(self.lock_file, os.O_RDONLY), False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"{self} is in use by another trainer ({_describe_holder(holder)}); wait for it to "
+                                 "end or stop it, or train in another --output") from None
+            if e.errno in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOLCK):
+                _logger.warning("cannot lock %s (flock: %s; the file system does not support it, e.g. Lustre "
+                                "mounted without -o flock): nothing keeps a second trainer from writing there at the "
+                                "same time, and leftovers of interrupted writes are not removed", self.lock_file,
+                                e.strerror)
+                return False
+            raise
+        previous = _read_holder(fd)
+        if previous and (previous.get("host"), previous.get("pid")) != (socket.gethostname(), os.getpid()):
+            _logger.warning("taking over the lock of %s from %s: that trainer is gone (killed or crashed; the lock "
+                            "goes with its process)", self, _describe_holder(previous))
+        text = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode()
+        try:
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, text + b"\n", 0)
+        except OSError as e:
+            os.close(fd)
+            full = no_space_error(e, self.lock_file)
+            if full is None:
+                raise
+            raise full from None
+        _HELD[key] = fd
+        return True
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -184,29 +277,35 @@ class RunDir:
         atomic_write(self.config, lambda f: f.write(text))
 
     def trim_metrics(self, epochs_done: int) -> int:
-        """Keep the records of epochs 1..``epochs_done`` in ``metrics.jsonl``; returns how many were dropped.
+        """Keep the records of epochs 1..``epochs_done`` in ``metrics.jsonl``; returns how many lines were dropped.
 
         A resumed run writes again the records of the epochs after its checkpoint: a kill between
-        an epoch's metrics line and its checkpoint left one, and a kill in mid-line a torn one. The
-        file is rewritten atomically.
+        an epoch's metrics line and its checkpoint left one, and a kill in mid-line a torn one. A
+        damaged line (torn, not JSON, not UTF-8) is dropped too, and counted. The file is rewritten
+        atomically.
         """
         path = self.metrics
         if not path.is_file():
             return 0
-        lines = path.read_text().splitlines()
-        kept = []
+        lines = path.read_bytes().splitlines()
+        kept, damaged = [], 0
         for line in lines:
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = json.loads(line.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+                damaged += 1
                 continue
             if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epochs_done:
-                kept.append(line + "\n")
+                kept.append(line + b"\n")
+            elif not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                damaged += 1
         dropped = len(lines) - len(kept)
         if dropped:
-            atomic_write(path, lambda f: f.write("".join(kept).encode()))
-            _logger.warning("%s: dropped %d record(s) after epoch %d, which this run writes again", path, dropped,
-                            epochs_done)
+            atomic_write(path, lambda f: f.write(b"".join(kept)))
+            later = dropped - damaged
+            what = [f"{later} record(s) after epoch {epochs_done}, which this run writes again"] if later else []
+            what += [f"{damaged} damaged line(s)"] if damaged else []
+            _logger.warning("%s: dropped %s", path, " and ".join(what))
         return dropped
 
     def results(self) -> list[str]:
@@ -218,7 +317,7 @@ class RunDir:
         found += [name for name in (self.BEST, self.LAST) if (self.path / name).is_file()]
         metrics = self.metrics
         if metrics.is_file() and metrics.stat().st_size:
-            found.append(f"{self.METRICS} ({len(metrics.read_text().splitlines())} epoch records)")
+            found.append(f"{self.METRICS} ({len(metrics.read_bytes().splitlines())} epoch records)")
         return found
 
     def run_files(self) -> list[Path]:
@@ -257,9 +356,12 @@ class RunDir:
     def remove_orphans(self) -> list[Path]:
         """Delete the temporary files interrupted writes left; returns what was removed.
 
-        Only call this while no other process writes here: the trainer does at start, before
-        the first write of the run.
+        Only under the lock (``lock``), which keeps every other trainer out: the trainer calls
+        it at start, before the first write of the run.
         """
+        if not self.locked:
+            raise RuntimeError(f"remove_orphans needs the lock of {self} (RunDir.lock): another trainer may be "
+                               "writing the files it would remove")
         if not self.path.is_dir():
             return []
         removed, size = [], 0
@@ -273,6 +375,53 @@ class RunDir:
                          size / 2**20, self.path, ", ".join(p.name for p in removed))
         return removed
 
+
+# The run directories whose lock this process holds: their real path -> the lock file's descriptor.
+_HELD: dict[str, int] = {}
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """Who a lock file says holds it; empty if it says nothing (never held, released, or just taken)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "a process that has not yet written who it is: it is just starting"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, running since {holder.get('started')}"
+
+
+def _release_at_exit() -> None:
+    # An ended trainer's lock file names nobody: one that still names a holder tells the next
+    # trainer that its holder was killed. The kernel releases the locks themselves.
+    for fd in _HELD.values():
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+
+
+def _forget_in_child() -> None:
+    # A forked child shares the parent's lock; closing its copy keeps the lock the parent's alone.
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+atexit.register(_release_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 _ROLLING = re.compile(r"checkpoint-(\d+)\.pt")
 _LAST_LINK = f".{RunDir.LAST}.link"  # last.pt's hard link in the making

@@ -1,12 +1,25 @@
 """``fit``: builds a run from its config (or restores it from a checkpoint), then runs the epoch loop
-with validation, logging, checkpoints and signal handling around ``train_one_epoch``."""
+with validation, logging, checkpoints and signal handling around ``train_one_epoch``.
+
+Signals: SIGINT, SIGTERM, SIGUSR1 (SLURM's ``--signal=USR1@N``) and SIGHUP each ask the run to
+stop: at the end of the step in progress, or at the next batch of a validation, every rank
+writes its part of a checkpoint and the run raises ``TrainingInterrupted`` (the tools exit
+128 + the signal's number). A second signal acts at once, without a checkpoint. The loader
+workers ignore all four, but for a SIGTERM from the trainer itself: a scheduler signals the
+whole process group, and a worker that died of it would take the run down before its
+checkpoint, while torch and multiprocessing end a worker that does not stop by itself with
+their own SIGTERM (``terminate()``), and would wait for it for ever.
+"""
 from __future__ import annotations
 
 import functools
 import logging
+import math
+import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -46,8 +59,8 @@ from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, init_distributed, is_restarted_worker, run_on_main
 from .kernelcheck import check_kernels
 from .logger import RunLogger
-from .loop import StepContext, TrainState, evaluate, train_one_epoch
-from .meter import EpochStats
+from .loop import EvaluationStopped, StepContext, TrainState, evaluate, train_one_epoch
+from .meter import EpochStats, TrainMeter
 from .resume import StartPlan, carry_out, plan_start
 from .rundir import RunDir
 
@@ -57,10 +70,16 @@ _logger = logging.getLogger("rednet")
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was written. ``signum`` says which."""
+    """A stop signal (SIGINT, SIGTERM, SIGUSR1, SIGHUP) arrived; a checkpoint was written. ``signum`` says which.
 
-    def __init__(self, signum: int, path: Optional[Path]):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {path}")
+    Args:
+        signum: the signal.
+        path: the checkpoint written.
+        when: where the run stopped, if not in a training step (e.g. "during the validation of epoch 3").
+    """
+
+    def __init__(self, signum: int, path: Optional[Path], when: str = ""):
+        super().__init__(f"stopped by {signal.Signals(signum).name}{' ' + when if when else ''}; checkpoint {path}")
         self.signum, self.path = signum, path
 
 
@@ -77,17 +96,26 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# What asks a run to checkpoint and stop: Ctrl-C, kill / scancel / a time limit, SLURM's
+# --signal=USR1@N warning, a closed terminal. (SIGUSR1 and SIGHUP do not exist on Windows.)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP")
+                      if hasattr(signal, name))
+
+
 class _Signals:
-    """First SIGTERM/SIGINT: ask the loop to checkpoint and stop; a second one: default behaviour."""
+    """First stop signal: ask the loop to checkpoint and stop; a second one: that signal's usual effect."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in _STOP_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
         return self
+
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -95,18 +123,85 @@ class _Signals:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
-        _logger.warning("received %s: writing a checkpoint at the end of this step, then stopping "
-                        "(send it again to stop at once)", signal.Signals(signum).name)
+        _logger.warning("received %s: stopping after this step (or validation batch) with a checkpoint "
+                        "(send it again to stop at once, without one)", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; loader workers must not die before the
-    # main process has written its checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Where a worker can learn who sent a SIGTERM (Linux, most Unixes; not macOS or Windows).
+_CAN_TELL_SENDER = hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask")
+
+
+def _ignore_stop_signals(init: Optional[Callable[[int], None]], worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: ignore the stop signals, then call the loader's own ``init``.
+
+    SIGTERM is the exception: ``terminate()`` (torch ends workers that do not stop by themselves
+    with it, and multiprocessing every worker still alive at exit) sends it from the trainer, and
+    a worker deaf to it would be waited for for ever. It stays blocked, and a thread takes each
+    one with its sender: the trainer's ends the worker, anyone else's is dropped. Where the sender
+    cannot be known, the worker keeps SIGTERM's default.
+    """
+    # The worker was started with these signals blocked (see _WorkerContext): ignoring them
+    # discards one that arrived meanwhile.
+    ignored = tuple(s for s in _STOP_SIGNALS if s != signal.SIGTERM)
+    for s in ignored:
+        signal.signal(s, signal.SIG_IGN)
+    if _CAN_TELL_SENDER:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not torch's handler, which prints first
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_the_trainers_sigterm, args=(os.getppid(),), name="rednet-sigterm",
+                         daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)
+    else:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if init is not None:
+        init(worker_id)
+
+
+def _end_on_the_trainers_sigterm(trainer: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+            # This thread alone lets SIGTERM through: its default action ends the worker.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+if hasattr(multiprocessing.context, "ForkProcess"):  # POSIX
+
+    class _SignalsBlockedProcess(multiprocessing.context.ForkProcess):
+        """A forked loader worker that starts with the stop signals blocked.
+
+        torch's worker loop installs its own SIGTERM handler (print, then die) before it calls
+        ``worker_init_fn``; blocked, a signal waits until ``_ignore_stop_signals`` deals with it.
+        """
+
+        def start(self) -> None:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    class _WorkerContext(multiprocessing.context.ForkContext):
+        Process = _SignalsBlockedProcess
+
+
+def _shield_workers(loader: DataLoader) -> None:
+    """Make ``loader``'s workers ignore the stop signals (but the trainer's SIGTERM) from their first instruction on."""
+    if loader.num_workers == 0:
+        return
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
+    # The signals are blocked across the fork only where workers are forked (Linux's default
+    # before Python 3.14); under another start method a signal in the worker's first
+    # milliseconds can still end it.
+    if loader.multiprocessing_context is None and multiprocessing.get_start_method() == "fork" \
+            and hasattr(signal, "pthread_sigmask"):
+        loader.multiprocessing_context = _WorkerContext()
 
 
 class _Run:
@@ -128,6 +223,8 @@ class _Run:
         self.model, self.optimizer, self.scheduler, self.scaler, self.ema = model, optimizer, scheduler, scaler, ema
         self.state = TrainState()
         self.rng_state: Optional[dict] = None  # set by restore; applied just before the first step
+        self.meter: Optional[TrainMeter] = None  # the epoch in progress's statistics; checkpointed with it
+        self.resumed_meter: Optional[dict] = None  # set by restore: this rank's totals of the resumed epoch
         self.classes: Optional[list[str]] = None  # the training set's class names, by label
 
     @classmethod
@@ -146,8 +243,15 @@ class _Run:
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         return cls(cfg, run_dir, dist_info, model, optimizer, scheduler, scaler, ema)
 
-    def checkpoint_state(self, rng: Optional[list[dict]] = None) -> dict[str, Any]:
-        """What a checkpoint stores; ``rng``: every rank's RNG states, indexed by rank (None in best.pt)."""
+    def start_epoch_meter(self) -> TrainMeter:
+        """The statistics of the epoch about to run: from the resumed checkpoint's totals, if it was mid-epoch."""
+        self.meter = TrainMeter(self.dist.device, self.dist.world_size, self.resumed_meter)
+        self.resumed_meter = None
+        return self.meter
+
+    def checkpoint_state(self, rng: Optional[list[dict]] = None,
+                         meters: Optional[list[Optional[dict]]] = None) -> dict[str, Any]:
+        """What a checkpoint stores; ``rng`` / ``meters``: every rank's RNG states and epoch totals, indexed by rank."""
         return {
             "config": self.cfg_dict,
             "model": self.model.state_dict(),
@@ -160,35 +264,41 @@ class _Run:
             "global_step": self.state.global_step,
             "best_top1": self.state.best_top1,
             "rng": rng,
+            "epoch_meter": meters,
             "world_size": self.dist.world_size,
             "classes": self.classes,
         }
 
     def save(self) -> Path:
-        """Rolling checkpoint (rank 0 writes; every rank waits so none exits before it is on disk).
+        """Rolling checkpoint: rank 0 writes it; every rank waits, so none exits before it is on disk,
+        and every rank raises rank 0's error (a full disk), so none waits for ever.
 
         Each rank draws its own augmentation stream (seeded with seed + rank), so each rank's RNG
-        states go into the checkpoint, gathered to rank 0, and each rank takes its own back.
+        states go into the checkpoint, gathered to rank 0, and each rank takes its own back; so do
+        the running totals of an epoch in progress.
         """
         step = self.state.global_step
-        rng = gather_to_main(capture_rng_state())
-        if self.dist.is_main:
-            self.run_dir.save_checkpoint(self.checkpoint_state(rng), step)
+        per_rank = gather_to_main((capture_rng_state(), self.meter.state() if self.meter is not None else None))
+
+        def write() -> None:
+            rng, meters = [r for r, _ in per_rank], [m for _, m in per_rank]
+            self.run_dir.save_checkpoint(self.checkpoint_state(rng, meters if any(meters) else None), step)
             self.run_dir.prune(self.cfg.train.keep_last)
+
+        run_on_main(write)
+        # A broadcast lets rank 0 go on while its data is still on the way; the run may end
+        # here, and a process that exits with gloo still sending dies in abort().
         barrier()
         return self.run_dir.checkpoint(step)
 
     def save_best(self, metrics: dict[str, Any]) -> None:
         """``best.pt``: the weights and bookkeeping of this epoch, without what only resuming needs."""
         if self.dist.is_main:
-            best = {k: v for k, v in self.checkpoint_state().items() if k not in ("optimizer", "rng")}
+            best = {k: v for k, v in self.checkpoint_state().items() if k not in ("optimizer", "rng", "epoch_meter")}
             self.run_dir.save_best({**best, "metrics": metrics})
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint; its RNG states wait in ``rng_state`` until everything is built."""
-        if state.get("world_size", 1) != self.dist.world_size:
-            _logger.warning("resuming a run of %s processes with %s: the data order differs from an "
-                            "uninterrupted run", state.get("world_size"), self.dist.world_size)
         try:
             self.model.load_state_dict(state["model"])
             if self.ema is not None and state.get("ema") is not None:
@@ -202,6 +312,9 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(state["epoch"], state["iteration"], state["global_step"], state.get("best_top1", -1.0))
         self.rng_state = self._own_rng_state(state.get("rng"))
+        meters = state.get("epoch_meter")
+        if meters and state.get("world_size", 1) == self.dist.world_size and self.dist.rank < len(meters):
+            self.resumed_meter = meters[self.dist.rank]
 
     def _own_rng_state(self, stored: Any) -> Optional[dict]:
         """This rank's RNG states in a checkpoint's ``rng`` (a list by rank; one dict in rednet-train/1)."""
@@ -227,19 +340,25 @@ class _Run:
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
+def _steps_per_epoch(cfg: Config, samples: int) -> int:
+    """Optimizer steps in one epoch of ``samples`` per process, capped by ``train.max_iters_per_epoch``."""
+    steps = samples // cfg.data.batch_size // cfg.train.accum_steps
+    if cfg.train.max_iters_per_epoch is not None:
+        steps = min(steps, cfg.train.max_iters_per_epoch)
+    return steps
+
+
 def _build_loaders(cfg: Config, dist_info: DistInfo) -> tuple[DataLoader, DataLoader, int]:
     """Training and validation loaders, and the optimizer steps of one epoch."""
     train_set, val_set = build_datasets(cfg.data, cfg.model.num_classes, cfg.model.in_chans)
     train_loader = build_train_loader(train_set, cfg.data.batch_size, dist_info.world_size, dist_info.rank,
                                       cfg.train.seed, cfg.data.workers, cfg.data.pin_memory,
                                       cfg.data.persistent_workers)
-    if train_loader.num_workers > 0:  # data.workers may be null: the loader resolved it
-        train_loader.worker_init_fn = _ignore_sigint
     val_loader = build_eval_loader(val_set, cfg.data.eval_batch_size or cfg.data.batch_size, dist_info.world_size,
                                    dist_info.rank, cfg.data.workers, cfg.data.pin_memory, cfg.data.persistent_workers)
-    steps = epoch_order(train_loader).num_samples // cfg.data.batch_size // cfg.train.accum_steps
-    if cfg.train.max_iters_per_epoch is not None:
-        steps = min(steps, cfg.train.max_iters_per_epoch)
+    for loader in (train_loader, val_loader):  # data.workers may be null: the loaders resolved it
+        _shield_workers(loader)
+    steps = _steps_per_epoch(cfg, epoch_order(train_loader).num_samples)
     if steps == 0:
         raise DataError(f"the training set ({len(train_set)} images over {dist_info.world_size} processes) is "
                          f"smaller than one step of {cfg.data.batch_size} x {cfg.train.accum_steps} images")
@@ -267,7 +386,13 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
         OutputDirError: the run directory cannot be written.
         CheckpointError: the run directory or checkpoint does not allow what was asked (nothing was changed).
         NonFiniteLossError: the loss diverged (the last checkpoint stays as it was).
-        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
+        TrainingInterrupted: SIGINT, SIGTERM, SIGUSR1 or SIGHUP; a checkpoint was written first.
+        RunDirBusy: another trainer holds the run directory's lock (a ``CheckpointError``).
+        NoSpaceError: the run directory's disk or quota is full, or a file reached the file-size
+            limit (a ``CheckpointError``); the checkpoints already there are intact.
+
+    A run directory whose checkpoint finished ``train.epochs`` is not trained or validated again:
+    the result then holds ``finished: True``, the epochs done and the best top-1.
     """
     # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
     check_buildable(cfg)
@@ -282,6 +407,7 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
 
     def decide() -> StartPlan:
         nonlocal main_state
+        run_dir.lock()  # before anything reads the directory; held until this process ends
         plan, main_state = plan_start(run_dir, cfg_dict, resume, restart=restart,
                                       allow_config_change=allow_config_change,
                                       restarted_worker=is_restarted_worker())
@@ -295,6 +421,9 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     # read the same checkpoint. The data's class names are checked against the checkpoint's
     # before anything in the directory changes.
     plan = run_on_main(decide)
+    if plan.checkpoint is not None and plan.epoch >= cfg.train.epochs and plan.iteration == 0:
+        barrier()  # see _Run.save
+        return _finished(cfg, run_dir, plan)
     train_loader, val_loader, steps = _build_loaders(cfg, dist_info)
     classes = list(train_loader.dataset.classes)
     if plan.checkpoint is not None:
@@ -305,12 +434,53 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     run = _Run.build(cfg, run_dir, dist_info, steps, pretrained=ckpt is None)
     run.classes = classes
     if ckpt is not None:
+        if ckpt.get("world_size", 1) != dist_info.world_size:
+            epoch_images = epoch_order(train_loader).num_samples * dist_info.world_size
+            _logger.warning("%s", _world_size_change(cfg, ckpt, dist_info.world_size, epoch_images))
         run.restore(ckpt)
         run.state.best_top1 = max(run.state.best_top1, plan.best_top1)
         _logger.info("resumed from %s at epoch %d iteration %d (global step %d)", plan.checkpoint, run.state.epoch,
                      run.state.iteration, run.state.global_step)
         del ckpt, main_state
     return _train(run, train_loader, val_loader, steps)
+
+
+def _finished(cfg: Config, run_dir: RunDir, plan: StartPlan) -> dict[str, Any]:
+    """A resume of a run that has done its ``train.epochs``: say so, and how to train again, without
+    touching the directory or validating again."""
+    done = plan.epoch if plan.epoch == cfg.train.epochs else f"{plan.epoch} epochs (train.epochs is {cfg.train.epochs})"
+    best = f", best top-1 {plan.best_top1:.2f}" if plan.best_top1 >= 0 else ""
+    results = [p.name for p in (run_dir.best, run_dir.last, run_dir.metrics) if p.is_file()]
+    _logger.info("%s holds a finished run: %s of %d epochs done%s; its results are there (%s). To train again: "
+                 "--restart (moves them into %s/%s<time>/ and starts over), --set train.epochs=N with N > %d "
+                 "(continues this run), or another --output", run_dir, done, cfg.train.epochs, best,
+                 ", ".join(results), run_dir, RunDir.PREVIOUS, plan.epoch)
+    return {"finished": True, "epochs": plan.epoch, "best_top1": plan.best_top1}
+
+
+def _world_size_change(cfg: Config, state: dict, world_size: int, epoch_images: int) -> str:
+    """What a resume with another number of processes changes, in words; an epoch covers ``epoch_images``."""
+    old = int(state.get("world_size", 1))
+    said = [f"resuming a run of {old} process{'es' if old > 1 else ''} with {world_size}: the global batch "
+            f"changes from {global_batch_size(cfg, old)} to {global_batch_size(cfg, world_size)} images per step"]
+    if cfg.optim.lr is None:
+        said.append(f"optim.lr is null, so the peak lr follows it, from {peak_lr(cfg, old):.4g} to "
+                    f"{peak_lr(cfg, world_size):.4g}")
+    before, now = (_steps_per_epoch(cfg, math.ceil(epoch_images / n)) for n in (old, world_size))
+    said.append(f"an epoch has {now} steps instead of {before}, so the schedule continues at step "
+                f"{state['global_step']} of {now * cfg.train.epochs} (it was of {before * cfg.train.epochs})")
+    done = int(state["iteration"])
+    if done:
+        per_process = done * cfg.data.batch_size * cfg.train.accum_steps
+        seen, skipped = per_process * old, per_process * world_size
+        twice = (f"{seen - skipped} of them are trained on twice" if seen > skipped else
+                 f"{skipped - seen} of them are not trained on in this epoch")
+        said.append(f"epoch {int(state['epoch']) + 1} was {done} steps in ({seen} images of its shuffled order); it "
+                    f"continues after its first {skipped} images, so {twice}"
+                    + (", and it ends at once" if done >= now else "")
+                    + "; its record in metrics.jsonl covers only the steps after this resume")
+    said.append("the data order differs from an uninterrupted run")
+    return "; ".join(said)
 
 
 def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: int) -> dict[str, Any]:
@@ -342,13 +512,13 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
         model=train_model, optimizer=run.optimizer, scheduler=run.scheduler, loss_fn=loss_fn, device=device,
         accum_steps=cfg.train.accum_steps, amp_dtype=amp_dtype, scaler=run.scaler, clip_grad=cfg.optim.clip_grad,
         channels_last=cfg.train.channels_last, ema=run.ema, ema_source=run.model, mixup=mixup, no_sync=no_sync,
-        stop_requested=lambda: signals.signum is not None, on_step=on_step, log_every=cfg.train.log_every,
+        stop_requested=signals.requested, on_step=on_step, log_every=cfg.train.log_every,
         world_size=dist_info.world_size, ckpt_every=cfg.train.ckpt_every_iters,
         input=build_device_input(cfg.data, device, train_loader.dataset, train=True),
     )
     eval_model = run.ema.module if run.ema is not None and cfg.train.eval_ema else run.model
     validate = functools.partial(evaluate, eval_model, val_loader, device, amp_dtype, cfg.train.channels_last,
-                                 dist_info.is_main,
+                                 dist_info.is_main, stop_requested=signals.requested,
                                  device_input=build_device_input(cfg.data, device, val_loader.dataset, train=False))
 
     final: dict[str, Any] = {}
@@ -363,7 +533,8 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
                 per_step = cfg.data.batch_size * cfg.train.accum_steps
                 epoch_order(train_loader).set_epoch(epoch, start=run.state.iteration * per_step)
                 result = train_one_epoch(ctx, train_loader, run.state, steps, logger,
-                                         desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main)
+                                         desc=f"epoch {epoch + 1}/{cfg.train.epochs}", main_process=dist_info.is_main,
+                                         meter=run.start_epoch_meter())
                 if result.stopped or signals.signum is not None:
                     path = run.save()
                     raise TrainingInterrupted(signals.signum or signal.SIGTERM, path)
@@ -371,14 +542,20 @@ def _train(run: _Run, train_loader: DataLoader, val_loader: DataLoader, steps: i
                     _logger.warning("epoch %d: skipped %d unreadable images", epoch + 1, result.stats.skipped_images)
                 val = None
                 if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
-                    val = final = validate(desc=f"val {epoch + 1}")
+                    try:
+                        val = final = validate(desc=f"val {epoch + 1}")
+                    except EvaluationStopped:
+                        # The epoch's training is done and checkpointed as such (its last iteration,
+                        # with its statistics); a resume validates it again, then ends it.
+                        raise TrainingInterrupted(signals.signum or signal.SIGTERM, run.save(),
+                                                  f"during the validation of epoch {epoch + 1} (a resume "
+                                                  "validates it again)") from None
+                run.meter = None  # the epoch ends: the checkpoint that says so holds no epoch in progress
                 path = _end_epoch(run, result.stats, val, logger)
                 if signals.signum is not None:
                     raise TrainingInterrupted(signals.signum, path)
         finally:
             logger.close()
-    if not final:  # resumed after the last epoch: report the stored model
-        final = validate()
     return {**final, "best_top1": run.state.best_top1, "epochs": cfg.train.epochs}
 
 
@@ -419,9 +596,13 @@ def _end_epoch(run: _Run, stats: EpochStats, val: Optional[dict[str, Any]], logg
     state.epoch, state.iteration = epoch + 1, 0
     stats.time = time.time()
     record = stats.record()
-    logger.epoch(record)
-    # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
-    # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
-    if improved:
-        run.save_best(record)
+
+    def record_epoch() -> None:
+        logger.epoch(record)
+        # best.pt before the rolling checkpoint: once a checkpoint says this epoch is the best, best.pt
+        # holds it. A kill in between resumes from the previous checkpoint and redoes this epoch.
+        if improved:
+            run.save_best(record)
+
+    run_on_main(record_epoch)  # rank 0 writes; an error there (a full disk) reaches every rank
     return run.save()

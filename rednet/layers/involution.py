@@ -4,8 +4,6 @@ At inference on a CPU the module can also run as one fused native pass that incl
 BatchNorm and ReLU after it (``forward_fused``; RedNet's blocks and stem use it when
 ``can_fuse`` says so). Training, autograd and every other device take ``forward``.
 """
-from __future__ import annotations
-
 from collections import OrderedDict
 from typing import Optional
 
@@ -47,10 +45,14 @@ class Involution(nn.Module):
         stride: output stride; the kernel is generated on the average-pooled input.
         reduction: channel reduction ratio r of the reduce branch.
         group_channels: channels that share one kernel; G = channels / group_channels.
+        device: where the parameters are created (as for ``nn.Conv2d``).
+        dtype: the parameters' dtype.
     """
 
-    def __init__(self, channels: int, kernel_size: int, stride: int = 1, reduction: int = 4, group_channels: int = 16):
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, reduction: int = 4, group_channels: int = 16,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if channels % group_channels:
             raise ValueError(f"Involution: channels={channels} must be divisible by group_channels={group_channels}")
         self.channels = channels
@@ -62,11 +64,11 @@ class Involution(nn.Module):
         # produced a kernel one pixel short there. Even sizes are unchanged.
         self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.conv1 = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(channels, mid, 1, bias=False),
-            bn=nn.BatchNorm2d(mid),
+            conv=nn.Conv2d(channels, mid, 1, bias=False, **dd),
+            bn=nn.BatchNorm2d(mid, **dd),
             act=nn.ReLU(inplace=True),
         ))
-        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, kernel_size * kernel_size * self.groups, 1)))
+        self.conv2 = nn.Sequential(OrderedDict(conv=nn.Conv2d(mid, kernel_size * kernel_size * self.groups, 1, **dd)))
         # (key, folded weights) of the last forward_fused: packed once per weight version.
         self._fused_cache: Optional[tuple] = None
 

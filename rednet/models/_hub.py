@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from urllib.request import HTTPHandler, HTTPSHandler, Request, build_opener
 import torch
 from tqdm import tqdm
 
-from ..fileio import CheckpointError, file_sha256
+from ..fileio import CheckpointError, file_sha256, new_temp_file
 
 try:
     import fcntl
@@ -67,7 +66,7 @@ _DEADLINE_MAX_S = 3600.0
 _CHUNK = 1 << 20
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 # One file name may hold 255 bytes (Linux, macOS, Windows); a download's partial file adds
-# mkstemp's 8 random characters and ".partial" to the entry's name.
+# new_temp_file's 8 random characters and ".partial" to the entry's name.
 _NAME_MAX = 255
 _PARTIAL_EXTRA = len(".12345678.partial")
 _SAFE_SUFFIX = re.compile(r"\.[A-Za-z0-9_]{1,16}")
@@ -294,7 +293,7 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool, timeout:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(dest)
-        fd, name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
+        fd, partial = new_temp_file(dest.parent, f"{dest.name}.", ".partial")  # the umask's mode, not mkstemp's 0600
     except OSError as e:
         raise CheckpointError(
             f"cannot download {redact_url(url)}: the download cache {dest.parent} cannot be written "
@@ -302,7 +301,6 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool, timeout:
             "$TORCH_HOME/hub/checkpoints), or fetch the file another way and pass its path"
         ) from None
     _logger.info("downloading %s to %s", redact_url(url), dest)
-    partial = Path(name)
     try:
         try:
             if fcntl is not None:

@@ -3,9 +3,10 @@ Recognition", CVPR 2021), exactly as the authors released it.
 
 Module names follow the release (mmcls) without its ``backbone.`` / ``head.``
 prefixes, so both public checkpoint layouts map onto this model by name.
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here: an FX graph copies ``forward``'s annotations,
+and TorchScript cannot read them as strings (it scripts timm's FX graphs, issue 20).
+"""
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -28,13 +29,15 @@ POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
 # DropBlock per stage exactly as timm's ResNet applies it (timm.models.resnet.drop_blocks): the
 # last two stages only, where the DropBlock paper (Ghiasi et al., 2018) found it helps ResNet-50.
 _DROP_BLOCK_CFG = (None, None, dict(block_size=5, gamma_scale=0.25), dict(block_size=3, gamma_scale=1.0))
+# Feature index i is the output of stage i + 1 (feature_info); features_only returns all four by default.
+_FEATURE_INDICES = (0, 1, 2, 3)
 
 
-def _conv_bn_act(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+def _conv_bn_act(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, **dd) -> nn.Sequential:
     # The release's ConvModule: names conv / bn / act.
     return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=False),
-        bn=nn.BatchNorm2d(out_chs),
+        conv=nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=False, **dd),
+        bn=nn.BatchNorm2d(out_chs, **dd),
         act=nn.ReLU(inplace=True),
     ))
 
@@ -67,6 +70,8 @@ class Bottleneck(nn.Module):
         kernel_size: involution window.
         drop_block: applied after the involution's BatchNorm (timm's DropBlock2d), or None.
         drop_path: applied to the residual branch before the sum (timm's DropPath), or None.
+        device: where the parameters are created.
+        dtype: the parameters' dtype.
     """
 
     expansion = 4
@@ -79,19 +84,23 @@ class Bottleneck(nn.Module):
         kernel_size: int = 7,
         drop_block: Optional[nn.Module] = None,
         drop_path: Optional[nn.Module] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         out_chs = mid_chs * self.expansion
-        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid_chs)
-        self.conv2 = Involution(mid_chs, kernel_size, stride)
-        self.bn2 = nn.BatchNorm2d(mid_chs)
-        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False, **dd)
+        self.bn1 = nn.BatchNorm2d(mid_chs, **dd)
+        self.conv2 = Involution(mid_chs, kernel_size, stride, **dd)
+        self.bn2 = nn.BatchNorm2d(mid_chs, **dd)
+        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False, **dd)
+        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
+            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False, **dd),
+                                            nn.BatchNorm2d(out_chs, **dd))
         # None rather than nn.Identity when off, so the default model's module tree is the
         # release's (neither has parameters, so the state dict is unchanged either way).
         self.drop_block = drop_block
@@ -131,6 +140,15 @@ def _check_head(num_classes: int, global_pool: str) -> None:
                          "pass num_classes=0 or a pool type")
 
 
+def _create_head(num_features: int, num_classes: int, global_pool: str, **dd) -> Tuple[nn.Module, nn.Module]:
+    """The parameter-free pool (timm's SelectAdaptivePool2d) and the classifier ``fc``."""
+    _check_head(num_classes, global_pool)
+    pool, _ = create_classifier(num_features, 0, pool_type=global_pool)
+    # The Linear is built here, not by create_classifier, which takes device and dtype only from timm 1.0.21.
+    fc = nn.Linear(num_features * pool.feat_mult(), num_classes, **dd) if num_classes > 0 else nn.Identity()
+    return pool, fc
+
+
 class RedNet(nn.Module):
     """RedNet: a ResNet whose spatial convolutions are involutions.
 
@@ -145,6 +163,8 @@ class RedNet(nn.Module):
             whole network) drops its residual branch with probability ``drop_path_rate * i / (n - 1)``.
         drop_block_rate: DropBlock after the involution of every block in stages 3 and 4.
         zero_init_last: zero the last BatchNorm of every block, as released.
+        device: where the parameters and buffers are created (as timm's models take it).
+        dtype: the parameters' dtype.
 
     The three rates default to 0, the paper's recipe; at 0 the modules are not created, so the
     module tree is the release's.
@@ -160,19 +180,23 @@ class RedNet(nn.Module):
         drop_path_rate: float = 0.0,
         drop_block_rate: float = 0.0,
         zero_init_last: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         _check_head(num_classes, global_pool)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         # Stem: conv(s2) -> involution -> BN -> ReLU -> conv, indices as released.
         self.stem = Stem(
-            _conv_bn_act(in_chans, 32, 3, stride=2),
-            Involution(32, 3, 1),
-            nn.BatchNorm2d(32),
+            _conv_bn_act(in_chans, 32, 3, stride=2, **dd),
+            Involution(32, 3, 1, **dd),
+            nn.BatchNorm2d(32, **dd),
             nn.ReLU(inplace=True),
-            _conv_bn_act(32, 64, 3),
+            _conv_bn_act(32, 64, 3, **dd),
         )
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_chs, self.feature_info = 64, []
@@ -189,15 +213,16 @@ class RedNet(nn.Module):
                     stride if j == 0 else 1,
                     drop_block=DropBlock2d(drop_block_rate, **db_cfg) if drop_block_rate and db_cfg else None,
                     drop_path=DropPath(dpr) if dpr > 0 else None,
+                    **dd,
                 ))
                 in_chs = mid * Bottleneck.expansion
                 block_idx += 1
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=4 * 2**i, module=f"layer{i + 1}"))
         self.num_features = in_chs
-        # Parameter-free pool (timm's SelectAdaptivePool2d) and an ``fc`` Linear, so the state dict
-        # keys are still ``fc.weight`` / ``fc.bias``; 'avg' is exactly ``x.mean((2, 3))``.
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        # An ``fc`` Linear, so the state dict keys are still ``fc.weight`` / ``fc.bias``; the 'avg'
+        # pool is exactly ``x.mean((2, 3))``.
+        self.global_pool, self.fc = _create_head(in_chs, num_classes, global_pool, **dd)
         self.head_hidden_size = in_chs * self.global_pool.feat_mult()
         self.init_weights(zero_init_last)
 
@@ -232,12 +257,19 @@ class RedNet(nn.Module):
         return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head; ``global_pool=None`` keeps the current pool type (as timm)."""
+        """Replace the head, on the model's device and in its dtype.
+
+        Args:
+            num_classes: classifier outputs; 0 removes the classifier.
+            global_pool: a pool type; ``None`` keeps the current one (as timm), except that a
+                classifier on a model without a pool (``''``) gets the default ``'avg'``.
+        """
         if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        _check_head(num_classes, global_pool)
+            global_pool = self.global_pool.pool_type or ("avg" if num_classes > 0 else "")
+        param = next(self.parameters(), None)
+        dd = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+        self.global_pool, self.fc = _create_head(self.num_features, num_classes, global_pool, **dd)
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
@@ -325,13 +357,33 @@ class RedNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_out_indices(out_indices) -> None:
+    # timm indexes feature_info with them and fails with a bare IndexError; say what is valid instead.
+    n = len(_FEATURE_INDICES)
+    if isinstance(out_indices, int):
+        valid = 1 <= out_indices <= n  # timm: an int n selects the last n
+    else:
+        picked = [i % n for i in out_indices if isinstance(i, int) and -n <= i < n]
+        valid = len(picked) == len(out_indices) == len(set(picked)) > 0
+    if not valid:
+        raise ValueError(
+            f"out_indices={out_indices!r} is not valid for RedNet: pick each at most once from its feature indices "
+            f"{', '.join(map(str, _FEATURE_INDICES))} (stages 1 to {n}, reductions 4 to 32; -{n} to -1 count from "
+            f"the end), or give an int from 1 to {n} for the last n"
+        )
+
+
 def _create_rednet(variant: str, layers: Sequence[int], pretrained=False, **kwargs) -> nn.Module:
     """Build through timm (pretrained_cfg, ``features_only``), then load weights ourselves.
 
     ``pretrained`` is ``False``, ``True`` (the variant's default weights), a local path or
     a URL. timm's own loader cannot read the foreign layouts, so it is never asked to.
     """
-    kwargs.setdefault("feature_cfg", dict(out_indices=(0, 1, 2, 3)))
+    # RedNet's default out_indices (timm's are 0..4, one more than RedNet has), also under a
+    # feature_cfg that sets other keys only (feature_cfg=dict(feature_cls='fx')).
+    kwargs["feature_cfg"] = {"out_indices": _FEATURE_INDICES, **(kwargs.get("feature_cfg") or {})}
+    if kwargs.get("features_only"):
+        _check_out_indices(kwargs.get("out_indices", kwargs["feature_cfg"]["out_indices"]))
     model = build_model_with_cfg(RedNet, variant, pretrained=False, layers=layers, **kwargs)
     if pretrained is True:
         cfg = model.pretrained_cfg

@@ -300,8 +300,12 @@ def involution(
 
     Under autocast, float32/16 inputs are cast to the autocast dtype first (like a convolution).
     Under ``torch.compile`` the backend is chosen once, while tracing. Under ``torch.export``,
-    ``torch.onnx.export`` and ``torch.jit.trace`` a portable formulation is recorded instead.
+    ``torch.onnx.export`` and ``torch.jit.trace`` a portable formulation is recorded instead;
+    ``torch.jit.script`` compiles only that formulation (without the checks).
     """
+    if torch.jit.is_scripting():  # a scripted FX graph calls this door itself; TorchScript compiles only this branch
+        same = dilation * (kernel.shape[2] - 1) // 2
+        return involution_export(x, kernel, stride, same if padding is None else padding, dilation)
     if padding is None and kernel.dim() == 6:
         padding = dilation * (kernel.shape[2] - 1) // 2 if isinstance(dilation, int) else 0
     if x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type) \

@@ -4,9 +4,11 @@ Single process:   rednet-train --config digits        (python -m rednet train, p
 One node, 8 GPUs: torchrun --nproc_per_node 8 -m rednet train --config rednet50 --data /data/imagenet
 --config takes a YAML file or the name of a bundled config (--list-configs lists them). The run
 directory is --output, else the config's train.output, else runs/<model.name>.
-Exit status (rednet.engine.EXIT_CODES): 0 done; 2 bad config, data or checkpoint, or a run directory that
-cannot be written or whose results the command would overwrite (see --resume, --restart); 3 non-finite loss;
-128+N stopped by signal N after checkpointing; 130 Ctrl-C before training starts.
+Exit status (rednet.engine.EXIT_CODES): 0 done (or the run was already finished); 2 bad config, data or
+checkpoint, or a run directory that cannot be written, whose results the command would overwrite (see --resume,
+--restart), that another trainer holds, or whose disk is full; 3 non-finite loss; 128+N stopped by signal N after
+checkpointing: 129 SIGHUP, 130 SIGINT, 138 SIGUSR1, 143 SIGTERM (Linux's numbers); 130 Ctrl-C before training
+starts.
 """
 from __future__ import annotations
 
