@@ -113,7 +113,8 @@ def test_what_each_step_found_is_summarised(benchmark):
                                     None) == "ERROR SUMMARY: 0 errors"
     op = {"op": [dict(layout="nhwc", **{"pass": "fwd"}, ms=1.0, floor_ms=0.5, count=2),
                  dict(layout="nhwc", **{"pass": "fwd"}, ms=3.0, floor_ms=1.0, count=1)]}
-    assert benchmark.gpu.summarise_step("op benchmark", "", op) == "nhwc fwd 5.00 ms per RedNet-50 pass, 2.50x the floor"
+    assert benchmark.gpu.summarise_step("op benchmark", "", op) == \
+        "nhwc fwd 5.00 ms per RedNet-50 pass, 2.50x the floor"
     model = {"model": [dict(model="rednet50", mode="train", img_per_s=2000.0),
                        dict(model="resnet50", mode="train", img_per_s=2500.0)]}
     assert benchmark.gpu.summarise_step("RedNet-50 vs ResNet-50 training", "", model) == \
@@ -136,8 +137,8 @@ def test_gpu_mode_writes_one_results_file(benchmark, monkeypatch, tmp_path, caps
         return [benchmark.gpu.GpuStep("pytest -m gpu", _py("print('== 3 passed in 1.00s ==')"), 30),
                 benchmark.gpu.GpuStep("compute-sanitizer memcheck", None, 30, skip="compute-sanitizer not found"),
                 benchmark.gpu.GpuStep("op benchmark", _py(write), 30, results=op),
-                benchmark.gpu.GpuStep("RedNet-50 vs ResNet-50 training", _py(f"import sys; sys.exit({int(fail['on'])})"),
-                                  30)]
+                benchmark.gpu.GpuStep("RedNet-50 vs ResNet-50 training",
+                                      _py(f"import sys; sys.exit({int(fail['on'])})"), 30)]
 
     monkeypatch.setattr(benchmark.gpu, "gpu_steps", steps)
     out = tmp_path / "gpu.json"

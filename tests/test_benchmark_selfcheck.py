@@ -84,7 +84,8 @@ def test_selfcheck_failure_prints_the_cause_skips_benchmarks_and_exits_1(benchma
 
 def test_selfcheck_where_the_kernels_cannot_run_at_all(benchmark, fake_gpu, capsys, tmp_path, monkeypatch):
     why = "CuPy is not importable (ModuleNotFoundError: No module named 'cupy')"
-    monkeypatch.setattr(benchmark.selfcheck, "check_cuda_kernel", lambda *a: KernelCheck(False, "unavailable", why, 0.0))
+    monkeypatch.setattr(benchmark.selfcheck, "check_cuda_kernel",
+                        lambda *a: KernelCheck(False, "unavailable", why, 0.0))
     assert benchmark.main(["selfcheck", "--json", str(tmp_path / "r.json")]) == 1
     text = capsys.readouterr().out
     assert f"FAIL  the cupy backend cannot run here: {why}" in text and "1 of 1 checks failed" in text
