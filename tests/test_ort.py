@@ -178,7 +178,7 @@ def test_tool_exports_fused_program(export_tool, tmp_path, capsys):
 
 def test_call_overhead_measures_both_graphs(library):
     bench = load_tool("benchmark")
-    o = bench.ort_call_overhead(threads=1, calls=20)
+    o = bench.race.ort_call_overhead(threads=1, calls=20)
     assert o["calls"] == 20 and o["identity_us"] > 0 and o["involution_us"] > 0
     assert o["overhead_us"] == pytest.approx(o["involution_us"] - o["identity_us"])
 
