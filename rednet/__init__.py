@@ -1,7 +1,9 @@
 """RedNet: involution networks, their operator, training and evaluation.
 
 Importing the package registers rednet26 ... rednet152 with timm, so
-``import rednet; timm.create_model("rednet50")`` works.
+``import rednet; timm.create_model("rednet50")`` works. The command-line tools are
+``rednet.tools`` (``python -m rednet <command>``, the ``rednet-<command>`` scripts); importing
+the package loads none of them.
 """
 from .models import create_model, list_models
 

@@ -1,6 +1,6 @@
-"""File plumbing shared by weights files (``rednet.models``) and training checkpoints
-(``rednet.engine``): the one error type for both, hashing, atomic writes, and the check
-that an output folder can be written.
+"""File plumbing shared by weights files (``rednet.models``), training checkpoints
+(``rednet.engine``) and the tools: the one error type for both, hashing, atomic writes, and the
+checks that an output folder or file can be written and that a path's names are not too long.
 
 New files get the mode every other program gives them: 0666 less the umask (0644 under
 the usual umask 022), so that teammates can read results. ``tempfile.mkstemp`` would make
@@ -22,16 +22,26 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 __all__ = [
+    "STDOUT",
     "CheckpointError",
     "NoSpaceError",
     "OutputDirError",
     "atomic_temp_pattern",
     "atomic_write",
     "check_output_dir",
+    "check_output_file",
+    "describe_overlong",
     "file_sha256",
     "new_temp_file",
     "no_space_error",
+    "overlong_component",
 ]
+
+# The output "file" that means standard output, as a command's ``--json`` with no file stores it.
+STDOUT = "-"
+
+# The longest file or folder name, in bytes, that Linux, macOS and Windows file systems take.
+NAME_MAX = 255
 
 
 class CheckpointError(RuntimeError):
@@ -199,6 +209,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return path
 
 
+def overlong_component(path: str | os.PathLike) -> str | None:
+    """The first component of ``path`` longer than a file or folder name may be (``NAME_MAX`` bytes), or None.
+
+    Such a path fails every open and mkdir with ENAMETOOLONG; a command checks its paths for it
+    up front to say which option and which part to shorten.
+    """
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            return part
+    return None
+
+
+def describe_overlong(what: str, part: str) -> str:
+    """The message for ``overlong_component``'s answer ``part`` of the path given as ``what``."""
+    shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+    return (f"{what}: the name {shown!r} is {len(os.fsencode(part))} bytes long, over the {NAME_MAX} a file or "
+            "folder name may have; shorten it")
+
+
 def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     """Create the folder ``path`` if needed and check that files can be written in it.
 
@@ -214,6 +243,9 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     """
     if str(path) == "":
         raise OutputDirError(f"{what} is empty; give a folder")
+    part = overlong_component(path)
+    if part is not None:
+        raise OutputDirError(describe_overlong(f"{what} {path}", part))
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
@@ -227,3 +259,35 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
         raise OutputDirError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder") from None
     return path
 
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, before the work whose result it is to hold, that the file ``path`` can be written.
+
+    It may exist (it is then opened for writing, never written: its content stays until the result
+    replaces it); its folder must take the temporary file the result is written through; a
+    device or pipe (``/dev/stdout``) is written in place.
+
+    Args:
+        path: the file.
+        what: how the user named it (``--json``, ``--output``), for the message.
+
+    Raises:
+        OutputDirError: ``path`` is empty or a folder, cannot be written, or its folder cannot take a file.
+    """
+    if str(path) == "":
+        raise OutputDirError(f"{what} is empty; give a file name")
+    part = overlong_component(path)
+    if part is not None:
+        raise OutputDirError(describe_overlong(f"{what} {path}", part))
+    p = Path(path)
+    if p.is_dir():
+        raise OutputDirError(f"{what} {path} is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        return p
+    if p.exists():
+        try:
+            open(p, "r+b").close()
+        except OSError as e:
+            raise OutputDirError(f"{what} {path} cannot be written ({e.strerror or e}); choose another file") from None
+    check_output_dir(p.resolve().parent, f"the folder of {what}")
+    return p

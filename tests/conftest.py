@@ -1,5 +1,11 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+from .helpers import PIP_ENV, build_sdist, build_wheel, unpack_sdist
 
 # Tests run many tiny ops: on a 2-core machine with anything else running, two OpenMP
 # threads spin against each other and a small forward pass ran 40x slower than on one.
@@ -18,3 +24,30 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The package as it ships, built once per session for every test that needs it.
+
+
+@pytest.fixture(scope="session")
+def sdist(tmp_path_factory) -> Path:
+    """The source distribution (``rednet-<version>.tar.gz``)."""
+    pytest.importorskip("setuptools", minversion="77")  # the build backend pyproject.toml names
+    return build_sdist(tmp_path_factory.mktemp("sdist"))
+
+
+@pytest.fixture(scope="session")
+def wheel(sdist, tmp_path_factory) -> Path:
+    """The wheel, built from the unpacked sdist (so the sdist holds all a wheel needs)."""
+    tree = unpack_sdist(sdist, tmp_path_factory.mktemp("sdist-for-wheel"))
+    return build_wheel(tree, tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel installed alone into a folder (``pip install --target``): the package, and the scripts in bin/."""
+    site = tmp_path_factory.mktemp("site")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                           str(wheel)], env=PIP_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return site

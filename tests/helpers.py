@@ -1,15 +1,20 @@
-"""What several test files share: the repository root, loading a tool script, and the
-published facts of the five RedNets (docs/reference.md), each written once."""
+"""What several test files share: the repository root, loading a command, building the sdist and
+wheel, and the published facts of the five RedNets (docs/reference.md), each written once."""
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled configs (the one copy; a wheel ships them as rednet/configs, and `--config NAME`
@@ -90,8 +95,75 @@ def live_eval_model(name: str, **kwargs):
 
 
 def load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    """The command ``name``: a fresh copy of ``rednet/tools/<name>.py``, so that what one test sets on it never
+    reaches another; ``rednet.tools.<name>`` itself for a command that is a package (its tests patch its modules
+    with ``monkeypatch``, which undoes it); ``tools/<name>.py`` for the developer tools that live only there."""
+    path = ROOT / "rednet" / "tools" / f"{name}.py"
+    if (ROOT / "rednet" / "tools" / name / "__init__.py").is_file():
+        return importlib.import_module(f"rednet.tools.{name}")
+    # Named inside rednet.tools, for its relative imports, but never entered in sys.modules.
+    spec = importlib.util.spec_from_file_location(f"rednet.tools.{name}", path) if path.is_file() else \
+        importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+# What a copy of the sources leaves out: environments, run outputs, caches, build leftovers, weights.
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__",
+                                      ".pytest_cache", "*.onnx", "*.pt2", "*.safetensors", "*.pt", "*.pth",
+                                      "*.pdparams")
+# pip as the tests run it: no index (everything it needs is installed), no version check.
+PIP_ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1"}
+
+
+def build_sdist(dest: Path) -> Path:
+    """The sdist, built with setuptools' PEP 517 backend from a copy of the checkout (a build in place would leave
+    rednet.egg-info in it), into ``dest``."""
+    src = dest / "src"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
+    built = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+                            "print(build_meta.build_sdist(sys.argv[1]))", str(dest)], cwd=src, env=PIP_ENV,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return dest / built.stdout.split()[-1]
+
+
+def unpack_sdist(sdist: Path, dest: Path) -> Path:
+    """The sdist's one top folder, unpacked under ``dest``."""
+    with tarfile.open(sdist) as tar:
+        tar.extractall(dest, filter="data")
+    (top,) = dest.iterdir()
+    return top
+
+
+def build_wheel(tree: Path, dest: Path) -> Path:
+    """The wheel of the source tree ``tree`` (an unpacked sdist, as ``python -m build`` makes it), into ``dest``."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(dest), str(tree)], env=PIP_ENV, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = dest.glob("rednet-*.whl")
+    return wheel
+
+
+def read_only_dir(tmp_path: Path) -> Path:
+    """``tmp_path/ro``, a folder this process cannot write (mode 0555; /sys when root ignores the mode)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        (ro / "probe").touch()
+    except PermissionError:
+        return ro
+    (ro / "probe").unlink()  # root ignores the mode bits; /sys refuses root as well
+    if Path("/sys").is_dir() and _unwritable("/sys"):
+        return Path("/sys")
+    pytest.skip("no read-only folder to try")
+
+
+def _unwritable(folder: str) -> bool:
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return True
+    return False

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from .helpers import CONFIGS, ROOT, load_tool
+from .helpers import CONFIGS, ROOT, load_tool, read_only_dir
 
 
 def _fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
@@ -226,33 +225,11 @@ def test_cuda_requested_without_cuda(tmp_path, capsys, tool):
     assert not (tmp_path / "run").exists()
 
 
-def _read_only_dir(tmp_path: Path) -> Path:
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        (ro / "probe").touch()
-    except PermissionError:
-        return ro
-    (ro / "probe").unlink()  # root ignores the mode bits; /sys refuses root as well
-    if Path("/sys").is_dir() and _unwritable("/sys"):
-        return Path("/sys")
-    pytest.skip("no read-only folder to try")
-
-
-def _unwritable(folder: str) -> bool:
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("case", ["existing-file", "under-a-file", "read-only"])
 def test_unusable_run_directory(tmp_path, capsys, case):
     (tmp_path / "file").write_text("precious")
     out = {"existing-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "run",
-           "read-only": _read_only_dir(tmp_path) if case == "read-only" else None}[case]
+           "read-only": read_only_dir(tmp_path) if case == "read-only" else None}[case]
     try:
         _fails_cleanly(capsys, "train", _train_argv(out), r"the run directory train\.output \(--output\) .*"
                        r"(is a file, not a folder|lies under .*file, which is a file|is not writable)")
@@ -344,3 +321,79 @@ def test_sigint_during_eval_exits_130_with_one_line(tmp_path):
     assert proc.returncode == 130, out + err
     assert "Traceback" not in out + err
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted by SIGINT; no results written"]
+
+
+# --- issue 16, item 17: the involution backend forced in the environment ------------------------
+
+# Each tool, as it starts; none gets as far as a forward pass (a tiny train or eval fails before any data is read).
+BACKEND_ARGV = {
+    "train": lambda tmp: _train_argv(tmp / "run"),
+    "eval": lambda tmp: ["--config", "digits.yaml", *[a for item in TINY for a in ("--set", item)]],
+    "export": lambda tmp: ["--model", "rednet26", "--format", "export", "--output", str(tmp / "m.pt2")],
+    "visualize": lambda tmp: ["--model", "rednet26", "--device", "cpu", "--layer", "list"],
+    "complexity": lambda tmp: ["--model", "rednet26"],
+    "benchmark": lambda tmp: ["op", "--device", "cpu", "--shapes", "layer4", "--json", str(tmp / "b.json")],
+}
+
+
+@pytest.mark.parametrize("tool", BACKEND_ARGV)
+@pytest.mark.parametrize("value, pattern", [
+    ("fast", r"\$REDNET_INVOLUTION_BACKEND='fast' is not an involution backend; set it to one of auto, reference, "
+             r"cupy, native, or unset it"),
+    ("cupy", r"\$REDNET_INVOLUTION_BACKEND=cupy: involution backend 'cupy' was forced but cannot run: .*CUDA.* "
+             r"\(it takes auto, reference, cupy, native\)"),
+], ids=["unknown", "cupy-on-cpu"])
+def test_a_backend_that_cannot_run_stops_the_tool_as_it_starts(tmp_path, capsys, monkeypatch, tool, value, pattern):
+    """It was logged, then raised (a traceback) at the first forward pass, after the data and model were loaded."""
+    if value == "cupy" and torch.cuda.is_available():
+        pytest.skip("cupy may run here")
+    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", value)
+    _fails_cleanly(capsys, tool, BACKEND_ARGV[tool](tmp_path), pattern)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
+
+
+def test_native_forced_without_a_compiler_is_exit_2(tmp_path):
+    """In a process of its own: the native library may already be loaded in this one."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDNET_INVOLUTION_BACKEND": "native", "CXX": "/nonexistent/c++",
+           "REDNET_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "rednet", "complexity", "--model", "rednet26", "--device", "cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: $REDNET_INVOLUTION_BACKEND=native: involution backend 'native' was forced "
+                                "but cannot run:") and "not found" in errors[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_complexity_on_cuda_without_a_gpu(capsys):
+    """A traceback from torch's CUDA initialisation."""
+    _fails_cleanly(capsys, "complexity", ["--model", "rednet26", "--device", "cuda"],
+                   r"^error: --device cuda: no CUDA device is visible to torch; use --device cpu$")
+
+
+# --- issue 16, item 18: a path with a name longer than a file system takes -----------------------
+
+LONG = "n" * 256  # one byte over NAME_MAX
+
+
+@pytest.mark.parametrize("tool, argv, option", [
+    ("train", ["--config", f"/tmp/{LONG}/c.yaml", "--print-config"], "--config"),
+    ("train", ["--config", "digits", "--data", f"/tmp/{LONG}", "--print-config"], "--data"),
+    ("train", ["--config", "digits", "--output", f"runs/{LONG}"], "--output"),
+    ("eval", ["--checkpoint", f"/tmp/{LONG}.pt"], "--checkpoint"),
+    ("eval", ["--config", f"{LONG}.yaml"], "--config"),
+    ("eval", ["--config", "digits", "--data", f"/data/{LONG}/imagenet"], "--data"),
+    ("export", ["--model", "rednet26", "--output", f"{LONG}.onnx"], "--output"),
+    ("complexity", ["--model", "rednet26", "--json", f"{LONG}.json"], "--json"),
+], ids=["train-config", "train-data", "train-output", "eval-checkpoint", "eval-config", "eval-data", "export-output",
+        "complexity-json"])
+def test_a_name_over_255_bytes_in_a_path_option(tmp_path, capsys, monkeypatch, tool, argv, option):
+    """--config and --checkpoint raised OSError (File name too long) with a traceback; --data was found late."""
+    monkeypatch.chdir(tmp_path)
+    shown = r"'n{20}\.\.\.[n.a-z]{12}'"  # long names are shortened in the message
+    _fails_cleanly(capsys, tool, argv, rf"^error: {option}: the name {shown} is \d{{3}} bytes long, over the 255 a "
+                                       r"file or folder name may have; shorten it$")
+    assert not list(tmp_path.iterdir())

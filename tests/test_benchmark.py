@@ -92,7 +92,7 @@ def test_help_works(benchmark, capsys):
 def test_race_writes_interleaved_ratios(benchmark, tmp_path):
     out = tmp_path / "race.json"
     argv = ["race", "--models", "rednet26,resnet18", "--race-batch", "1", "--repeats", "2", "--warmup", "0",
-            "--paths", "eager,ort", "--no-ort-standard", "--race-size", "64", "--threads", "1", "--copy-mb", "8",
+            "--paths", "eager,ort", "--no-ort-standard", "--img-size", "64", "--threads", "1", "--copy-mb", "8",
             "--json", str(out)]
     assert benchmark.main(argv) == 0
     run = json.loads(out.read_text())["runs"][0]
@@ -121,3 +121,65 @@ def test_op_native_against_the_reference(benchmark, tmp_path):
                            "--memory-formats", "nhwc", "--json", str(out)]) == 0
     assert {r["backend"] for r in json.loads(out.read_text())["op"]} == {"reference", "native"}
     assert "Speedup over reference" in out.with_suffix(".md").read_text()
+
+
+# --- issue 20, item 8: results out of the checkout, never written over, no profiler noise ------------
+
+TINY_OP = ["op", "--device", "cpu", "--shapes", "layer4", "--batch", "1", "--repeats", "1", "--warmup", "0",
+           "--copy-mb", "8", "--threads", "1"]
+
+
+def test_a_second_run_of_the_day_adds_its_rows_and_its_command(benchmark, tmp_path, capsys):
+    """A second op (or model, or selfcheck) run of the same day and device replaced the first one's rows."""
+    import datetime as dt
+
+    first = [*TINY_OP, "--backends", "unfold", "--output", str(tmp_path)]
+    assert benchmark.main(first) == 0
+    out = tmp_path / f"{dt.date.today().isoformat()}-cpu.json"
+    rows = json.loads(out.read_text())["op"]
+    assert [r["run"] for r in rows] == [1]
+    second = [*TINY_OP, "--backends", "reference,unfold", "--output", str(tmp_path), "--json"]
+    assert benchmark.main(second) == 0
+    printed = json.loads(capsys.readouterr().out)  # --json alone: the results on stdout too
+    model = ["model", "--device", "cpu", "--models", "resnet18", "--modes", "infer", "--model-batch", "1",
+             "--repeats", "1", "--warmup", "0", "--copy-mb", "8", "--output", str(tmp_path)]
+    assert benchmark.main(model) == 0
+    res = json.loads(out.read_text())
+    assert res["op"][:1] == rows and [r["run"] for r in res["op"]] == [1, 2, 2] and printed["op"] == res["op"]
+    assert [(r["model"], r["run"]) for r in res["model"]] == [("resnet18", 3)]
+    commands = [run["command"] for run in res["runs"]]
+    assert commands == [f"python -m rednet benchmark {' '.join(argv)}" for argv in (first, second, model)]
+    md = out.with_suffix(".md").read_text()
+    assert all(f"`{command}`" in md for command in commands) and md.count("| layer4 |") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.with_suffix(".md").name]
+
+
+def test_modes_with_a_file_per_run_write_a_new_one(benchmark, tmp_path):
+    taken = tmp_path / "r.json"
+    taken.write_text("earlier\n")
+    assert benchmark.results.new_results_file(taken) == tmp_path / "r-2.json"
+    (tmp_path / "r-2.md").write_text("earlier\n")  # its markdown alone counts too
+    assert benchmark.results.new_results_file(taken) == tmp_path / "r-3.json"
+    assert benchmark.results.new_results_file(tmp_path / "new.json") == tmp_path / "new.json"
+
+
+def test_the_cpu_op_benchmark_writes_under_runs_and_prints_only_its_own_lines(tmp_path):
+    """Kineto printed its USDT profiler_start/stop lines and `ERROR ... gpuGetDeviceCount failed` on stderr,
+    and the results went into the checkout's benchmarks/results/."""
+    import datetime as dt
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "rednet", "benchmark", *TINY_OP], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 4 and proc.stdout == "", proc.stderr  # bandwidth, two rows, wrote
+    assert all(re.match(r"(cpu: .* copy bandwidth|\[\d/2\] layer4 |wrote runs/benchmarks/)", line) for line in lines), \
+        proc.stderr
+    assert (tmp_path / "runs" / "benchmarks" / f"{dt.date.today().isoformat()}-cpu.json").is_file()

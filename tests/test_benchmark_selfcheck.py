@@ -33,16 +33,16 @@ def fake_gpu(benchmark, monkeypatch):
     seen = []
     monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(benchmark.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(benchmark, "environment_lines", lambda device: [f"device: Fake GPU on {device}"])
-    monkeypatch.setattr(benchmark, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(benchmark.selfcheck, "environment_lines", lambda device: [f"device: Fake GPU on {device}"])
+    monkeypatch.setattr(benchmark.selfcheck, "device_name", lambda device: "Fake GPU")
 
     def check(device, dtype, k, s, d, fmt):
         seen.append((str(device), dtype, k, s, d, fmt))
         return checks.get((dtype, k, s, fmt), KernelCheck(True, "passed", "", 0.01))
 
-    monkeypatch.setattr(benchmark, "check_cuda_kernel", check)
+    monkeypatch.setattr(benchmark.selfcheck, "check_cuda_kernel", check)
     benchmarks = []
-    monkeypatch.setattr(benchmark, "run_benchmarks", lambda out: benchmarks.append(out) or 0)
+    monkeypatch.setattr(benchmark.selfcheck, "run_benchmarks", lambda out: benchmarks.append(out) or 0)
     return checks, seen, benchmarks
 
 
@@ -84,7 +84,8 @@ def test_selfcheck_failure_prints_the_cause_skips_benchmarks_and_exits_1(benchma
 
 def test_selfcheck_where_the_kernels_cannot_run_at_all(benchmark, fake_gpu, capsys, tmp_path, monkeypatch):
     why = "CuPy is not importable (ModuleNotFoundError: No module named 'cupy')"
-    monkeypatch.setattr(benchmark, "check_cuda_kernel", lambda *a: KernelCheck(False, "unavailable", why, 0.0))
+    monkeypatch.setattr(benchmark.selfcheck, "check_cuda_kernel",
+                        lambda *a: KernelCheck(False, "unavailable", why, 0.0))
     assert benchmark.main(["selfcheck", "--json", str(tmp_path / "r.json")]) == 1
     text = capsys.readouterr().out
     assert f"FAIL  the cupy backend cannot run here: {why}" in text and "1 of 1 checks failed" in text

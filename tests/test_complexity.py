@@ -60,4 +60,4 @@ def test_any_timm_model_and_text_output(capsys):
     assert "15,540,806" in text and "involution" in text
     assert _tool().main(["--model", "rednet5"]) == 2
     assert "did you mean" in capsys.readouterr().err
-    assert "--input-size" in _tool().build_parser().format_help()
+    assert "--img-size" in _tool().build_parser().format_help()

@@ -1,6 +1,7 @@
 """Deployment: the export formulation of the operator, torch.export, ONNX, TorchScript, tools/export.py."""
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import rednet
 from rednet.layers import Involution
 from rednet.ops import involution, involution_export, involution_output_size, involution_reference
 
-from .helpers import OP_SHAPES, live_eval_model, load_tool
+from .helpers import OP_SHAPES, live_eval_model, load_tool, read_only_dir
 
 # torch.onnx.export(dynamo=True) needs onnx and onnxscript; the round trips need onnxruntime.
 _ONNX = ("onnx", "onnxscript", "onnxruntime")
@@ -133,7 +134,7 @@ def test_tool_onnx_end_to_end(export_tool, tmp_path, capsys):
     weights = tmp_path / "w.pth"
     torch.save(model.state_dict(), weights)
     out = tmp_path / "r26.onnx"
-    rc = export_tool.main(["--model", "rednet26", "--output", str(out), "--input-size", "64", "--pretrained",
+    rc = export_tool.main(["--model", "rednet26", "--output", str(out), "--img-size", "64", "--pretrained",
                            str(weights), "--check", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -150,7 +151,7 @@ def test_tool_onnx_end_to_end(export_tool, tmp_path, capsys):
 
 def test_tool_torch_export_end_to_end(export_tool, tmp_path, capsys):
     out = tmp_path / "r26.pt2"
-    rc = export_tool.main(["--model", "rednet26", "--format", "export", "--output", str(out), "--input-size", "32",
+    rc = export_tool.main(["--model", "rednet26", "--format", "export", "--output", str(out), "--img-size", "32",
                            "--num-classes", "5", "--check", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -160,9 +161,8 @@ def test_tool_torch_export_end_to_end(export_tool, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "rednet27"], "unknown model 'rednet27'; choose one of rednet26"),
-    (["--model", "rednet26", "--input-size", "16"], "--input-size must be at least 32"),
+    (["--model", "rednet26", "--img-size", "16"], "--img-size must be at least 32"),
     (["--model", "rednet26", "--pretrained", "/nonexistent/w.pth"], "no such file"),
-    (["--model", "rednet26", "--output", "/nonexistent/dir/m.onnx"], "does not exist"),
     (["--model", "rednet26", "--format", "export", "--opset", "17"], "--opset applies to --format onnx only"),
 ])
 def test_tool_bad_input_is_one_error_line(export_tool, argv, message, capsys):
@@ -178,6 +178,44 @@ def test_tool_bad_weights_file_is_one_error_line(export_tool, tmp_path, capsys):
     assert export_tool.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: rednet26: ") and "Traceback" not in "\n".join(err)
+
+
+# Issue 16, item 16: an --output that cannot take the file was found only after the export (seconds to minutes).
+@pytest.mark.parametrize("case", ["a-folder", "under-a-file", "read-only-folder"])
+def test_tool_output_is_checked_before_exporting(export_tool, tmp_path, capsys, monkeypatch, case):
+    (tmp_path / "file").write_text("precious")
+    output, message = {
+        "a-folder": (tmp_path, f"--output {tmp_path} is a folder; give a file name"),
+        "under-a-file": (tmp_path / "file" / "m.onnx", "the folder of --output"),
+        "read-only-folder": (None, "is not writable"),
+    }[case]
+    if output is None:
+        output = read_only_dir(tmp_path) / "m.onnx"
+    ran = []
+    monkeypatch.setattr(export_tool, "_build", lambda args: ran.append("build"))
+    monkeypatch.setattr(export_tool, "_export_onnx", lambda *a: ran.append("export"))
+    try:
+        assert export_tool.main(["--model", "rednet26", "--output", str(output)]) == 2
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert ran == [] and (tmp_path / "file").read_text() == "precious"
+
+
+def test_tool_writes_under_runs_by_default(export_tool, tmp_path, monkeypatch, capsys):
+    """Without --output the file goes to runs/<model>.pt2 (it went to the current folder: 40-60 MB in a checkout)."""
+    monkeypatch.chdir(tmp_path)
+
+    def fake_export(model, x, args):
+        Path(args.output).write_bytes(b"program")
+        return 1, 0
+
+    monkeypatch.setattr(export_tool, "_export_program", fake_export)
+    assert export_tool.main(["--model", "rednet26", "--format", "export", "--img-size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "runs/rednet26.pt2"
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["runs", "runs/rednet26.pt2"]
 
 
 def test_tool_help(export_tool, capsys):

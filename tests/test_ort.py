@@ -152,7 +152,7 @@ def test_tool_exports_either_formulation_and_checks_it(export_tool, library, inv
     weights = tmp_path / "w.pth"
     torch.save(model.state_dict(), weights)
     out = tmp_path / f"r26-{involution}.onnx"
-    rc = export_tool.main(["--model", "rednet26", "--output", str(out), "--input-size", "64", "--pretrained",
+    rc = export_tool.main(["--model", "rednet26", "--output", str(out), "--img-size", "64", "--pretrained",
                            str(weights), "--involution", involution, "--check", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -168,7 +168,7 @@ def test_tool_exports_either_formulation_and_checks_it(export_tool, library, inv
 
 def test_tool_exports_fused_program(export_tool, tmp_path, capsys):
     out = tmp_path / "r26.pt2"
-    rc = export_tool.main(["--model", "rednet26", "--format", "export", "--output", str(out), "--input-size", "32",
+    rc = export_tool.main(["--model", "rednet26", "--format", "export", "--output", str(out), "--img-size", "32",
                            "--involution", "custom", "--check", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -178,7 +178,7 @@ def test_tool_exports_fused_program(export_tool, tmp_path, capsys):
 
 def test_call_overhead_measures_both_graphs(library):
     bench = load_tool("benchmark")
-    o = bench.ort_call_overhead(threads=1, calls=20)
+    o = bench.race.ort_call_overhead(threads=1, calls=20)
     assert o["calls"] == 20 and o["identity_us"] > 0 and o["involution_us"] > 0
     assert o["overhead_us"] == pytest.approx(o["involution_us"] - o["identity_us"])
 
@@ -229,7 +229,7 @@ def test_tool_check_without_a_compiler_is_one_error_line(tmp_path):
 
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), REDNET_CACHE_DIR=str(tmp_path / "cache"))
     out = tmp_path / "r26.onnx"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--model", "rednet26", "--input-size",
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--model", "rednet26", "--img-size",
                           "32", "--involution", "custom", "--output", str(out), "--check"],
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert res.returncode == 2, res.stderr[-2000:]

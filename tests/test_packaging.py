@@ -96,16 +96,6 @@ def test_models_work_without_the_training_extras():
     assert res.stdout.strip().endswith("ok")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (path,) = out.glob("rednet-*.whl")
-    return path
-
-
 def test_wheel_metadata_names_its_license_extras_and_urls(wheel: Path):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -203,3 +193,112 @@ def test_weights_and_exports_stay_out_of_git(name: str):
     if res.returncode == 128:
         pytest.skip("not a git checkout")
     assert res.returncode == 0
+
+
+# --- the commands of an installed package, and the sdist ----------------------------------------
+
+
+def test_every_command_is_a_script_a_module_and_a_wrapper():
+    """Issue 20, item 5: `rednet-<command>` (pyproject's scripts), `python -m rednet <command>` (rednet.tools'
+    table) and tools/<name>.py in a checkout: the same commands, the wrappers a few lines each."""
+    from rednet.tools import COMMANDS
+
+    modules = {command: command.replace("-", "_") for command in COMMANDS}
+    assert _pyproject()["project"]["scripts"] == {f"rednet-{c}": f"rednet.tools.{m}:main" for c, m in modules.items()}
+    tools = ROOT / "rednet" / "tools"  # a module per command, or a package (benchmark: a module per mode)
+    found = [p.stem for p in tools.glob("[!_]*.py")] + [p.parent.name for p in tools.glob("[!_]*/__init__.py")]
+    assert sorted(found) == sorted(modules.values())
+    developer_tools = {"kernel_report", "_sass"}  # need nvcc, CuPy and the tests' CUDA emulation: checkout only
+    assert {p.stem for p in (ROOT / "tools").glob("*.py")} == {*modules.values(), *developer_tools}
+    for module in modules.values():
+        text = (ROOT / "tools" / f"{module}.py").read_text()
+        assert f"from rednet.tools.{module} import main" in text and len(text.splitlines()) <= 8, module
+
+
+def test_the_wheel_installs_every_command_as_a_script(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))).decode()
+    scripts = dict(re.findall(r"^(\S+) = (\S+)$", text.split("[console_scripts]")[1], re.M))
+    assert scripts == _pyproject()["project"]["scripts"]
+
+
+def test_importing_rednet_imports_no_command():
+    """`import rednet` stays as light as it was: the tools, and the engine they use, load only when run."""
+    code = ("import sys, rednet; "
+            "print(sorted(m for m in sys.modules if m.startswith(('rednet.tools', 'rednet.engine'))))")
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_python_m_rednet_lists_the_commands_and_refuses_others():
+    from rednet.tools import COMMANDS
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    listed = subprocess.run([sys.executable, "-m", "rednet"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and all(f"  {c} " in listed.stdout for c in COMMANDS), listed.stdout
+    wrong = subprocess.run([sys.executable, "-m", "rednet", "trian"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: unknown command 'trian'; choose one of train,")
+    assert len(wrong.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_installed_commands_run_from_another_folder(installed, tmp_path):
+    """The wheel alone (pip --target) on the path, the venv's site-packages for torch, and no checkout: the
+    scripts and `python -m rednet` run the installed package."""
+    from rednet.tools import COMMANDS
+
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    assert sorted(p.name for p in (installed / "bin").iterdir()) == sorted(f"rednet-{c}" for c in COMMANDS)
+    runs = {
+        "rednet-train --help": [str(installed / "bin" / "rednet-train"), "--help"],
+        "python -m rednet eval --help": [sys.executable, "-m", "rednet", "eval", "--help"],
+        "where": [sys.executable, "-c", "import rednet.tools.eval as m; print(m.__file__)"],
+    }
+    out = {}
+    for name, argv in runs.items():
+        res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        out[name] = res.stdout
+    assert out["rednet-train --help"].startswith("usage: rednet-train ") and "--list-configs" in out[
+        "rednet-train --help"]
+    assert out["python -m rednet eval --help"].startswith("usage: python -m rednet eval ")
+    assert Path(out["where"].strip()).is_relative_to(installed)
+
+
+def test_the_sdist_holds_what_its_tests_read(sdist):
+    import tarfile
+
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {"pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile", "requirements.in",
+              "requirements.lock", "hubconf.py", ".dockerignore", "docker/Dockerfile", "docs/reference.md",
+              "tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/cuda_emu.h", "tests/cuda_emu.py"}
+    for folder, pattern in (("tests", "test_*.py"), ("configs", "*.yaml"), ("tools", "*.py"), ("rednet", "**/*.py"),
+                            ("rednet", "**/*.cu"), ("rednet", "**/*.cpp")):
+        needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob(pattern)}
+    assert needed <= names, sorted(needed - names)
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+@pytest.mark.slow
+def test_the_sdist_runs_its_own_tests(sdist, tmp_path):
+    """Its tests collect (every test file of the checkout, no error) and a few run, on its own package."""
+    from .helpers import unpack_sdist
+
+    tree = unpack_sdist(sdist, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # pytest's pythonpath puts the tree first
+    own = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, ''); import rednet.tools; "
+                          "print(rednet.tools.__file__)"], cwd=tree, env=env, capture_output=True, text=True)
+    assert Path(own.stdout.strip()).is_relative_to(tree), own.stdout + own.stderr
+    pytest_ = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+    collected = subprocess.run([*pytest_, "--collect-only"], cwd=tree, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert files == {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")}
+    ran = subprocess.run([*pytest_, "tests/test_engine.py::test_the_readme_quotes_the_exit_codes",
+                          "tests/test_tools_ux.py::test_list_configs", "tests/test_complexity.py"],
+                         cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout[-3000:]

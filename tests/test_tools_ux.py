@@ -94,15 +94,14 @@ def test_another_folder_says_what_to_give_instead(tmp_path, monkeypatch, capsys)
 # Run by the interpreter with only an installed wheel on its path, in a folder outside the checkout:
 # the bundled configs by each spelling, and a user's file built on one.
 _FROM_THE_WHEEL = """
-import contextlib, importlib.util, io, json, sys
+import contextlib, io, json, sys
 from pathlib import Path
 import rednet.engine.config_files as config_files
-site, tool = Path(sys.argv[1]), sys.argv[2]
+import rednet.tools.train as train
+site = Path(sys.argv[1])
 assert Path(config_files.__file__).is_relative_to(site), config_files.__file__
+assert Path(train.__file__).is_relative_to(site), train.__file__
 assert config_files.BUNDLED_CONFIG_DIR == site / "rednet" / "configs", config_files.BUNDLED_CONFIG_DIR
-spec = importlib.util.spec_from_file_location("train_tool", tool)
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
 results = {}
 for argv in (["--list-configs"], *(["--config", name, "--print-config"] for name in
              ("rednet50", "rednet50.yaml", "configs/rednet50.yaml", "mine.yaml"))):
@@ -115,41 +114,24 @@ print(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_the_bundled_configs_ship_in_the_wheel(tmp_path):
+def test_the_bundled_configs_ship_in_the_wheel(wheel, installed, tmp_path):
     """configs/ is the one copy; a built wheel holds it as rednet/configs next to every module of rednet/,
-    and the tool, installed from that wheel alone, finds the configs from another directory."""
-    import shutil
-    import subprocess
-    import sys
+    and the train command, installed from that wheel alone, finds the configs from another directory."""
     import zipfile
 
-    pytest.importorskip("setuptools", minversion="68")  # the build backend pyproject.toml names
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(BUNDLED)
     assert not (ROOT / "rednet" / "configs").exists()
-    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and rednet.egg-info/ there
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("rednet", "configs"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INDEX": "1"}
-    pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")],
-                   check=True, env=env, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("rednet-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"rednet/configs/{n}.yaml" for n in BUNDLED} <= names, sorted(names)
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rednet").rglob("*")
                if p.suffix in (".py", ".cu", ".cpp")}
     assert sources <= names, sorted(sources - names)
 
-    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, env=env,
-                   capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "mine.yaml").write_text("base: imagenet_recipe.yaml\nmodel:\n  name: rednet26\n")
-    proc = subprocess.run([sys.executable, "-c", _FROM_THE_WHEEL, str(site), str(ROOT / "tools" / "train.py")],
-                          cwd=elsewhere, env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _FROM_THE_WHEEL, str(installed)], cwd=elsewhere,
+                          env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(proc.stdout.splitlines()[-1])
     rc, listed = results.pop("--list-configs")
@@ -304,7 +286,9 @@ def test_train_logs_how_it_runs_and_keeps_the_recipes_amp_off_a_cpu(tmp_path, ca
     config.write_text("base: rednet26\nmodel:\n  num_classes: 4\ndata:\n  dataset: synthetic\n  img_size: 16\n"
                       "  batch_size: 4\n  workers: 0\n  synthetic_train_size: 8\n  synthetic_val_size: 4\n"
                       "optim:\n  lr: 0.01\ntrain:\n  epochs: 1\n  max_iters_per_epoch: 1\n  amp: fp16\n")
-    assert load_tool("train").main(["--config", str(config), "--output", str(tmp_path / "run")]) == 0
+    assert load_tool("train").main(["--config", str(config), "--output", str(tmp_path / "run"), "--json",
+                                    str(tmp_path / "final.json")]) == 0
+    assert set(json.loads((tmp_path / "final.json").read_text())) >= {"top1", "best_top1", "epochs"}
     lines = [line for line in capsys.readouterr().out.splitlines() if "execution:" in line]
     assert len(lines) == 1, lines
     assert "precision fp32 (train.amp fp16 applies on CUDA" in lines[0] and "device cpu" in lines[0]
@@ -548,3 +532,89 @@ def test_results_are_printed_when_the_file_cannot_be_written_at_the_end(folder_a
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["count"] == 6 and result["model"] == "test_resnet" and 0 <= result["top1"] <= 100
     assert out.read_text() == "old results\n" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# --- one vocabulary across the tools (issue 20, item 9) -------------------------------------
+
+# tool -> (the arguments it needs to parse, its documented options, {old spelling: (value, attribute, parsed)})
+VOCABULARY = {
+    "train": ([], ["--output", "--config", "--data"], {}),
+    "eval": ([], ["--img-size", "--json", "--pretrained"], {}),
+    "export": (["--model", "rednet26"], ["--output", "--img-size", "--json", "--pretrained"],
+               {"--input-size": ("64", "img_size", 64)}),
+    "convert_weights": (["in.pth", "out.safetensors"], ["--output", "--json"], {}),
+    "complexity": (["--model", "rednet26"], ["--img-size", "--json"], {"--input-size": ("64", "img_size", 64)}),
+    "visualize": ([], ["--output", "--img-size", "--json", "--pretrained"],
+                  {"--out": ("k.png", "output", "k.png"), "--input-size": ("64", "img_size", 64)}),
+    "benchmark": (["op"], ["--output", "--img-size", "--json"], {"--race-size": ("64", "img_size", 64)}),
+    "make_shards": (["src", "out"], ["--output", "--json"], {}),
+}
+
+
+@pytest.mark.parametrize("tool", VOCABULARY)
+def test_one_vocabulary_across_the_tools(tool, capsys):
+    """--output, --img-size, --json [FILE] and --pretrained [PATH|URL] are spelled and mean the same in every
+    tool; the old spellings still parse, hidden from --help, with a one-line warning."""
+    needed, documented, old = VOCABULARY[tool]
+    parser = load_tool(tool).build_parser()
+    text = parser.format_help()
+    for option in documented:
+        assert re.search(rf"(^|[\s\[]){option}\b", text), option
+    for spelling in ("--out ", "--input-size", "--race-size", "--out="):
+        assert spelling not in text
+    assert "alone, on stdout; with FILE, written to FILE" in " ".join(text.split())
+    args = parser.parse_args([*needed, "--json"])
+    assert args.json == "-"  # alone: the result on stdout
+    assert parser.parse_args([*needed, "--json", "r.json"]).json == "r.json"
+    if "--pretrained" in documented:
+        assert parser.parse_args([*needed, "--pretrained"]).pretrained == "default"  # the model's own weights
+        assert parser.parse_args([*needed, "--pretrained", "w.pth"]).pretrained == "w.pth"
+    capsys.readouterr()
+    for spelling, (value, attribute, parsed) in old.items():
+        assert getattr(parser.parse_args([*needed, spelling, value]), attribute) == parsed
+        current = next(o for o in documented if o.lstrip("-").replace("-", "_") == attribute)
+        assert capsys.readouterr().err == f"warning: {spelling} is now {current}; the old spelling goes in the next " \
+                                          "release\n"
+
+
+def test_json_alone_prints_the_results_of_eval(folder_and_weights, tmp_path, capsys):
+    """`--json` alone meant a file named by the next argument in eval, stdout in the other tools; now stdout."""
+    data, weights = folder_and_weights
+    argv = ["--model", "test_resnet", "--pretrained", str(weights), "--data", str(data), "--workers", "0", "--json"]
+    assert load_tool("eval").main(argv) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["count"] == 6 and result["model"] == "test_resnet"
+    assert not list(tmp_path.iterdir())
+
+
+def test_json_file_of_a_tool_that_printed(tmp_path, capsys):
+    out = tmp_path / "sub" / "c.json"
+    assert load_tool("complexity").main(["--model", "rednet26", "--json", str(out)]) == 0
+    assert capsys.readouterr().out == "" and json.loads(out.read_text())["params"] == 9_233_166
+    # Checked before counting: a folder is no file.
+    assert load_tool("complexity").main(["--model", "rednet26", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in _one_error(capsys)
+
+
+# --- default outputs (issue 20, items 8 and 10) ----------------------------------------------
+
+
+@pytest.mark.parametrize("argv, output", [
+    (["--config", "rednet50"], "runs/rednet50"),
+    (["--config", "rednet50", "--set", "model.name=resnet50"], "runs/resnet50"),  # was runs/rednet50: the same run
+    (["--config", "rednet50", "--set", "model.name=resnet50", "--output", "elsewhere"], "elsewhere"),
+    (["--config", "digits", "--set", "model.name=resnet50"], "runs/digits"),  # a config that names its run
+    (["--config", "rednet50", "--set", "model.name=hf-hub:timm/resnet18.a1_in1k"], "runs/hf-hub_timm_resnet18.a1_in1k"),
+])
+def test_the_run_directory_follows_the_model(capsys, argv, output):
+    assert load_tool("train").main([*argv, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["output"] == output
+
+
+def test_visualize_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    """The README's visualize command wrote kernels_<model>_<layer>.png into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "rednet26", "--layer", "stem.1", "--img-size", "32", "--dpi", "10", "--device", "cpu"]
+    assert load_tool("visualize").main(argv) == 0
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")] == [
+        "runs/visualize/kernels_rednet26_stem.1.png"]

@@ -196,8 +196,8 @@ def _run_main(argv, capsys):
 
 def test_cli_end_to_end_default_image(tmp_path, capsys):
     out = tmp_path / "maps.png"
-    rc, io = _run_main(["--model", "rednet26", "--input-size", "64", "--top", "4", "--dpi", "20",
-                        "--out", str(out), "--json"], capsys)
+    rc, io = _run_main(["--model", "rednet26", "--img-size", "64", "--top", "4", "--dpi", "20",
+                        "--output", str(out), "--json"], capsys)
     assert rc == 0
     result = json.loads(io.out)
     assert result["layer"] == "layer3.3.conv2" and result["groups"] == 16 and len(result["shown"]) == 4
@@ -212,8 +212,8 @@ def test_cli_user_image_and_layer(tmp_path, capsys):
     img = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "stem.png"
-    rc, io = _run_main(["--model", "rednet26", "--image", str(img), "--layer", "stem.1", "--input-size", "48",
-                        "--dpi", "20", "--out", str(out), "--json"], capsys)
+    rc, io = _run_main(["--model", "rednet26", "--image", str(img), "--layer", "stem.1", "--img-size", "48",
+                        "--dpi", "20", "--output", str(out), "--json"], capsys)
     assert rc == 0
     result = json.loads(io.out)
     assert result["layer"] == "stem.1" and result["groups"] == 2 and result["map_size"] == [24, 24]
@@ -223,8 +223,8 @@ def test_cli_user_image_and_layer(tmp_path, capsys):
 @pytest.mark.parametrize("name", rednet.list_models())
 def test_cli_every_registered_model(name, tmp_path, capsys):
     # stem.1 with a tiny crop: the capture stops after the layer, so even RedNet-152 is quick.
-    rc, io = _run_main(["--model", name, "--layer", "stem.1", "--input-size", "32", "--dpi", "10",
-                        "--out", str(tmp_path / "m.png"), "--json"], capsys)
+    rc, io = _run_main(["--model", name, "--layer", "stem.1", "--img-size", "32", "--dpi", "10",
+                        "--output", str(tmp_path / "m.png"), "--json"], capsys)
     assert rc == 0 and json.loads(io.out)["map_size"] == [16, 16]
 
 
@@ -252,7 +252,7 @@ def test_cli_layer_list(capsys):
     (["--model", "rednet26", "--image", "/no/such/photo.jpg"], "cannot read image /no/such/photo.jpg: no such file"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
     ([], "--model is required"),
-    (["--model", "rednet26", "--out", "maps.jpg"], "must be a .png"),
+    (["--model", "rednet26", "--output", "maps.jpg"], "must be a .png"),
     (["--model", "rednet26", "--cmap", "nope"], "unknown --cmap"),
     (["--model", "rednet26", "--device", "tpu9"], "bad --device"),
 ])
@@ -279,7 +279,7 @@ def test_cli_script_runs(tmp_path):
     out = tmp_path / "k.png"
     env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="")  # the tool must pick Agg itself
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "visualize.py"), "--model", "rednet26",
-                           "--layer", "layer1.0.conv2", "--input-size", "32", "--dpi", "20", "--out", str(out)],
+                           "--layer", "layer1.0.conv2", "--img-size", "32", "--dpi", "20", "--output", str(out)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout and out.is_file()
@@ -320,7 +320,7 @@ def digits_checkpoint(tmp_path_factory) -> Path:
 def test_cli_checkpoint_uses_its_model_and_eval_transform(digits_checkpoint, tmp_path, capsys):
     out = tmp_path / "digits.png"
     rc, io = _run_main(["--checkpoint", str(digits_checkpoint), "--layer", "layer1.0.conv2", "--dpi", "20",
-                        "--out", str(out), "--json"], capsys)
+                        "--output", str(out), "--json"], capsys)
     assert rc == 0
     result = json.loads(io.out)
     assert result["model"] == "rednet26"
@@ -355,7 +355,7 @@ def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
     assert load_tool("train").main(argv + [a for kv in sets for a in ("--set", kv)]) == 0
     capsys.readouterr()
     out = tmp_path / "k.png"
-    rc, io = _run_main(["--checkpoint", str(run / "last.pt"), "--out", str(out), "--dpi", "10", "--json"], capsys)
+    rc, io = _run_main(["--checkpoint", str(run / "last.pt"), "--output", str(out), "--dpi", "10", "--json"], capsys)
     assert rc == 0
     result = json.loads(io.out)
     from rednet.engine.checkpoint import read_checkpoint

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Static evidence for the CUDA involution kernels, without a GPU.
 
-    python tools/kernel_report.py --side before=<rev> --side after=worktree --out benchmarks/results/<date>-static
+    python tools/kernel_report.py --side before=<rev> --side after=worktree --output benchmarks/results/<date>-static
 
 For each side (the kernel source, compile options and launch plans of a git revision, or of
 the working tree):
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))  # the emulator lives with the tests that prove it
 from rednet.analysis.shapes import involution_shapes  # noqa: E402
 from rednet.engine import run_command  # noqa: E402
 from rednet.ops import involution_output_size  # noqa: E402
+from rednet.tools._options import add_option  # noqa: E402
 from tests import cuda_emu  # noqa: E402
 from tools import _sass  # noqa: E402
 
@@ -614,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", action="append", metavar="LABEL=REV",
                    help="kernels to report: a git revision, or 'worktree' (default: after=worktree); repeat to "
                         "compare, e.g. --side before=<rev> --side after=worktree")
-    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md (default: print the markdown)")
+    add_option(p, "--output", old=("--out",), type=Path, metavar="OUT",
+               help="write OUT.json and OUT.md (default: print the markdown)")
     p.add_argument("--samples", type=int, default=24, help="blocks emulated per launch (evenly spaced)")
     p.add_argument("--no-access", action="store_true", help="compiler evidence only (skip the emulation)")
     return p
@@ -664,11 +666,11 @@ def _report(args: argparse.Namespace, argv: list[str] | None) -> int:
                 emu = cuda_emu.build(side.names([torch.bfloat16]), d, side.source, opt="-O1")
                 report["access"][side.label] = trace_side(side, emu, args.samples)
         md = markdown(report)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.with_suffix(".json").write_text(json.dumps(_json_ready(report), indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(md)
-            log(f"wrote {args.out.with_suffix('.md')} and .json")
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.with_suffix(".json").write_text(json.dumps(_json_ready(report), indent=1) + "\n")
+            args.output.with_suffix(".md").write_text(md)
+            log(f"wrote {args.output.with_suffix('.md')} and .json")
         else:
             print(md)
     return 0

@@ -4,7 +4,8 @@
   data <-> typed config, ``--set`` overrides), ``config_files`` (YAML files, ``base:``
   merging, the bundled configs, ``load_config``);
 - building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
-  training checkpoint);
+  training checkpoint), ``devices`` (the device a run names is here, and
+  ``$REDNET_INVOLUTION_BACKEND`` runs on it);
 - running it: ``trainer`` (``fit``), ``kernelcheck`` (the CUDA kernels' check for a model,
   agreed by every rank before the first step), ``loop`` (the training step, the epoch, the eval
   pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
@@ -12,7 +13,7 @@
   checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
 
-This module imports exactly what ``tools/`` uses, and the errors ``EXIT_CODES`` names; the
+This module imports exactly what the tools (``rednet.tools``) use, and the errors ``EXIT_CODES`` names; the
 tools import from here and nowhere else in the engine. Everything else stays in its module.
 """
 from ..data import DataError
@@ -21,7 +22,8 @@ from .builder import load_model_from_checkpoint
 from .cli import (
     EXIT_CODES,
     UsageError,
-    check_paths_not_empty,
+    check_device_option,
+    check_path_options,
     list_configs,
     path_values,
     run_command,
@@ -44,7 +46,8 @@ __all__ = [
     "OutputDirError",
     "TrainingInterrupted",
     "UsageError",
-    "check_paths_not_empty",
+    "check_device_option",
+    "check_path_options",
     "config_to_dict",
     "fit",
     "list_configs",

@@ -22,6 +22,7 @@ from ..ops import describe_backend
 from .checkpoint import read_checkpoint
 from .config import Config, ConfigError
 from .config_data import config_from_dict
+from .devices import check_device
 
 __all__ = [
     "AMP_DTYPES",
@@ -32,7 +33,6 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_buildable",
-    "check_device",
     "execution_summary",
     "execution_warnings",
     "format_summary",
@@ -181,12 +181,6 @@ def _check_optimizer_name(name: str) -> None:
     if name.lower().split("_")[-1] not in known:
         raise ConfigError(f"optim.name {name!r} is not a timm optimizer{_nearest(name.lower(), known)} "
                           "(timm.optim.list_optimizers() lists them all)")
-
-
-def check_device(device: str) -> None:
-    """A ConfigError when ``device`` is ``cuda`` and torch sees no CUDA device."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but torch sees no CUDA device here; use 'auto' or 'cpu'")
 
 
 def check_buildable(cfg: Config) -> None:

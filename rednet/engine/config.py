@@ -185,7 +185,8 @@ class TrainConfig:
         ckpt_every_iters: also checkpoint every this many optimizer steps; 0 only at epoch ends.
         keep_last: rolling checkpoints to keep.
         max_iters_per_epoch: cap on optimizer steps per epoch (smoke tests, benchmarks); ``None`` for all.
-        output: run directory (``--output`` overrides it).
+        output: run directory (``--output`` overrides it); null (the default): ``runs/<model.name>``,
+            so a config run with another model (``--set model.name=resnet50``) gets a folder of its own.
     """
 
     epochs: int = 130
@@ -213,7 +214,7 @@ class TrainConfig:
     ckpt_every_iters: int = 0
     keep_last: int = 3
     max_iters_per_epoch: Optional[int] = None
-    output: str = "runs/default"
+    output: Optional[str] = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Optional, Union
@@ -27,6 +28,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "default_output",
     "load_yaml",
     "overridden_keys",
 ]
@@ -149,8 +151,15 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 def config_from_dict(data: dict) -> Config:
     """A validated ``Config`` from nested plain data (a parsed YAML file or a checkpoint's copy)."""
     cfg = _build(Config, data or {}, "")
+    if cfg.train.output is None:
+        cfg.train.output = default_output(cfg.model.name)
     validate(cfg)
     return cfg
+
+
+def default_output(model_name: str) -> str:
+    """The run directory of a config that names none: ``runs/<model.name>`` (a name's ``/`` and ``:`` as ``_``)."""
+    return "runs/" + re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)
 
 
 def config_to_dict(cfg: Config) -> dict:

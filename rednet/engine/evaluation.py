@@ -23,13 +23,12 @@ from ..data import (
     format_eval_transform,
     resolve_eval_transform,
 )
-from ..fileio import NoSpaceError, OutputDirError, atomic_write, check_output_dir
+from ..fileio import STDOUT, NoSpaceError, OutputDirError, atomic_write, check_output_file
 from ..models import redact_url
 from .builder import (
     autocast_dtype,
     build_model,
     check_buildable,
-    check_device,
     execution_summary,
     format_summary,
     model_from_checkpoint_state,
@@ -40,6 +39,7 @@ from .classes import check_eval_classes, data_name
 from .config import Config, ConfigError
 from .config_data import apply_overrides, config_from_dict, overridden_keys
 from .config_files import load_config
+from .devices import check_device
 from .distributed import cleanup_distributed, init_distributed
 from .loop import evaluate
 
@@ -71,7 +71,8 @@ def run_eval(config: Optional[str] = None, *, model: Optional[str] = None, check
         pretrained: ``"default"``, a weights file or a URL (``model.pretrained``).
         overrides: dotted ``key=value`` strings, as ``--set`` takes them.
         values: dotted key -> value, as given (paths from the command line).
-        json_path: where the main process writes the results; checked before the pass.
+        json_path: the file the main process writes the results to, checked before the pass; ``"-"``:
+            printed on stdout as one JSON line.
         allow_config_change: score a checkpoint on data whose class names differ from those it
             stores (same count), with a warning.
 
@@ -84,8 +85,8 @@ def run_eval(config: Optional[str] = None, *, model: Optional[str] = None, check
             An ``OutputDirError`` after the pass (the results file could not be written, e.g. a
             full disk) comes after the results were printed on stdout as one JSON line.
     """
-    if json_path:
-        _check_results_file(json_path)
+    if json_path and json_path != STDOUT:  # before the pass: scoring ImageNet must not be lost to a bad path
+        check_output_file(json_path, "--json")
     values = {**(values or {}), **({"model.pretrained": pretrained} if pretrained is not None else {})}
     scored = _model_and_config(config, model, checkpoint, list(overrides), values)
     net, cfg = scored.net, scored.cfg
@@ -119,7 +120,9 @@ def run_eval(config: Optional[str] = None, *, model: Optional[str] = None, check
     if dist_info.is_main:
         _logger.info("top-1 %.2f  top-5 %.2f  loss %.4f  %d images  %.0f img/s", result["top1"], result["top5"],
                      result["loss"], result["count"], result["images_per_s"])
-        if json_path:
+        if json_path == STDOUT:
+            print(json.dumps(result), flush=True)
+        elif json_path:
             _write_results(json_path, result)
     return result
 
@@ -134,22 +137,6 @@ def _cpu_threads(threads: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _check_results_file(path: str) -> None:
-    """Before the pass: that ``--json`` names a file that can be written, so that scoring ImageNet is not lost."""
-    p = Path(path)
-    if p.is_dir():
-        raise OutputDirError(f"--json {path} is a folder; give a file name")
-    if p.exists() and not p.is_file():
-        return  # /dev/stdout, a pipe: written in place
-    if p.exists():
-        try:
-            open(p, "r+b").close()  # opened, never written: its content stays until the results replace it
-        except OSError as e:
-            raise OutputDirError(f"--json {path} cannot be written ({e.strerror or e}); choose another file") from None
-    # The results replace the file through a temporary file beside it, so its folder must take one.
-    check_output_dir(p.resolve().parent, "the folder of --json")
 
 
 def _write_results(path: str, result: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ Which backend runs, first match wins:
 
 1. the ``backend=`` argument of ``involution`` / ``select_backend``;
 2. the innermost ``with use_backend(name):`` block;
-3. ``REDNET_INVOLUTION_BACKEND=auto|reference|cupy|native`` in the environment;
+3. ``REDNET_INVOLUTION_BACKEND=auto|reference|cupy|native`` in the environment (``BACKEND_ENV``);
 4. ``auto``: the first row of ``_dispatch.TABLE`` that can run: for CUDA tensors the CUDA
    kernel when ``can_use_cuda_kernel(x)``, for CPU tensors the native kernel when
    ``can_use_native_kernel(x)``, else the reference.
@@ -58,6 +58,7 @@ import torch
 # Cheap: CuPy is imported, and the C++ built, only when a kernel runs.
 from . import _cpu, _cupy, _dispatch, _host_overhead, _selfcheck
 from ._dispatch import BACKENDS
+from ._dispatch import ENV as BACKEND_ENV
 from ._export import export_fused, exporting_fused, involution_export, is_exporting
 from ._fused import FusedWeights, can_use_fused_kernel, involution_fused, pack_fused_weights
 from ._memory_format import MEMORY_FORMATS, memory_format_of
@@ -67,6 +68,7 @@ from ._selfcheck import KernelCheck, KernelCheckWarning
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_ENV",
     "FusedWeights",
     "KernelCheck",
     "KernelCheckWarning",
