@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
+# The package itself is installed (editable) again when pyproject.toml changes: its console
+# scripts and metadata come from there, and an environment outlives many pulls.
+PROJECT_STAMP := $(VENV)/.project-$(shell sha256sum pyproject.toml | cut -c1-12)
 # Written into every environment this Makefile creates. Only such an environment (or one an
 # earlier version made, which left an .installed-* stamp) is ever deleted and rebuilt: VENV
 # may name a folder of the user's.
@@ -19,7 +22,7 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: env test train clean lock check-python check-cxx
 
-env: $(STAMP) $(TIMM_TESTS_STAMP)
+env: $(STAMP) $(PROJECT_STAMP) $(TIMM_TESTS_STAMP)
 
 check-python:
 	@command -v python3 >/dev/null 2>&1 || { echo "error: python3 not found: install Python 3.10 or newer (Debian/Ubuntu: apt install python3 python3-venv)" >&2; exit 2; }
@@ -40,7 +43,11 @@ $(STAMP): | check-python
 	touch $(VENV)/$(OWNED)
 	@echo "Installing requirements.lock into $(VENV): about 5.5 GB (torch with its CUDA libraries), several minutes on a first run."
 	$(PY) -m pip install --require-hashes --progress-bar on -r requirements.lock
+	touch $@
+
+$(PROJECT_STAMP): $(STAMP)
 	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.project-*
 	touch $@
 
 # A target of its own, so that an environment made before it existed gets it too. pip fetches the

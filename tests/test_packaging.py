@@ -141,6 +141,24 @@ def test_make_test_names_a_missing_compiler_up_front(tmp_path: Path):
     assert any(line.startswith("error: no C++ compiler (no-such-compiler-here)") for line in res.stderr.splitlines())
 
 
+def test_make_reinstalls_the_package_when_pyproject_changes(tmp_path: Path):
+    """An environment from before a change to pyproject.toml (new console scripts) gets the package again."""
+    venv = tmp_path / "env"
+    venv.mkdir()
+    lock_hash = subprocess.run(["sha256sum", str(ROOT / "requirements.lock")], capture_output=True,
+                               text=True).stdout[:12]
+    (venv / f".installed-{lock_hash}").touch()
+    (venv / "timm-tests").mkdir()
+    (venv / "timm-tests" / f".extracted-{lock_hash}").touch()
+    (venv / ".project-000000000000").touch()  # installed from an older pyproject.toml
+    plan = _make("-n", "env", f"VENV={venv}")
+    assert plan.returncode == 0 and "pip install -q --no-deps -e ." in plan.stdout, plan.stdout + plan.stderr
+    project_hash = subprocess.run(["sha256sum", str(ROOT / "pyproject.toml")], capture_output=True,
+                                  text=True).stdout[:12]
+    (venv / f".project-{project_hash}").touch()
+    assert "pip install" not in _make("-n", "env", f"VENV={venv}").stdout
+
+
 # --- Docker -----------------------------------------------------------------------------------
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
