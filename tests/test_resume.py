@@ -180,20 +180,20 @@ class _Killed(BaseException):
 def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
     """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
     from rednet.engine.checkpoint import read_checkpoint
-    from rednet.engine.trainer import _Run
+    from rednet.engine.trainrun import TrainRun
 
     out = tmp_path / "run"
-    save = _Run.save
+    save = TrainRun.save
 
     def killed_at_the_end_of_epoch_2(run):
         if run.state.epoch == 2 and run.state.iteration == 0:
             raise _Killed
         return save(run)
 
-    monkeypatch.setattr(_Run, "save", killed_at_the_end_of_epoch_2)
+    monkeypatch.setattr(TrainRun, "save", killed_at_the_end_of_epoch_2)
     with pytest.raises(_Killed):
         load_tool("train").main(_args(out))
-    monkeypatch.setattr(_Run, "save", save)
+    monkeypatch.setattr(TrainRun, "save", save)
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     assert read_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 2's record, not its checkpoint
     # What interrupted writes leave: a checkpoint's temporary file, and last.pt's link in the making.

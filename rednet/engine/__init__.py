@@ -5,7 +5,8 @@
   merging, the bundled configs, ``load_config``);
 - building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
   training checkpoint);
-- running it: ``trainer`` (``fit``), ``kernelcheck`` (the CUDA kernels' check for a model,
+- running it: ``trainer`` (``fit``), ``trainrun`` (the run's state, what a checkpoint keeps of
+  it, an epoch's bookkeeping), ``signals`` (stop signals), ``kernelcheck`` (the CUDA kernels' check for a model,
   agreed by every rank before the first step), ``loop`` (the training step, the epoch, the eval
   pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
   ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``classes`` (a

@@ -73,7 +73,7 @@ class StepContext:
         ema_source: the unwrapped model the EMA follows.
         mixup: a timm ``Mixup`` applied to each batch, or None.
         no_sync: ``model.no_sync`` for DDP (skip the all-reduce on non-final micro-batches), or None.
-        stop_requested: returns True once a signal asked training to stop (the trainer's ``_Signals``).
+        stop_requested: returns True once a signal asked training to stop (the trainer's ``StopSignals``).
         on_step: called after each optimizer step with the state; may write a checkpoint.
         log_every: steps between log points, where the loss and the checks are read.
         world_size: processes.
