@@ -214,11 +214,11 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
     import os
     import signal
 
-    from rednet.engine import loop
+    from rednet.engine import step
     from rednet.engine.checkpoint import read_checkpoint
 
     assert load_tool("train").main(_args(tmp_path / "straight")) == 0
-    forward_backward = loop._forward_backward
+    forward_backward = step._forward_backward
 
     def ctrl_c_in_the_last_step(ctx, batches, state):
         if (state.epoch, state.iteration) == (0, 1):
@@ -226,9 +226,9 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
         return forward_backward(ctx, batches, state)
 
     out = tmp_path / "stopped"
-    monkeypatch.setattr(loop, "_forward_backward", ctrl_c_in_the_last_step)
+    monkeypatch.setattr(step, "_forward_backward", ctrl_c_in_the_last_step)
     assert load_tool("train").main(_args(out)) == 130
-    monkeypatch.setattr(loop, "_forward_backward", forward_backward)
+    monkeypatch.setattr(step, "_forward_backward", forward_backward)
     state = read_checkpoint(out / "last.pt")
     assert (state["epoch"], state["iteration"], state["global_step"]) == (0, 2, 2)
     assert not (out / "metrics.jsonl").exists()

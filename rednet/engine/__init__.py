@@ -7,7 +7,7 @@
   training checkpoint);
 - running it: ``trainer`` (``fit``), ``trainrun`` (the run's state, what a checkpoint keeps of
   it, an epoch's bookkeeping), ``signals`` (stop signals), ``kernelcheck`` (the CUDA kernels' check for a model,
-  agreed by every rank before the first step), ``loop`` (the training step, the epoch, the eval
+  agreed by every rank before the first step), ``step`` (the training step), ``loop`` (the epoch, the eval
   pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
   ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``classes`` (a
   checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;

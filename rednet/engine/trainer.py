@@ -48,10 +48,11 @@ from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker, run_on_main
 from .kernelcheck import check_kernels
 from .logger import RunLogger
-from .loop import EvaluationStopped, StepContext, TrainState, evaluate, train_one_epoch
+from .loop import EvaluationStopped, evaluate, train_one_epoch
 from .resume import StartPlan, carry_out, plan_start
 from .rundir import RunDir
 from .signals import StopSignals, shield_workers
+from .step import StepContext, TrainState
 from .trainrun import TrainRun, end_epoch
 
 __all__ = ["TrainingInterrupted", "fit", "seed_everything"]

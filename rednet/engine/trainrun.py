@@ -21,9 +21,9 @@ from .config import Config
 from .config_data import config_to_dict
 from .distributed import DistInfo, barrier, gather_to_main, run_on_main
 from .logger import RunLogger
-from .loop import TrainState
 from .meter import EpochStats, TrainMeter
 from .rundir import RunDir
+from .step import TrainState
 
 __all__ = ["TrainRun", "end_epoch"]
 
