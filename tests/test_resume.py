@@ -307,7 +307,7 @@ def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, 
     import errno
     import os
 
-    from rednet.engine import rundir
+    from rednet.engine import rundir, runlock
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
@@ -316,7 +316,7 @@ def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, 
     out.mkdir()
     leftover = out / ".checkpoint-000000002.pt.k3j_x9q2.tmp"
     leftover.write_bytes(b"\0")
-    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
     capsys.readouterr()
     assert load_tool("train").main(_args(out, "--set", "train.epochs=1")) == 0
     log = _printed(capsys)
