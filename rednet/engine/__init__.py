@@ -6,11 +6,12 @@
 - building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
   training checkpoint);
 - running it: ``trainer`` (``fit``), ``trainrun`` (the run's state, what a checkpoint keeps of
-  it, an epoch's bookkeeping), ``signals`` (stop signals), ``kernelcheck`` (the CUDA kernels' check for a model,
-  agreed by every rank before the first step), ``step`` (the training step), ``loop`` (the epoch, the eval
-  pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
-  ``rundir`` (the run directory), ``runlock`` (its lock), ``checkpoint`` (the file format), ``resume``, ``classes`` (a
-  checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;
+  it, an epoch's bookkeeping), ``signals`` (stop signals), ``kernelcheck`` (the CUDA kernels'
+  check for a model, agreed by every rank before the first step), ``step`` (the training step),
+  ``loop`` (the epoch, the eval pass), ``meter``, ``stepguard`` (device-side step checks),
+  ``evaluation`` (``run_eval``), ``rundir`` (the run directory), ``runlock`` (its lock),
+  ``checkpoint`` (the file format), ``resume``, ``classes`` (a checkpoint's or weights' classes
+  against the data's), ``logger``, ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
 
 This module imports exactly what ``tools/`` uses, and the errors ``EXIT_CODES`` names; the
