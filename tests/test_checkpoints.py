@@ -156,16 +156,16 @@ def _in_child_killed_at(k: int, action) -> int:
 def _epoch_end_run(run_dir):
     """A trainer run (a tiny linear model) that has done epoch 1 (steps 1, 2; best top-1 50) in ``run_dir``,
     and a function that ends epoch 2 at step 4 with a better top-1 (60)."""
+    from rednet.engine import trainrun
     from rednet.engine.builder import build_scheduler
     from rednet.engine.distributed import DistInfo
     from rednet.engine.logger import RunLogger
     from rednet.engine.meter import EpochStats
-    from rednet.engine.trainer import _end_epoch, _Run
 
     cfg = load_config(None, ["train.keep_last=2", "train.epochs=3", f"train.output={run_dir}"])
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    run = _Run(cfg, run_dir, DistInfo(), model, optimizer, build_scheduler(cfg, optimizer, 2), None, None)
+    run = trainrun.TrainRun(cfg, run_dir, DistInfo(), model, optimizer, build_scheduler(cfg, optimizer, 2), None, None)
     def end_epoch(step: int, top1: float) -> None:
         with torch.no_grad():
             model.weight.fill_(step)
@@ -173,7 +173,8 @@ def _epoch_end_run(run_dir):
         stats = EpochStats(epoch=run.state.epoch + 1, global_step=step, train_loss=1.0, lr=0.1, images_per_s=1.0,
                            data_wait_s=0.0, epoch_time_s=1.0, skipped_images=0)
         logger = RunLogger(run_dir, enabled=True)
-        _end_epoch(run, stats, {"top1": top1, "top5": 100.0, "loss": 1.0, "images_per_s": 1.0, "count": 8}, logger)
+        val = {"top1": top1, "top5": 100.0, "loss": 1.0, "images_per_s": 1.0, "count": 8}
+        trainrun.end_epoch(run, stats, val, logger)
         logger.close()
 
     with torch.no_grad():

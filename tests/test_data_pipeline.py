@@ -269,7 +269,7 @@ def test_gpu_decode_check_and_fallback_warn_once(jpegs, tmp_path, monkeypatch):
 def _tiny_ctx(**kw):
     import dataclasses
 
-    from rednet.engine.loop import StepContext
+    from rednet.engine.step import StepContext
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3), torch.nn.BatchNorm1d(3))
@@ -318,7 +318,8 @@ def host_reads(monkeypatch):
 
 @pytest.mark.parametrize("deferred", [True, False], ids=["cuda-path", "cpu-path"])
 def test_the_loop_reads_the_device_only_at_log_points(host_reads, deferred):
-    from rednet.engine.loop import TrainState, train_one_epoch
+    from rednet.engine.loop import train_one_epoch
+    from rednet.engine.step import TrainState
 
     ctx = _tiny_ctx(check_every_step=not deferred, log_every=4)
     train_one_epoch(ctx, _uint8_batches(8), TrainState(), steps=8, main_process=False)
@@ -337,7 +338,9 @@ def _state(ctx):
 
 @pytest.mark.parametrize("ckpt_every", [0, 1])
 def test_a_non_finite_loss_never_reaches_the_weights_on_the_deferred_path(ckpt_every):
-    from rednet.engine.loop import NonFiniteLossError, TrainState, train_one_epoch
+    from rednet.engine.loop import train_one_epoch
+    from rednet.engine.step import TrainState
+    from rednet.engine.stepguard import NonFiniteLossError
 
     reference = _tiny_ctx(check_every_step=False)
     train_one_epoch(reference, _uint8_batches(2), TrainState(), steps=2, main_process=False)
@@ -364,7 +367,8 @@ def test_a_non_finite_loss_never_reaches_the_weights_on_the_deferred_path(ckpt_e
 
 
 def test_deferred_and_eager_checks_train_the_same_weights():
-    from rednet.engine.loop import TrainState, train_one_epoch
+    from rednet.engine.loop import train_one_epoch
+    from rednet.engine.step import TrainState
 
     results = []
     for deferred in (True, False):
@@ -379,7 +383,7 @@ def test_deferred_and_eager_checks_train_the_same_weights():
 
 def test_fp16_overflow_on_the_deferred_path_is_a_skipped_step_not_an_error():
     """GradScaler's overflow skips the step on the device and lowers the scale, as scaler.step would."""
-    from rednet.engine.loop import TrainState, train_step
+    from rednet.engine.step import TrainState, train_step
 
     ctx = _tiny_ctx(check_every_step=False, amp_dtype=torch.float16)
     ctx.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # the first step's gradients overflow

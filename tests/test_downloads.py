@@ -412,7 +412,7 @@ def _trickle(body: bytes, where: str):
 @pytest.mark.parametrize("where, how", [("body", "env"), ("body", "argument"), ("headers", "env"),
                                         ("body", "default")])
 def test_a_trickling_server_fails_at_the_deadline(tmp_path, torch_home, monkeypatch, where, how):
-    import rednet.models._hub as hub
+    import rednet.models._download as hub
 
     body = _weights(1.0, tmp_path / "w.safetensors")
     monkeypatch.setenv("REDNET_DOWNLOAD_TIMEOUT", "5")  # longer than the gaps between bytes
@@ -433,7 +433,7 @@ def test_a_trickling_server_fails_at_the_deadline(tmp_path, torch_home, monkeypa
 
 
 def test_the_default_deadline_scales_with_the_announced_length(monkeypatch):
-    from rednet.models._hub import download_deadline
+    from rednet.models._download import download_deadline
 
     monkeypatch.delenv("REDNET_DOWNLOAD_DEADLINE", raising=False)
     assert download_deadline(None, None) == 3600  # no length announced

@@ -484,7 +484,7 @@ def test_straight_run_outputs(straight_run):
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     from rednet.engine.checkpoint import read_checkpoint
-    from rednet.engine.loop import NonFiniteLossError
+    from rednet.engine.stepguard import NonFiniteLossError
     from rednet.engine.trainer import fit
 
     cfg = _fit_cfg(tmp_path, "optim.lr=1e30", "optim.clip_grad=null", "train.mixup=0", "train.ema=false",
@@ -520,7 +520,7 @@ def test_precision_and_layout_options_train(tmp_path, extra):
 
 
 def _loop_context(model):
-    from rednet.engine.loop import StepContext
+    from rednet.engine.step import StepContext
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
@@ -535,7 +535,8 @@ def _batches(*readable: bool):
 
 
 def test_a_batch_of_only_unreadable_images_is_not_a_step():
-    from rednet.engine.loop import TrainState, train_one_epoch
+    from rednet.engine.loop import train_one_epoch
+    from rednet.engine.step import TrainState
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     ctx, state = _loop_context(model), TrainState()
@@ -548,7 +549,8 @@ def test_a_batch_of_only_unreadable_images_is_not_a_step():
 
 def test_an_epoch_of_only_unreadable_images_is_a_data_error():
     from rednet.data import DataError
-    from rednet.engine.loop import TrainState, evaluate, train_one_epoch
+    from rednet.engine.loop import evaluate, train_one_epoch
+    from rednet.engine.step import TrainState
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     with pytest.raises(DataError, match="every image of epoch 1 was unreadable"):
@@ -560,7 +562,7 @@ def test_an_epoch_of_only_unreadable_images_is_a_data_error():
 def test_train_step_accumulates_micro_batches_and_reports_a_stop():
     import dataclasses
 
-    from rednet.engine.loop import TrainState, train_step
+    from rednet.engine.step import TrainState, train_step
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
     stops = iter([False, True])

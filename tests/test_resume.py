@@ -180,20 +180,20 @@ class _Killed(BaseException):
 def test_a_kill_between_an_epochs_metrics_line_and_its_checkpoint(tmp_path, monkeypatch, capsys):
     """The resumed run leaves one metrics record per epoch, and removes the temporary files of interrupted writes."""
     from rednet.engine.checkpoint import read_checkpoint
-    from rednet.engine.trainer import _Run
+    from rednet.engine.trainrun import TrainRun
 
     out = tmp_path / "run"
-    save = _Run.save
+    save = TrainRun.save
 
     def killed_at_the_end_of_epoch_2(run):
         if run.state.epoch == 2 and run.state.iteration == 0:
             raise _Killed
         return save(run)
 
-    monkeypatch.setattr(_Run, "save", killed_at_the_end_of_epoch_2)
+    monkeypatch.setattr(TrainRun, "save", killed_at_the_end_of_epoch_2)
     with pytest.raises(_Killed):
         load_tool("train").main(_args(out))
-    monkeypatch.setattr(_Run, "save", save)
+    monkeypatch.setattr(TrainRun, "save", save)
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     assert read_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 2's record, not its checkpoint
     # What interrupted writes leave: a checkpoint's temporary file, and last.pt's link in the making.
@@ -214,11 +214,11 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
     import os
     import signal
 
-    from rednet.engine import loop
+    from rednet.engine import step
     from rednet.engine.checkpoint import read_checkpoint
 
     assert load_tool("train").main(_args(tmp_path / "straight")) == 0
-    forward_backward = loop._forward_backward
+    forward_backward = step._forward_backward
 
     def ctrl_c_in_the_last_step(ctx, batches, state):
         if (state.epoch, state.iteration) == (0, 1):
@@ -226,9 +226,9 @@ def test_a_stop_on_an_epochs_last_step_is_recorded_with_the_epochs_real_numbers(
         return forward_backward(ctx, batches, state)
 
     out = tmp_path / "stopped"
-    monkeypatch.setattr(loop, "_forward_backward", ctrl_c_in_the_last_step)
+    monkeypatch.setattr(step, "_forward_backward", ctrl_c_in_the_last_step)
     assert load_tool("train").main(_args(out)) == 130
-    monkeypatch.setattr(loop, "_forward_backward", forward_backward)
+    monkeypatch.setattr(step, "_forward_backward", forward_backward)
     state = read_checkpoint(out / "last.pt")
     assert (state["epoch"], state["iteration"], state["global_step"]) == (0, 2, 2)
     assert not (out / "metrics.jsonl").exists()
@@ -307,7 +307,7 @@ def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, 
     import errno
     import os
 
-    from rednet.engine import rundir
+    from rednet.engine import rundir, runlock
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
@@ -316,7 +316,7 @@ def test_where_flock_fails_the_trainer_warns_and_removes_no_leftovers(tmp_path, 
     out.mkdir()
     leftover = out / ".checkpoint-000000002.pt.k3j_x9q2.tmp"
     leftover.write_bytes(b"\0")
-    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
     capsys.readouterr()
     assert load_tool("train").main(_args(out, "--set", "train.epochs=1")) == 0
     log = _printed(capsys)

@@ -105,10 +105,10 @@ def test_a_stop_signal_to_the_process_group_checkpoints_and_exits_128_plus_n(tmp
 _WORKER_SCRIPT = """
 import signal, subprocess, sys, time
 from torch.utils.data import DataLoader
-from rednet.engine.trainer import _shield_workers
+from rednet.engine.signals import shield_workers
 
 loader = DataLoader(list(range(1000)), batch_size=1, num_workers=1, persistent_workers=True)
-_shield_workers(loader)
+shield_workers(loader)
 batches = iter(loader)
 next(batches)
 (worker,) = batches._workers

@@ -13,7 +13,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import rednet
 from rednet.models import Bottleneck, RedNet
-from rednet.models.rednet import POOL_TYPES
+from rednet.models._blocks import POOL_TYPES
 
 from .helpers import DEPTHS, PARAMS, live_eval_model
 

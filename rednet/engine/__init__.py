@@ -6,11 +6,13 @@
 - building a run: ``builder`` (model, optimizer, schedule, loss, precision; a model from a
   training checkpoint), ``devices`` (the device a run names is here, and
   ``$REDNET_INVOLUTION_BACKEND`` runs on it);
-- running it: ``trainer`` (``fit``), ``kernelcheck`` (the CUDA kernels' check for a model,
-  agreed by every rank before the first step), ``loop`` (the training step, the epoch, the eval
-  pass), ``meter``, ``stepguard`` (device-side step checks), ``evaluation`` (``run_eval``),
-  ``rundir`` (the run directory), ``checkpoint`` (the file format), ``resume``, ``classes`` (a
-  checkpoint's or weights' classes against the data's), ``logger``, ``distributed``;
+- running it: ``trainer`` (``fit``), ``trainrun`` (the run's state, what a checkpoint keeps of
+  it, an epoch's bookkeeping), ``signals`` (stop signals), ``kernelcheck`` (the CUDA kernels'
+  check for a model, agreed by every rank before the first step), ``step`` (the training step),
+  ``loop`` (the epoch, the eval pass), ``meter``, ``stepguard`` (device-side step checks),
+  ``evaluation`` (``run_eval``), ``rundir`` (the run directory), ``runlock`` (its lock),
+  ``checkpoint`` (the file format), ``resume``, ``classes`` (a checkpoint's or weights' classes
+  against the data's), ``logger``, ``distributed``;
 - ``cli``: what the tools share, above all ``EXIT_CODES`` and ``run_command``.
 
 This module imports exactly what the tools (``rednet.tools``) use, and the errors ``EXIT_CODES`` names; the

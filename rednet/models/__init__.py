@@ -6,13 +6,15 @@ Weights files are read whatever their container (safetensors, torch ``.pth``, Pa
 optimizer and the config, is ``rednet.engine``'s business; both raise ``CheckpointError``.
 """
 from ..fileio import CheckpointError
+from ._blocks import Bottleneck
 from ._factory import create_model, list_models
-from ._hub import redact_url, resolve_source
+from ._hub import resolve_source
 from ._layouts import KEY_LAYOUTS, WeightsFile, arch_from_state_dict, convert_state_dict, detect_key_layout
 from ._loading import fit_state_dict, load_pretrained, load_weights, read_weights, weights_num_classes
 from ._pretrained import WEIGHTS, Weights
 from ._saving import save_weights
-from .rednet import Bottleneck, RedNet, rednet26, rednet38, rednet50, rednet101, rednet152
+from ._urls import redact_url
+from .rednet import RedNet, rednet26, rednet38, rednet50, rednet101, rednet152
 
 __all__ = [
     "KEY_LAYOUTS",

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from ..fileio import CheckpointError
-from ._hub import redact_url, resolve_source, split_sha256
+from ._hub import resolve_source
 from ._layouts import KEY_LAYOUTS, WeightsFile, convert_state_dict, count_blocks, count_nonfinite, format_keys
 from ._readers import read_raw
+from ._urls import redact_url, split_sha256
 
 __all__ = ["fit_state_dict", "load_pretrained", "load_weights", "read_weights", "weights_num_classes"]
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..fileio import CheckpointError
-from ._hub import cache_dir
+from ._cache import cache_dir
 from ._layouts import format_keys
 from ._unpickler import RefusedArray, RefusedGlobal, load_arrays
 

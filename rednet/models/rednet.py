@@ -2,151 +2,29 @@
 Recognition", CVPR 2021), exactly as the authors released it.
 
 Module names follow the release (mmcls) without its ``backbone.`` / ``head.``
-prefixes, so both public checkpoint layouts map onto this model by name.
+prefixes, so both public checkpoint layouts map onto this model by name. The blocks (stem,
+bottleneck, stages, head) are ``_blocks``'; here are the network, its timm conventions, the
+pretrained configs and the registered models.
 
 No ``from __future__ import annotations`` here: an FX graph copies ``forward``'s annotations,
 and TorchScript cannot read them as strings (it scripts timm's FX graphs, issue 20).
 """
-from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropBlock2d, DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ..layers import Involution
+from ._blocks import Bottleneck, check_head, create_head, make_stages, make_stem
 from ._loading import load_pretrained
 from ._pretrained import WEIGHTS
 
-__all__ = ["Bottleneck", "RedNet", "Stem"]
+__all__ = ["RedNet"]
 
-# timm's pool types (timm.layers.SelectAdaptivePool2d); '' keeps the (B, C, H, W) map.
-POOL_TYPES = ("avg", "max", "avgmax", "catavgmax", "")
-# DropBlock per stage exactly as timm's ResNet applies it (timm.models.resnet.drop_blocks): the
-# last two stages only, where the DropBlock paper (Ghiasi et al., 2018) found it helps ResNet-50.
-_DROP_BLOCK_CFG = (None, None, dict(block_size=5, gamma_scale=0.25), dict(block_size=3, gamma_scale=1.0))
-# Feature index i is the output of stage i + 1 (feature_info); features_only returns all four by default.
 _FEATURE_INDICES = (0, 1, 2, 3)
-
-
-def _conv_bn_act(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, **dd) -> nn.Sequential:
-    # The release's ConvModule: names conv / bn / act.
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, bias=False, **dd),
-        bn=nn.BatchNorm2d(out_chs, **dd),
-        act=nn.ReLU(inplace=True),
-    ))
-
-
-class Stem(nn.Sequential):
-    """The release's stem, ``Sequential(conv, involution, bn, relu, conv)`` (its indices name the weights).
-
-    At inference on a CPU the involution, BatchNorm and ReLU run as one fused native pass, as in
-    the blocks (``Involution.can_fuse``); otherwise it is the plain sequence.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self[0](x)
-        fused = False
-        if not torch.jit.is_scripting():  # TorchScript compiles only the plain sequence
-            if self[1].can_fuse(x, self[2]):
-                x, fused = self[1].forward_fused(x, self[2], relu=True), True
-        if not fused:
-            x = self[3](self[2](self[1](x)))
-        return self[4](x)
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck whose 3x3 convolution is a 7x7 involution carrying the stride.
-
-    Args:
-        in_chs: input channels.
-        mid_chs: width of the involution; the block outputs ``mid_chs * 4``.
-        stride: stride of the involution (and of the projection shortcut).
-        kernel_size: involution window.
-        drop_block: applied after the involution's BatchNorm (timm's DropBlock2d), or None.
-        drop_path: applied to the residual branch before the sum (timm's DropPath), or None.
-        device: where the parameters are created.
-        dtype: the parameters' dtype.
-    """
-
-    expansion = 4
-
-    def __init__(
-        self,
-        in_chs: int,
-        mid_chs: int,
-        stride: int = 1,
-        kernel_size: int = 7,
-        drop_block: Optional[nn.Module] = None,
-        drop_path: Optional[nn.Module] = None,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        out_chs = mid_chs * self.expansion
-        self.conv1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False, **dd)
-        self.bn1 = nn.BatchNorm2d(mid_chs, **dd)
-        self.conv2 = Involution(mid_chs, kernel_size, stride, **dd)
-        self.bn2 = nn.BatchNorm2d(mid_chs, **dd)
-        self.conv3 = nn.Conv2d(mid_chs, out_chs, 1, bias=False, **dd)
-        self.bn3 = nn.BatchNorm2d(out_chs, **dd)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride, bias=False, **dd),
-                                            nn.BatchNorm2d(out_chs, **dd))
-        # None rather than nn.Identity when off, so the default model's module tree is the
-        # release's (neither has parameters, so the state dict is unchanged either way).
-        self.drop_block = drop_block
-        self.drop_path = drop_path
-
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn3.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.bn3(self.conv3(self._involution_bn_relu(self.relu(self.bn1(self.conv1(x))))))
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        # In place, as timm's ResNet: an out-of-place sum allocates (and first touches) one more
-        # block-sized tensor per block, which cost RedNet-50 6-11% of its CPU inference time.
-        # Neither bn3 nor drop_path keeps its output for backward, so autograd allows it.
-        x += shortcut
-        return self.relu(x)
-
-    def _involution_bn_relu(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript compiles only the plain sequence below
-            if self.conv2.can_fuse(x, self.bn2):
-                # Inference on a CPU: involution, bn2 and ReLU in one native pass (DropBlock is off in eval).
-                return self.conv2.forward_fused(x, self.bn2, relu=True)
-        x = self.bn2(self.conv2(x))
-        if self.drop_block is not None:
-            x = self.drop_block(x)
-        return self.relu(x)
-
-
-def _check_head(num_classes: int, global_pool: str) -> None:
-    # timm's SelectAdaptivePool2d asserts on an unknown type; say what is valid instead.
-    if global_pool not in POOL_TYPES:
-        raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
-    if not global_pool and num_classes > 0:
-        raise ValueError("global_pool='' keeps the (B, C, H, W) map, which the classifier cannot take; "
-                         "pass num_classes=0 or a pool type")
-
-
-def _create_head(num_features: int, num_classes: int, global_pool: str, **dd) -> Tuple[nn.Module, nn.Module]:
-    """The parameter-free pool (timm's SelectAdaptivePool2d) and the classifier ``fc``."""
-    _check_head(num_classes, global_pool)
-    pool, _ = create_classifier(num_features, 0, pool_type=global_pool)
-    # The Linear is built here, not by create_classifier, which takes device and dtype only from timm 1.0.21.
-    fc = nn.Linear(num_features * pool.feat_mult(), num_classes, **dd) if num_classes > 0 else nn.Identity()
-    return pool, fc
 
 
 class RedNet(nn.Module):
@@ -185,44 +63,22 @@ class RedNet(nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        _check_head(num_classes, global_pool)
+        check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        # Stem: conv(s2) -> involution -> BN -> ReLU -> conv, indices as released.
-        self.stem = Stem(
-            _conv_bn_act(in_chans, 32, 3, stride=2, **dd),
-            Involution(32, 3, 1, **dd),
-            nn.BatchNorm2d(32, **dd),
-            nn.ReLU(inplace=True),
-            _conv_bn_act(32, 64, 3, **dd),
-        )
+        self.stem = make_stem(in_chans, **dd)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         in_chs, self.feature_info = 64, []
-        net_blocks, block_idx = sum(layers), 0
-        for i, (depth, mid, db_cfg) in enumerate(zip(layers, (64, 128, 256, 512), _DROP_BLOCK_CFG)):
-            stride = 1 if i == 0 else 2
-            blocks = []
-            for j in range(depth):
-                # timm ResNet's linear decay rule; max(.., 1) keeps a one-block network defined.
-                dpr = drop_path_rate * block_idx / max(net_blocks - 1, 1)
-                blocks.append(Bottleneck(
-                    in_chs,
-                    mid,
-                    stride if j == 0 else 1,
-                    drop_block=DropBlock2d(drop_block_rate, **db_cfg) if drop_block_rate and db_cfg else None,
-                    drop_path=DropPath(dpr) if dpr > 0 else None,
-                    **dd,
-                ))
-                in_chs = mid * Bottleneck.expansion
-                block_idx += 1
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        for i, (stage, in_chs) in enumerate(make_stages(layers, in_chs, drop_path_rate, drop_block_rate, **dd)):
+            self.add_module(f"layer{i + 1}", stage)
             self.feature_info.append(dict(num_chs=in_chs, reduction=4 * 2**i, module=f"layer{i + 1}"))
+        self.num_features = in_chs
         self.num_features = in_chs
         # An ``fc`` Linear, so the state dict keys are still ``fc.weight`` / ``fc.bias``; the 'avg'
         # pool is exactly ``x.mean((2, 3))``.
-        self.global_pool, self.fc = _create_head(in_chs, num_classes, global_pool, **dd)
+        self.global_pool, self.fc = create_head(in_chs, num_classes, global_pool, **dd)
         self.head_hidden_size = in_chs * self.global_pool.feat_mult()
         self.init_weights(zero_init_last)
 
@@ -268,7 +124,7 @@ class RedNet(nn.Module):
             global_pool = self.global_pool.pool_type or ("avg" if num_classes > 0 else "")
         param = next(self.parameters(), None)
         dd = {"device": param.device, "dtype": param.dtype} if param is not None else {}
-        self.global_pool, self.fc = _create_head(self.num_features, num_classes, global_pool, **dd)
+        self.global_pool, self.fc = create_head(self.num_features, num_classes, global_pool, **dd)
         self.num_classes = num_classes
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
