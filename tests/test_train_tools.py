@@ -104,6 +104,28 @@ def test_torchrun_on_a_finished_run_says_so_on_every_rank_and_exits_0(torchrun_r
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != RunDir.LOCK} == before
 
 
+_FIT_THEN_GROUP = """
+import sys
+import torch.distributed as dist
+from rednet.engine import fit, load_config
+cfg = load_config("digits.yaml", sys.argv[2:], values={"train.output": sys.argv[1]})
+fit(cfg, resume="auto")
+sys.stdout.write(f"group left after fit: {dist.is_initialized()}\\n")  # one write: ranks share stdout
+"""
+
+
+@pytest.mark.slow
+def test_fit_destroys_the_process_group_it_made(torchrun_run, tmp_path):
+    """A group left to the interpreter's exit can abort a gloo rank at exit; fit destroys its own."""
+    out, _, _ = torchrun_run
+    script = tmp_path / "fit_then_group.py"
+    script.write_text(_FIT_THEN_GROUP)
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                str(out), *TINY, "train.max_iters_per_epoch=3", "train.ckpt_every_iters=2", "train.epochs=2"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("group left after fit: False") == 2 and "True" not in res.stdout, res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def torchrun_straight_and_resumed(tmp_path_factory):
     """Two gloo processes train 2 epochs of 3 steps, checkpointing every step; a second pair starts from a

@@ -87,6 +87,11 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def group_initialized() -> bool:
+    """True when this process belongs to a process group (``init_distributed`` made one, or a caller did)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def _grouped() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -45,7 +45,15 @@ from .checkpoint import read_checkpoint, restore_rng_state
 from .classes import check_resume_classes, data_name
 from .config import Config
 from .config_data import config_to_dict
-from .distributed import DistInfo, barrier, init_distributed, is_restarted_worker, run_on_main
+from .distributed import (
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    group_initialized,
+    init_distributed,
+    is_restarted_worker,
+    run_on_main,
+)
 from .kernelcheck import check_kernels
 from .logger import RunLogger
 from .loop import EvaluationStopped, evaluate, train_one_epoch
@@ -143,6 +151,17 @@ def fit(cfg: Config, resume: Optional[str] = None, *, restart: bool = False,
     A run directory whose checkpoint finished ``train.epochs`` is not trained or validated again:
     the result then holds ``finished: True``, the epochs done and the best top-1.
     """
+    owns_group = not group_initialized()
+    result = _fit(cfg, resume, restart=restart, allow_config_change=allow_config_change)
+    if owns_group:
+        # On a normal end only: after an error another rank may still wait in a collective, which
+        # destroying the group would hang. A gloo group left to the interpreter's exit can abort
+        # the process ("terminate called without an active exception").
+        cleanup_distributed()
+    return result
+
+
+def _fit(cfg: Config, resume: Optional[str], *, restart: bool, allow_config_change: bool) -> dict[str, Any]:
     # Before any data is read: a typo or a missing GPU should not cost a scan of ImageNet.
     check_buildable(cfg)
     check_output_dir(cfg.train.output, "the run directory train.output (--output)")
