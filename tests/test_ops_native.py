@@ -129,6 +129,28 @@ def test_bfloat16_accumulates_in_float32():
             torch.testing.assert_close(out.double(), ref, rtol=2**-8, atol=1e-4)
 
 
+# Grad-input's register-blocked windows (dilation 1; K = 3, 5, 7 at stride 1, K = 3, 7 at
+# stride 2): widths 21 and 37 give each a block at the left edge, one inside the row and a
+# cut-short block at the right edge, in blocks of 8 pixels (float, bfloat16) and 4 (double);
+# padding 0 and K shift which output columns feed a block.
+FIXED_WINDOWS = [(k, s, w, p) for k, s, w in ((3, 1, 21), (5, 1, 21), (7, 1, 21), (3, 2, 37), (7, 2, 37))
+                 for p in sorted({(k - 1) // 2, 0, k})]
+
+
+@native
+@pytest.mark.parametrize("k,s,w,p", FIXED_WINDOWS, ids=str)
+def test_grad_input_fixed_windows(k, s, w, p):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
+        x, kernel, _ = _inputs(2, 32, 2, k, w, k, s, 1, "nhwc", dtype=dtype, pad=p)
+        go = torch.randn(2, 32, *kernel.shape[-2:], dtype=dtype).contiguous(memory_format=torch.channels_last)
+        got = _cpu.backward_input(go, x, kernel, s, p, 1)
+        ref = _reference_passes(x.double(), kernel.double(), go.double(), s, p, 1)[1]  # exact sums of these inputs
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * 100 if dtype == torch.bfloat16 else tol)
+        # NCHW runs the same blocks on transposed tiles: the same sums in the same order.
+        nchw = _cpu.backward_input(go.contiguous(), x.contiguous(), kernel.contiguous(), s, p, 1)
+        assert torch.equal(nchw, got)
+
+
 @native
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck_and_gradgradcheck_through_front_door(layout):

@@ -13,8 +13,10 @@
 // headers. Every output element is written by one thread: grad-input is a gather over the
 // output pixels that read an input pixel, not a scatter, so there are no races or atomics.
 //
-// Every element is a sum over the taps in the order (u, v), one accumulator each, in both
-// layouts, so the two layouts give bit-identical forward and grad-input results.
+// Every element is a sum over the taps in one fixed order, one accumulator each, the same in
+// both layouts, so the two layouts give bit-identical forward and grad-input results. The
+// order is (u, v), except grad-input's register-blocked windows (bwd_input_block_fixed),
+// which take v backwards.
 //
 // Channels_last is the fast layout: a group's 16 channels are 16 contiguous values, one
 // AVX-512 register of floats (two of AVX2), written with GCC vector extensions so that
@@ -410,6 +412,86 @@ inline void bwd_input_nhwc_block(const S* gob, const S* wb, S* gxp, int nu, cons
   }
 }
 
+// Grad-input with the window (K, stride STRIDE, dilation 1) known at compile time: the same
+// register blocking as fwd_nhwc_block_fixed, mirrored. Input column q receives tap v from
+// output column j = (q + p - v) / s where s divides q + p - v: the KT taps v = v0 + s*m
+// (v0 = (q + p) mod s, m < KT). NB columns q0, q0+s, ... (one v0) read the NQ = NB + KT - 1
+// output columns jb + t, jb = (q0 + p - v0)/s - (KT - 1), column jb + t feeding pixel jj
+// through m = jj + KT - 1 - t. Each column's grad_y vector is loaded once for all NB pixels,
+// and the kernel values it is multiplied with are that column's own (g, u, v0 + s*m), at
+// constant offsets from one pointer. CHECK: columns outside [0, Wo) are skipped (their
+// kernel values would lie outside the tensor). Pixels past n are computed and thrown away.
+// Each sum runs over the taps in order (u ascending, v descending): the columns go in
+// ascending t, the direction memory is read in. Descending t, which keeps bwd_input_nhwc_block's
+// (u, v) order bit for bit, ran the 112-wide stem up to 2x slower than it (measured, 1 thread);
+// both layouts go through this block, so they still agree bit for bit.
+template <class S, int KT, int STRIDE, int NB, bool CHECK>
+inline void bwd_input_block_fixed(const S* gob, const S* wb, S* gxp, i64 jb, i64 v0, i64 n, int nu, const int* us,
+                                  const i64* is, const Dims& D) {
+  typedef Traits<S> T;
+  typedef typename T::V V;
+  constexpr int NQ = NB + KT - 1;
+  const i64 C = D.C, cg = D.cg(), KK = D.kk(), GKK = D.G * KK;
+  const i64 tlo = CHECK && jb < 0 ? -jb : 0, thi = CHECK && jb + NQ > D.Wo ? D.Wo - jb : NQ;
+  for (i64 g = 0; g < D.G; ++g) {
+    for (i64 c0 = g * cg; c0 < (g + 1) * cg; c0 += 16) {
+      V acc[NB];
+      for (int jj = 0; jj < NB; ++jj) acc[jj] = V{};
+      for (int a = 0; a < nu; ++a) {
+        const i64 pix = is[a] * D.Wo + jb;
+        const S* gr = gob + pix * C + c0;
+        const S* wr = wb + pix * GKK + g * KK + us[a] * D.K + v0;
+#pragma GCC unroll 32
+        for (int t = 0; t < NQ; ++t) {
+          if (!CHECK || (t >= tlo && t < thi)) {
+            const V gv = T::load(gr + t * C);
+#pragma GCC unroll 16
+            for (int jj = 0; jj < NB; ++jj) {
+              const int m = jj + KT - 1 - t;
+              if (m >= 0 && m < KT) acc[jj] += T::get(wr + t * GKK + STRIDE * m) * gv;
+            }
+          }
+        }
+      }
+      for (int jj = 0; jj < NB; ++jj)
+        if (jj < n) T::store(gxp + jj * STRIDE * C + c0, acc[jj]);
+    }
+  }
+}
+
+// Pixels per grad-input block: NB accumulators of 16 lanes and one grad_y vector must fit the
+// vector registers (32 with AVX-512, 16 with AVX2) without spilling.
+template <class S> constexpr int bwd_input_nb() {
+#ifdef __AVX512F__
+  return sizeof(typename Traits<S>::V) <= 64 ? 8 : 4;
+#else
+  return sizeof(typename Traits<S>::V) <= 64 ? 4 : 2;
+#endif
+}
+
+// Columns rho, rho+s, ... of one grad-input row, for a window known at compile time; KT0 and
+// KT1 are the tap counts of v0 = 0 and v0 = 1 (only v0 = 0 with stride 1).
+template <class S, int KT0, int KT1, int STRIDE>
+void bwd_input_row_fixed(const S* gob, const S* wb, S* gxrow, int nu, const int* us, const i64* is, const Dims& D) {
+  constexpr int NB = bwd_input_nb<S>();
+  for (i64 rho = 0; rho < STRIDE && rho < D.W; ++rho) {
+    const i64 v0 = (rho + D.p) % STRIDE;
+    const int kt = v0 == 0 ? KT0 : KT1;
+    for (i64 q0 = rho; q0 < D.W; q0 += NB * STRIDE) {
+      const i64 n = (D.W - 1 - q0) / STRIDE + 1 < NB ? (D.W - 1 - q0) / STRIDE + 1 : NB;
+      const i64 jb = (q0 + D.p - v0) / STRIDE - (kt - 1);
+      const bool inside = jb >= 0 && jb + NB + kt - 1 <= D.Wo;
+      S* gxp = gxrow + q0 * D.C;
+      if (kt == KT0)
+        inside ? bwd_input_block_fixed<S, KT0, STRIDE, NB, false>(gob, wb, gxp, jb, v0, n, nu, us, is, D)
+               : bwd_input_block_fixed<S, KT0, STRIDE, NB, true>(gob, wb, gxp, jb, v0, n, nu, us, is, D);
+      else
+        inside ? bwd_input_block_fixed<S, KT1, STRIDE, NB, false>(gob, wb, gxp, jb, v0, n, nu, us, is, D)
+               : bwd_input_block_fixed<S, KT1, STRIDE, NB, true>(gob, wb, gxp, jb, v0, n, nu, us, is, D);
+    }
+  }
+}
+
 // Grad-input rows br = b*H + r of one call. Per input column q: its taps v and their output
 // columns j, and whether all taps of q's residue mod s reach an output column (then q and
 // q+s, q+2s, ... share them and go through one block).
@@ -435,6 +517,13 @@ template <class S> struct BwdInputRows {
     const S* gob = go + b * D.Ho * D.Wo * C;
     const S* wb = w + b * D.Ho * D.Wo * GKK;
     S* gxrow = gx + br * D.W * C;
+    if (D.d == 1) {  // RedNet's windows (and K = 5), with a register-blocked row
+      if (K == 7 && s == 1) return bwd_input_row_fixed<S, 7, 7, 1>(gob, wb, gxrow, nu, us, is, D);
+      if (K == 7 && s == 2) return bwd_input_row_fixed<S, 4, 3, 2>(gob, wb, gxrow, nu, us, is, D);
+      if (K == 3 && s == 1) return bwd_input_row_fixed<S, 3, 3, 1>(gob, wb, gxrow, nu, us, is, D);
+      if (K == 3 && s == 2) return bwd_input_row_fixed<S, 2, 1, 2>(gob, wb, gxrow, nu, us, is, D);
+      if (K == 5 && s == 1) return bwd_input_row_fixed<S, 5, 5, 1>(gob, wb, gxrow, nu, us, is, D);
+    }
     for (i64 rho = 0; rho < s && rho < D.W; ++rho) {  // columns rho, rho+s, ... share their tap pattern
       i64 q = rho;
       while (q < D.W) {
