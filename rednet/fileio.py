@@ -228,6 +228,15 @@ def describe_overlong(what: str, part: str) -> str:
             "folder name may have; shorten it")
 
 
+def _check_given(path: str | os.PathLike, what: str, give: str) -> None:
+    """A path as the user gave it: not empty, and no name in it longer than a file system takes."""
+    if str(path) == "":
+        raise OutputDirError(f"{what} is empty; give {give}")
+    part = overlong_component(path)
+    if part is not None:
+        raise OutputDirError(describe_overlong(f"{what} {path}", part))
+
+
 def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     """Create the folder ``path`` if needed and check that files can be written in it.
 
@@ -241,11 +250,7 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     Raises:
         OutputDirError: ``path`` is empty, is or lies under a file, or cannot be created or written.
     """
-    if str(path) == "":
-        raise OutputDirError(f"{what} is empty; give a folder")
-    part = overlong_component(path)
-    if part is not None:
-        raise OutputDirError(describe_overlong(f"{what} {path}", part))
+    _check_given(path, what, "a folder")
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
@@ -274,11 +279,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
     Raises:
         OutputDirError: ``path`` is empty or a folder, cannot be written, or its folder cannot take a file.
     """
-    if str(path) == "":
-        raise OutputDirError(f"{what} is empty; give a file name")
-    part = overlong_component(path)
-    if part is not None:
-        raise OutputDirError(describe_overlong(f"{what} {path}", part))
+    _check_given(path, what, "a file name")
     p = Path(path)
     if p.is_dir():
         raise OutputDirError(f"{what} {path} is a folder; give a file name")

@@ -59,19 +59,8 @@ def download_timeout(timeout: float | None = None) -> float:
     Raises:
         ValueError: the value is not a positive number.
     """
-    where = "timeout"
-    if timeout is None:
-        text = os.environ.get(TIMEOUT_ENV, "").strip()
-        if not text:
-            return DEFAULT_TIMEOUT
-        where = f"{TIMEOUT_ENV}={text!r}"
-        try:
-            timeout = float(text)
-        except ValueError:
-            timeout = -1.0
-    if not timeout > 0 or timeout == float("inf"):
-        raise ValueError(f"{where} must be a positive number of seconds, e.g. {TIMEOUT_ENV}=120")
-    return float(timeout)
+    setting = _seconds(timeout, "timeout", TIMEOUT_ENV, 120)
+    return DEFAULT_TIMEOUT if setting is None else setting
 
 
 def download_deadline(deadline: float | None = None, size: int | None = None) -> float:
@@ -95,19 +84,25 @@ def download_deadline(deadline: float | None = None, size: int | None = None) ->
 
 def deadline_setting(deadline: float | None) -> float | None:
     """The deadline given (argument, else ``$REDNET_DOWNLOAD_DEADLINE``), checked; None for the default rule."""
-    where = "deadline"
-    if deadline is None:
-        text = os.environ.get(DEADLINE_ENV, "").strip()
+    return _seconds(deadline, "deadline", DEADLINE_ENV, 7200)
+
+
+def _seconds(value: float | None, name: str, env: str, example: int) -> float | None:
+    """``value``, else ``$env`` (None when that is unset too), checked to be a positive, finite
+    number of seconds; a ValueError names where the bad value came from."""
+    where = name
+    if value is None:
+        text = os.environ.get(env, "").strip()
         if not text:
             return None
-        where = f"{DEADLINE_ENV}={text!r}"
+        where = f"{env}={text!r}"
         try:
-            deadline = float(text)
+            value = float(text)
         except ValueError:
-            deadline = -1.0
-    if not deadline > 0 or deadline == float("inf"):
-        raise ValueError(f"{where} must be a positive number of seconds, e.g. {DEADLINE_ENV}=7200")
-    return float(deadline)
+            value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{where} must be a positive number of seconds, e.g. {env}={example}")
+    return float(value)
 
 
 def download(url: str, dest: Path, sha256: str | None, progress: bool, timeout: float,
