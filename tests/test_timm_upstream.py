@@ -102,6 +102,8 @@ def test_make_env_fetches_only_timms_test_file_checked_against_the_lock(tmp_path
     lock_hash = hashlib.sha256(lock.encode()).hexdigest()[:12]
     (venv / "bin").mkdir(parents=True)
     (venv / f".installed-{lock_hash}").touch()
+    project_hash = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    (venv / f".project-{project_hash}").touch()  # the package is installed too: only timm's tests are missing
     _sdist(tmp_path / "sdist.tar.gz")
     fake = venv / "bin" / "python"
     fake.write_text(FAKE_PIP.format(python=sys.executable, record=str(tmp_path / "pip-call.txt"),
