@@ -1,11 +1,13 @@
 """What several test files share: the repository root, loading a command, building the sdist and
-wheel, and the published facts of the five RedNets (docs/reference.md), each written once."""
+wheel, the published facts of the five RedNets (docs/reference.md), and the small runs, image trees
+and error checks the tests of several layers use, each written once."""
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,3 +169,65 @@ def _unwritable(folder: str) -> bool:
     except OSError:
         return True
     return False
+
+
+# --- what the refusals of several commands are checked with --------------------------------
+
+
+def fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
+    """Run ``tools/<tool>.py argv``; assert exit 2 and exactly one ``error:`` line matching ``pattern``."""
+    rc = load_tool(tool).main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert rc == 2, captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert len(errors) == 1, captured.err
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+def one_error(capsys) -> str:
+    """The one ``error:`` line a command wrote on stderr (asserting there is one, and no traceback)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+# A timm model on synthetic data, for the refusals of tools/train.py and tools/eval.py: every case that uses
+# it fails before the first step, most before any data is read.
+TINY_TRAIN = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+              "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
+              "train.epochs=1", "train.max_iters_per_epoch=1"]
+
+
+def train_argv(out, *sets: str) -> list[str]:
+    """tools/train.py's arguments for a TINY_TRAIN run into ``out``, with ``sets`` (``key=value``) on top."""
+    return ["--config", "digits.yaml", "--output", str(out),
+            *[a for item in (*TINY_TRAIN, *sets) for a in ("--set", item)]]
+
+
+def image_tree(root: Path, broken: tuple[str, ...] = (), per_class: int = 3) -> Path:
+    """``root/{train,val}/{a,b}/*.png``; the splits named in ``broken`` hold only undecodable files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                if split in broken:
+                    (root / split / c / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+                else:
+                    image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+                    image.save(root / split / c / f"{i}.png")
+    return root
+
+
+def digits_cfg(*extra: str):
+    """RedNet-26 on scikit-learn's digits at 32 px, with ``extra`` overrides."""
+    from rednet.engine import load_config
+
+    return load_config(None, ["model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=32",
+                              *extra])

@@ -1,5 +1,7 @@
-"""rednet.data: datasets, start-up checks, corrupt images, samplers."""
+"""rednet.data: datasets, start-up checks, corrupt images, samplers, the loaders' workers."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from rednet.data import (
     build_train_loader,
 )
 from rednet.engine import load_config
+
+from ..helpers import TINY_TRAIN, fails_cleanly, image_tree, train_argv
 
 
 def _tree(root, classes=("a", "b"), per_class=3, size=20):
@@ -186,3 +190,43 @@ def test_training_set_smaller_than_one_batch(tmp_path):
         build_train_loader(data, batch_size=16)
     with pytest.raises(DataError, match=r"10 images \(5 per process over 2\), fewer than one batch of 8"):
         build_train_loader(data, batch_size=8, world_size=2)
+
+
+# --- the loaders' workers, and splits that cannot be decoded, through the tools ---------------
+
+
+def test_default_workers_are_capped_at_the_cpus_this_process_may_use(monkeypatch):
+    from rednet.data import build_eval_loader, default_workers
+    from rednet.engine import load_config
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 64 and default_workers(most=8) == 8  # no fixed cap of 8 any more (issue 17)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # a node of 8 GPUs: its CPUs shared by 8 processes
+    assert default_workers() == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four processes share the two CPUs
+    assert default_workers() == 1
+    # Only the default is capped: a value in a file or on the command line is the user's.
+    assert load_config("rednet50").data.workers is None and load_config("digits").data.workers == 0
+    assert load_config(None, ["data.workers=12"]).data.workers == 12
+    with pytest.warns(UserWarning, match="12 worker processes"):  # torch's warning: the user's choice stands
+        assert build_eval_loader(list(range(4)), 2, workers=12).num_workers == 12
+
+
+@pytest.mark.parametrize("broken", ["train", "val"])
+def test_train_with_an_undecodable_split_stops_before_training(tmp_path, capsys, broken):
+    data = image_tree(tmp_path / "data", broken=(broken,))
+    argv = train_argv(tmp_path / "run", "model.num_classes=2") + ["--data", str(data)]
+    fails_cleanly(capsys, "train", argv, rf"dataset split .*{broken}: none of its 6 images can be decoded "
+                                          rf"\(e\.g\. .*{broken}/a/0\.png")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_eval_with_an_undecodable_val_split(tmp_path, capsys):
+    data = image_tree(tmp_path / "data", broken=("val",))
+    argv = ["--config", "digits.yaml", "--data", str(data),
+            *[a for item in (*TINY_TRAIN, "model.num_classes=2") for a in ("--set", item)]]
+    fails_cleanly(capsys, "eval", argv, r"dataset split .*val: none of its 6 images can be decoded")

@@ -1,4 +1,5 @@
-"""Training checkpoints on disk: the digest each file carries, and what a kill -9 at any instant of a save leaves."""
+"""Training checkpoints on disk: the digest each file carries, what a kill -9 at any instant of a save leaves,
+and the contract a checkpoint keeps with its readers (load_model_from_checkpoint, last.pt)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from rednet.engine import CheckpointError, config_to_dict, load_config
+from rednet.engine import CheckpointError, config_to_dict, load_config, load_model_from_checkpoint
+from rednet.engine.builder import build_model
 from rednet.engine.checkpoint import read_checkpoint, save_checkpoint
 from rednet.engine.rundir import RunDir
 
-from ..helpers import load_tool
+from ..helpers import digits_cfg, load_tool
 
 _MARK = bytes(range(256))  # easy to find in the file: the bytes of the tensor below
 
@@ -226,3 +228,73 @@ def test_kill_at_any_instant_of_an_epoch_end_leaves_every_checkpoint_old_or_new(
     state = read_checkpoint(run_dir / "last.pt")
     assert state["global_step"] == 4 and not (run_dir / "checkpoint-000000001.pt").exists()  # pruned when done
     assert k > 10
+
+
+# --- the checkpoint contract (used by the visualization tool) -------------------------------
+
+
+def _write_ckpt(path, cfg, model, ema=None):
+    return save_checkpoint({"config": config_to_dict(cfg), "model": model.state_dict(), "ema": ema,
+                            "epoch": 1, "iteration": 0, "global_step": 5}, path)
+
+
+def test_load_model_from_checkpoint_roundtrip(tmp_path):
+    cfg = digits_cfg()
+    model = build_model(cfg)
+    path = _write_ckpt(tmp_path / "checkpoint-000000005.pt", cfg, model)
+    # Plain data only: loadable without executing pickled code.
+    assert torch.load(path, weights_only=True)["config"]["model"]["name"] == "rednet26"
+    loaded, config = load_model_from_checkpoint(path)
+    assert config["model"]["num_classes"] == 10 and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_load_model_from_checkpoint_uses_ema_only_when_evaluated(tmp_path):
+    cfg = digits_cfg("train.ema=true", "train.eval_ema=true")
+    model = build_model(cfg)
+    ema = {k: (v + 1 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    loaded, _ = load_model_from_checkpoint(_write_ckpt(tmp_path / "a.pt", cfg, model, ema))
+    assert torch.equal(loaded.fc.weight, ema["fc.weight"])
+    cfg = digits_cfg("train.ema=true")
+    loaded, _ = load_model_from_checkpoint(_write_ckpt(tmp_path / "b.pt", cfg, model, ema))
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage_no_sidecar"])
+def test_corrupt_checkpoint_is_a_clear_error_and_resume_takes_previous(tmp_path, damage):
+    cfg = digits_cfg()
+    model = build_model(cfg)
+    good = _write_ckpt(tmp_path / "checkpoint-000000005.pt", cfg, model)
+    bad = _write_ckpt(tmp_path / "checkpoint-000000010.pt", cfg, model)
+    data = bytearray(bad.read_bytes())
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF  # inside tensor data: torch.load alone would not notice
+        bad.write_bytes(bytes(data))
+    else:
+        bad.write_bytes(b"not a checkpoint")
+        bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)  # checkpoints no longer have sidecars
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        load_model_from_checkpoint(bad)
+    assert RunDir(tmp_path).checkpoints() == [bad, good]
+    path, state = RunDir(tmp_path).find_resume()
+    assert path == good and state["global_step"] == 5
+
+
+def test_link_last_points_at_the_newest_checkpoint_and_survives_pruning(tmp_path):
+    from rednet.engine.checkpoint import read_checkpoint
+
+    run_dir = RunDir(tmp_path)
+    first = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 1}, step=1)
+    second = run_dir.save_checkpoint({"config": {}, "model": {}, "global_step": 2}, step=2)
+    assert (tmp_path / "last.pt").samefile(second) and not (tmp_path / "last.pt").samefile(first)
+    run_dir.prune(keep=0)
+    assert not second.exists() and read_checkpoint(tmp_path / "last.pt")["global_step"] == 2  # digest verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the digest is inside: no sidecar
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model_from_checkpoint(tmp_path / "nope.pt")

@@ -1,31 +1,24 @@
-"""Bad input to tools/train.py and tools/eval.py: exit 2 with one ``error:`` line that says what to fix.
+"""Config files (rednet.engine.config_files): YAML read strictly and within bounds, the bundled configs by
+name from any directory (and in the wheel), ``base:`` files merged. A bad file is exit 2 from the tools with
+one ``error:`` line that says what to fix.
 
-Each case runs the tool in-process (``main(argv)``) and fails before any training step,
-so the whole file takes seconds.
+Most cases run the tool in-process (``main(argv)``) and stop before any training step.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 
-from ..helpers import CONFIGS, ROOT, load_tool, read_only_dir
+from rednet.engine import ConfigError, config_to_dict, load_config
 
-
-def _fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
-    """Run ``tools/<tool>.py argv``; assert exit 2 and exactly one ``error:`` line matching ``pattern``."""
-    rc = load_tool(tool).main(argv)
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert rc == 2, captured.out + captured.err
-    assert "Traceback" not in captured.out + captured.err
-    assert len(errors) == 1, captured.err
-    assert re.search(pattern, errors[0]), errors[0]
-    return errors[0]
-
+from ..helpers import CONFIGS, ROOT, fails_cleanly, load_tool, one_error
 
 # --- the config file --------------------------------------------------------------------
 
@@ -40,7 +33,7 @@ def _fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
 def test_bad_config_file(tmp_path, capsys, content, pattern):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(content)
-    _fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
+    fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
 
 
 def test_yaml_merge_keys_are_not_duplicates(tmp_path, capsys):
@@ -54,7 +47,7 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path, capsys):
 
 
 def test_duplicate_key_in_a_set_mapping(capsys):
-    _fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", "model.kwargs={a: 1, a: 2}",
+    fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", "model.kwargs={a: 1, a: 2}",
                                      "--print-config"], r"--set model\.kwargs: duplicate key 'a'")
 
 
@@ -114,7 +107,7 @@ def test_yaml_alias_bomb_through_the_tool_is_exit_2(tmp_path):
 def test_base_chain_too_long_is_exit_2(tmp_path, capsys):
     for i in range(1500):  # each file builds on the next
         (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n" if i < 1499 else "model:\n  name: rednet26\n")
-    _fails_cleanly(capsys, "train", ["--config", str(tmp_path / "c0.yaml"), "--print-config"],
+    fails_cleanly(capsys, "train", ["--config", str(tmp_path / "c0.yaml"), "--print-config"],
                    r"c0\.yaml: its base files nest more than 32 deep \(base file 32, .*c32\.yaml")
     # 32 base files are allowed.
     assert load_tool("train").main(["--config", str(tmp_path / "c1467.yaml"), "--print-config"]) == 0
@@ -123,7 +116,7 @@ def test_base_chain_too_long_is_exit_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["[" * 3000 + "]" * 3000, "{a: " * 3000 + "}" * 3000], ids=["lists", "mappings"])
 def test_set_value_nested_too_deep_is_exit_2(capsys, value):
-    _fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", f"model.kwargs={value}", "--print-config"],
+    fails_cleanly(capsys, "train", ["--config", "digits.yaml", "--set", f"model.kwargs={value}", "--print-config"],
                    r"--set model\.kwargs: line 1: values nested more than 32 levels deep")
 
 
@@ -136,7 +129,7 @@ def test_set_value_nested_too_deep_is_exit_2(capsys, value):
 def test_yaml_aliases_that_recurse_or_nest_too_deep(tmp_path, capsys, text, pattern):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    _fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
+    fails_cleanly(capsys, "train", ["--config", str(bad), "--print-config"], pattern)
 
 
 def test_yaml_anchors_within_bounds_still_work(tmp_path, capsys):
@@ -151,249 +144,230 @@ def test_yaml_anchors_within_bounds_still_work(tmp_path, capsys):
     assert printed["optim"]["lr"] == 0.1
 
 
-# --- command-line paths -----------------------------------------------------------------
+# --- bundled configs by name ----------------------------------------------------------------------
 
 
-def test_command_line_paths_are_strings_not_yaml(tmp_path, monkeypatch, capsys):
+BUNDLED = ["digits", "imagenet_recipe", "rednet26", "rednet38", "rednet50", "rednet101", "rednet152"]
+
+
+@pytest.mark.parametrize("name", ["rednet50", "rednet50.yaml"])
+def test_a_bundled_config_by_name_from_any_directory(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the name must not depend on where the command runs
+    assert load_tool("train").main(["--config", name, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # rednet50.yaml's own key, and one its base (imagenet_recipe.yaml, found next to it) sets.
+    assert printed["model"]["name"] == "rednet50" and printed["optim"]["base_lr"] == 0.8
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_path_wins_over_a_bundled_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("rednet50.yaml").write_text("model:\n  name: resnet18\n")
+    assert load_tool("train").main(["--config", "rednet50.yaml", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "resnet18"
+
+
+def test_a_users_file_can_build_on_a_bundled_config(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: rednet26.yaml\noptim:\n  base_lr: 0.4\n")
+    assert load_tool("train").main(["--config", str(mine), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["model"]["name"], printed["optim"]["base_lr"], printed["train"]["epochs"]) == ("rednet26", 0.4, 130)
+
+
+@pytest.mark.parametrize("tool", ["train", "eval"])
+def test_list_configs(capsys, tool):
+    assert load_tool(tool).main(["--list-configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == BUNDLED  # rednet26 before rednet101
+    listed = dict(line.split(None, 1) for line in lines)
+    assert listed["rednet50"] == "RedNet-50 on ImageNet with the paper's recipe (imagenet_recipe.yaml)."
+    assert listed["digits"].startswith("The `make train` demo")
+
+
+@pytest.mark.parametrize("tool, argv", [("train", ["--print-config"]), ("eval", ["--pretrained"])])
+def test_an_unknown_bare_name_lists_the_bundled_ones(capsys, tool, argv):
+    assert load_tool(tool).main(["--config", "rednet5", *argv]) == 2
+    line = one_error(capsys)
+    assert "config file rednet5 does not exist, nor is it a bundled config; did you mean 'rednet50'?" in line
+    assert f"(bundled: {', '.join(BUNDLED)})" in line
+
+
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_the_configs_folder_path_works_from_any_directory(tmp_path, monkeypatch, capsys, where):
+    # From the checkout's root it is a file that exists; from anywhere else it names the bundled config.
+    monkeypatch.chdir(ROOT if where == "checkout" else tmp_path)
+    assert load_tool("train").main(["--config", "configs/rednet50.yaml", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["name"] == "rednet50" and printed["optim"]["base_lr"] == 0.8
+
+
+def test_another_folder_says_what_to_give_instead(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert load_tool("train").main(["--config", "recipes/rednet50.yaml", "--print-config"]) == 2
+    assert re.search(r"recipes/rednet50\.yaml does not exist; for the bundled one, give just its name: rednet50$",
+                     one_error(capsys))
+
+
+# Run by the interpreter with only an installed wheel on its path, in a folder outside the checkout:
+# the bundled configs by each spelling, and a user's file built on one.
+_FROM_THE_WHEEL = """
+import contextlib, io, json, sys
+from pathlib import Path
+import rednet.engine.config_files as config_files
+import rednet.tools.train as train
+site = Path(sys.argv[1])
+assert Path(config_files.__file__).is_relative_to(site), config_files.__file__
+assert Path(train.__file__).is_relative_to(site), train.__file__
+assert config_files.BUNDLED_CONFIG_DIR == site / "rednet" / "configs", config_files.BUNDLED_CONFIG_DIR
+results = {}
+for argv in (["--list-configs"], *(["--config", name, "--print-config"] for name in
+             ("rednet50", "rednet50.yaml", "configs/rednet50.yaml", "mine.yaml"))):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = train.main(argv)
+    results[argv[1] if len(argv) > 1 else argv[0]] = [rc, out.getvalue()]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_the_bundled_configs_ship_in_the_wheel(wheel, installed, tmp_path):
+    """configs/ is the one copy; a built wheel holds it as rednet/configs next to every module of rednet/,
+    and the train command, installed from that wheel alone, finds the configs from another directory."""
+    import zipfile
+
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(BUNDLED)
+    assert not (ROOT / "rednet" / "configs").exists()
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"rednet/configs/{n}.yaml" for n in BUNDLED} <= names, sorted(names)
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rednet").rglob("*")
+               if p.suffix in (".py", ".cu", ".cpp")}
+    assert sources <= names, sorted(sources - names)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text("base: imagenet_recipe.yaml\nmodel:\n  name: rednet26\n")
+    proc = subprocess.run([sys.executable, "-c", _FROM_THE_WHEEL, str(installed)], cwd=elsewhere,
+                          env={**os.environ, "PYTHONPATH": str(installed)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout.splitlines()[-1])
+    rc, listed = results.pop("--list-configs")
+    assert rc == 0 and [line.split()[0] for line in listed.splitlines()] == BUNDLED
+    for name, (rc, printed) in results.items():
+        printed = yaml.safe_load(printed)
+        assert rc == 0 and printed["optim"]["base_lr"] == 0.8, name
+        assert printed["model"]["name"] == ("rednet26" if name == "mine.yaml" else "rednet50"), name
+
+
+# --- base files -----------------------------------------------------------------------------------
+
+
+def test_print_config_shows_the_base_file_merged(capsys):
     import yaml
 
-    monkeypatch.chdir(tmp_path)  # nothing may be created in the checkout
-    config = str(CONFIGS / "digits.yaml")
-    assert load_tool("train").main(["--config", config, "--output", "2024", "--data", "null", "--print-config"]) == 0
+    assert load_tool("train").main(["--config", "rednet50.yaml", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["train"]["output"] == "2024" and printed["data"]["root"] == "null"
+    assert "base" not in printed and printed["model"]["name"] == "rednet50"
+    assert printed["optim"]["base_lr"] == 0.8 and printed["train"]["amp"] == "bf16"  # from imagenet_recipe.yaml
 
 
-@pytest.mark.parametrize("tool, argv", [
-    ("train", ["--config", "digits.yaml", "--output", "", "--print-config"]),
-    ("train", ["--config", "digits.yaml", "--data", "", "--print-config"]),
-    ("train", ["--config", "", "--print-config"]),
-    ("eval", ["--config", "digits.yaml", "--json", ""]),
-], ids=["train-output", "train-data", "train-config", "eval-json"])
-def test_empty_path_is_an_error(capsys, tool, argv):
-    option = argv[argv.index("") - 1]
-    _fails_cleanly(capsys, tool, argv, f"{option} is empty")
+def test_paper_configs_resolve_to_the_recipe():
+    from rednet.engine.builder import peak_lr
+
+    for depth in (26, 38, 50, 101, 152):
+        cfg = load_config(f"rednet{depth}.yaml")
+        assert cfg.model.name == f"rednet{depth}"
+        assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.9, 1e-4)
+        assert (cfg.train.epochs, cfg.train.label_smoothing, cfg.optim.warmup_factor) == (130, 0.1, 0.25)
+        assert (cfg.data.img_size, round(cfg.data.img_size / cfg.data.eval_crop_pct)) == (224, 256)
+        assert peak_lr(cfg, world_size=64) == pytest.approx(0.8)  # 32 x 64 = 2048
+        assert peak_lr(cfg, world_size=8) == pytest.approx(0.1)
 
 
-# --- what the config names: model, optimizer, device, run directory -------------------
-
-# A timm model on synthetic data: every case below fails before the first step, most before any data is read.
-TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
-        "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
-        "train.epochs=1", "train.max_iters_per_epoch=1"]
-
-
-def _train_argv(out, *sets: str) -> list[str]:
-    return ["--config", "digits.yaml", "--output", str(out),
-            *[a for item in (*TINY, *sets) for a in ("--set", item)]]
-
-
-@pytest.mark.parametrize("item, pattern", [
-    ("model.name=rednet5", r"model\.name 'rednet5' is not a registered model; did you mean 'rednet50'"),
-    ("optim.name=sgdd", r"optim\.name 'sgdd' is not a timm optimizer; did you mean 'sgd'"),
-    ("model.kwargs={foo: 1}", r"model\.kwargs \{'foo': 1\} do not fit resnet10t .*unexpected keyword argument 'foo'"),
-    ("data.batch_size=64", r"the training set has 8 images, fewer than one batch of 64; lower data\.batch_size"),
-], ids=["model-name", "optimizer", "model-kwargs", "batch-over-dataset"])
-def test_bad_config_values(tmp_path, capsys, item, pattern):
-    _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", item), pattern)
-
-
-# Issue 16, item 14: values that passed validation and failed once training had started (an
-# OverflowError computing steps or crops, an overflowing seed or thread count, timm's mixup, a
-# FileNotFoundError from timm): now each is refused before anything is read or written.
-@pytest.mark.parametrize("items, pattern", [
-    (["optim.warmup_epochs=.inf"], r"'optim\.warmup_epochs' expects a finite number, got inf"),
-    (["data.ratio=[0.75, .inf]"], r"'data\.ratio' expects finite numbers, got \(0\.75, inf\)"),
-    ([f"train.seed={2**70}"], r"'train\.seed' expects an integer in \[0, 2\*\*32\), got 1180591620717411303424"),
-    (["train.cpu_threads=100000000000"], r"'train\.cpu_threads' expects null or an integer in \[1, 1024\]"),
-    (["train.mixup=0.2", "data.batch_size=3"], r"'data\.batch_size' expects an even number when train\.mixup"),
-    (["model.kwargs={checkpoint_path: /nonexistent/w.pth}"],
-     r"model\.kwargs\.checkpoint_path '/nonexistent/w\.pth' does not exist"),
-], ids=["warmup-inf", "ratio-inf", "seed-2**70", "cpu-threads", "mixup-odd-batch", "checkpoint-path"])
-def test_values_that_would_fail_once_training_started(tmp_path, capsys, items, pattern):
-    _fails_cleanly(capsys, "train", _train_argv(tmp_path / "run", *items), pattern)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("tool", ["train", "eval"])
-def test_cuda_requested_without_cuda(tmp_path, capsys, tool):
-    argv = _train_argv(tmp_path / "run", "train.device=cuda")
-    if tool == "eval":
-        argv = ["--config", "digits.yaml", *argv[4:]]
-    _fails_cleanly(capsys, tool, argv, r"train\.device is 'cuda' but torch sees no CUDA device")
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("case", ["existing-file", "under-a-file", "read-only"])
-def test_unusable_run_directory(tmp_path, capsys, case):
-    (tmp_path / "file").write_text("precious")
-    out = {"existing-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "run",
-           "read-only": read_only_dir(tmp_path) if case == "read-only" else None}[case]
-    try:
-        _fails_cleanly(capsys, "train", _train_argv(out), r"the run directory train\.output \(--output\) .*"
-                       r"(is a file, not a folder|lies under .*file, which is a file|is not writable)")
-    finally:
-        if (tmp_path / "ro").exists():
-            (tmp_path / "ro").chmod(0o755)  # let pytest remove it
-    assert (tmp_path / "file").read_text() == "precious"
+# configs/rednet50.yaml as it was before the recipe moved into configs/imagenet_recipe.yaml
+# (git show e2c67ba:configs/rednet50.yaml, comments dropped); the other depths differed only
+# in model.name and train.output.
+_PAPER_CONFIG_BEFORE_BASE_FILES = """
+model:
+  name: rednet{depth}
+  num_classes: 1000
+data:
+  dataset: imagenet
+  root: null
+  img_size: 224
+  batch_size: 32
+  workers: 8
+  scale: [0.08, 1.0]
+  ratio: [0.75, 1.3333333]
+  hflip: 0.5
+  color_jitter: null
+  auto_augment: null
+  reprob: 0.0
+  interpolation: bilinear
+  mean: [0.485, 0.456, 0.406]
+  std: [0.229, 0.224, 0.225]
+  eval_crop_pct: 0.875
+optim:
+  name: sgd
+  lr: null
+  base_lr: 0.8
+  base_batch_size: 2048
+  momentum: 0.9
+  weight_decay: 1.0e-4
+  decay_bn_and_bias: true
+  warmup_epochs: 5
+  warmup_factor: 0.25
+  min_lr_factor: 0.0
+train:
+  epochs: 130
+  amp: bf16
+  channels_last: false
+  sync_bn: false
+  label_smoothing: 0.1
+  ema: false
+  val_every: 1
+  log_every: 50
+  ckpt_every_iters: 2000
+  keep_last: 3
+  output: runs/rednet{depth}
+"""
 
 
-def test_eval_results_file_that_cannot_be_written(tmp_path, capsys):
-    (tmp_path / "file").write_text("")
-    argv = ["--config", "digits.yaml", "--json", str(tmp_path / "file" / "r.json")]
-    _fails_cleanly(capsys, "eval", argv, r"the folder of --json .* is a file, not a folder")
+@pytest.mark.parametrize("depth", [26, 38, 50, 101, 152])
+def test_paper_configs_resolve_as_before_base_files(tmp_path, depth):
+    before = tmp_path / "before.yaml"
+    before.write_text(_PAPER_CONFIG_BEFORE_BASE_FILES.format(depth=depth))
+    # Changes on purpose since: the schema's data.workers became null (min(8, CPUs) per process),
+    # which the old file spelled out as the old default, 8; the recipe trains channels_last
+    # (the CUDA kernels' fast path, issue 18).
+    now_default = ["data.workers=null", "train.channels_last=true"]
+    assert config_to_dict(load_config(f"rednet{depth}.yaml")) == config_to_dict(load_config(before, now_default))
 
 
-# --- weights and data -------------------------------------------------------------------
+def test_config_base_file_is_merged_under_the_including_file(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "root.yaml").write_text("optim:\n  lr: 0.3\n  momentum: 0.5\ntrain:\n  epochs: 7\n")
+    (tmp_path / "recipes" / "mid.yaml").write_text("base: root.yaml\noptim:\n  momentum: 0.8\ndata:\n")
+    (tmp_path / "run.yaml").write_text("base: recipes/mid.yaml\nmodel:\n  name: resnet18\ntrain:\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=0.2"])  # overrides come last
+    assert cfg.model.name == "resnet18" and cfg.optim.lr == 0.2 and cfg.optim.momentum == 0.8
+    assert cfg.train.epochs == 7 and cfg.data == load_config(None).data  # an empty section keeps the base's
 
 
-def _image_tree(root: Path, broken: tuple[str, ...] = (), per_class: int = 3) -> Path:
-    """``root/{train,val}/{a,b}/*.png``; the splits named in ``broken`` hold only undecodable files."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                if split in broken:
-                    (root / split / c / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-                else:
-                    image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
-                    image.save(root / split / c / f"{i}.png")
-    return root
-
-
-def test_eval_missing_pretrained_file(tmp_path, capsys):
-    data = _image_tree(tmp_path / "data")
-    _fails_cleanly(capsys, "eval", ["--model", "resnet10t", "--pretrained", str(tmp_path / "nope.pth"), "--data",
-                                    str(data)], r"pretrained weights .*nope\.pth does not exist")
-
-
-@pytest.mark.parametrize("broken", ["train", "val"])
-def test_train_with_an_undecodable_split_stops_before_training(tmp_path, capsys, broken):
-    data = _image_tree(tmp_path / "data", broken=(broken,))
-    argv = _train_argv(tmp_path / "run", "model.num_classes=2") + ["--data", str(data)]
-    _fails_cleanly(capsys, "train", argv, rf"dataset split .*{broken}: none of its 6 images can be decoded "
-                                          rf"\(e\.g\. .*{broken}/a/0\.png")
-    assert not list((tmp_path / "run").glob("checkpoint-*"))
-
-
-def test_eval_with_an_undecodable_val_split(tmp_path, capsys):
-    data = _image_tree(tmp_path / "data", broken=("val",))
-    argv = ["--config", "digits.yaml", "--data", str(data),
-            *[a for item in (*TINY, "model.num_classes=2") for a in ("--set", item)]]
-    _fails_cleanly(capsys, "eval", argv, r"dataset split .*val: none of its 6 images can be decoded")
-
-
-def test_weights_pickle_naming_a_module_outside_the_allow_list(tmp_path, capsys):
-    data = _image_tree(tmp_path / "data")
-    evil = tmp_path / "evil.pdparams"
-    evil.write_bytes(b"\x80\x02cnumpy.dtypes_evil\nEvilDType\n.")  # protocol 2, then one GLOBAL opcode
-    # A RedNet: its weights go through rednet.models' readers (timm models through timm's torch.load).
-    _fails_cleanly(capsys, "eval", ["--model", "rednet26", "--pretrained", str(evil), "--data", str(data)],
-                   r"refusing to load .*evil\.pdparams.*numpy\.dtypes_evil")
-
-
-def test_sigint_during_eval_exits_130_with_one_line(tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    import rednet
-
-    data = _image_tree(tmp_path / "data", per_class=100)
-    torch.save(rednet.create_model("resnet10t").state_dict(), tmp_path / "w.pth")
-    args = [sys.executable, str(ROOT / "tools" / "eval.py"), "--model", "resnet10t", "--pretrained",
-            str(tmp_path / "w.pth"), "--data", str(data), "--batch-size", "1", "--workers", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:  # logged just before the evaluation pass (200 images at 224 px, one by one)
-            if "eval transform" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out + err
-    assert "Traceback" not in out + err
-    assert [line for line in err.splitlines() if line.strip()] == ["interrupted by SIGINT; no results written"]
-
-
-# --- issue 16, item 17: the involution backend forced in the environment ------------------------
-
-# Each tool, as it starts; none gets as far as a forward pass (a tiny train or eval fails before any data is read).
-BACKEND_ARGV = {
-    "train": lambda tmp: _train_argv(tmp / "run"),
-    "eval": lambda tmp: ["--config", "digits.yaml", *[a for item in TINY for a in ("--set", item)]],
-    "export": lambda tmp: ["--model", "rednet26", "--format", "export", "--output", str(tmp / "m.pt2")],
-    "visualize": lambda tmp: ["--model", "rednet26", "--device", "cpu", "--layer", "list"],
-    "complexity": lambda tmp: ["--model", "rednet26"],
-    "benchmark": lambda tmp: ["op", "--device", "cpu", "--shapes", "layer4", "--json", str(tmp / "b.json")],
-}
-
-
-@pytest.mark.parametrize("tool", BACKEND_ARGV)
-@pytest.mark.parametrize("value, pattern", [
-    ("fast", r"\$REDNET_INVOLUTION_BACKEND='fast' is not an involution backend; set it to one of auto, reference, "
-             r"cupy, native, or unset it"),
-    ("cupy", r"\$REDNET_INVOLUTION_BACKEND=cupy: involution backend 'cupy' was forced but cannot run: .*CUDA.* "
-             r"\(it takes auto, reference, cupy, native\)"),
-], ids=["unknown", "cupy-on-cpu"])
-def test_a_backend_that_cannot_run_stops_the_tool_as_it_starts(tmp_path, capsys, monkeypatch, tool, value, pattern):
-    """It was logged, then raised (a traceback) at the first forward pass, after the data and model were loaded."""
-    if value == "cupy" and torch.cuda.is_available():
-        pytest.skip("cupy may run here")
-    monkeypatch.setenv("REDNET_INVOLUTION_BACKEND", value)
-    _fails_cleanly(capsys, tool, BACKEND_ARGV[tool](tmp_path), pattern)
-    assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())
-
-
-def test_native_forced_without_a_compiler_is_exit_2(tmp_path):
-    """In a process of its own: the native library may already be loaded in this one."""
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDNET_INVOLUTION_BACKEND": "native", "CXX": "/nonexistent/c++",
-           "REDNET_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "rednet", "complexity", "--model", "rednet26", "--device", "cpu"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
-    assert errors[0].startswith("error: $REDNET_INVOLUTION_BACKEND=native: involution backend 'native' was forced "
-                                "but cannot run:") and "not found" in errors[0]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_complexity_on_cuda_without_a_gpu(capsys):
-    """A traceback from torch's CUDA initialisation."""
-    _fails_cleanly(capsys, "complexity", ["--model", "rednet26", "--device", "cuda"],
-                   r"^error: --device cuda: no CUDA device is visible to torch; use --device cpu$")
-
-
-# --- issue 16, item 18: a path with a name longer than a file system takes -----------------------
-
-LONG = "n" * 256  # one byte over NAME_MAX
-
-
-@pytest.mark.parametrize("tool, argv, option", [
-    ("train", ["--config", f"/tmp/{LONG}/c.yaml", "--print-config"], "--config"),
-    ("train", ["--config", "digits", "--data", f"/tmp/{LONG}", "--print-config"], "--data"),
-    ("train", ["--config", "digits", "--output", f"runs/{LONG}"], "--output"),
-    ("eval", ["--checkpoint", f"/tmp/{LONG}.pt"], "--checkpoint"),
-    ("eval", ["--config", f"{LONG}.yaml"], "--config"),
-    ("eval", ["--config", "digits", "--data", f"/data/{LONG}/imagenet"], "--data"),
-    ("export", ["--model", "rednet26", "--output", f"{LONG}.onnx"], "--output"),
-    ("complexity", ["--model", "rednet26", "--json", f"{LONG}.json"], "--json"),
-], ids=["train-config", "train-data", "train-output", "eval-checkpoint", "eval-config", "eval-data", "export-output",
-        "complexity-json"])
-def test_a_name_over_255_bytes_in_a_path_option(tmp_path, capsys, monkeypatch, tool, argv, option):
-    """--config and --checkpoint raised OSError (File name too long) with a traceback; --data was found late."""
-    monkeypatch.chdir(tmp_path)
-    shown = r"'n{20}\.\.\.[n.a-z]{12}'"  # long names are shortened in the message
-    _fails_cleanly(capsys, tool, argv, rf"^error: {option}: the name {shown} is \d{{3}} bytes long, over the 255 a "
-                                       r"file or folder name may have; shorten it$")
-    assert not list(tmp_path.iterdir())
+def test_config_base_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"base file .*missing\.yaml does not exist"):
+        load_config(f)
+    f.write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"'base' expects a file name"):
+        load_config(f)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    f.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(f)
+    f.write_text("base: run.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(f)

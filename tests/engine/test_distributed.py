@@ -1,4 +1,5 @@
-"""tools/train.py and tools/eval.py end to end: CLI, torchrun (2 gloo processes), SIGTERM, JSON output."""
+"""Training and evaluation in real processes: torchrun (2 gloo processes) trains, resumes bitwise exactly,
+restarts a killed worker and counts an evaluation exactly; SIGTERM writes a checkpoint."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.rundir import RunDir
 
-from ..helpers import ROOT, load_tool
+from ..helpers import ROOT
 
 # A timm model: the harness is model-agnostic, and resnet10t is the cheapest to step on a CPU.
 TINY = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
@@ -38,31 +39,6 @@ def _run(args, timeout=240):
 def _torchrun(nproc, script, *args):
     return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                  str(ROOT / "tools" / script), *args])
-
-
-@pytest.mark.parametrize("name, option", [("train", "--resume"), ("eval", "--json")])
-def test_help(name, option, capsys):
-    with pytest.raises(SystemExit) as e:
-        load_tool(name).main(["--help"])
-    assert e.value.code == 0 and option in capsys.readouterr().out
-
-
-def test_print_config_and_config_errors(capsys):
-    train = load_tool("train")
-    assert train.main(["--config", "digits.yaml", "--set", "optim.lr=0.2", "--print-config"]) == 0
-    out = capsys.readouterr().out
-    assert "name: rednet26" in out and "lr: 0.2" in out
-    assert train.main(["--config", "digits.yaml", "--set", "optim.lrr=0.2"]) == 2
-    assert "did you mean 'optim.lr'" in capsys.readouterr().err
-
-
-def test_print_config_shows_the_base_file_merged(capsys):
-    import yaml
-
-    assert load_tool("train").main(["--config", "rednet50.yaml", "--print-config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert "base" not in printed and printed["model"]["name"] == "rednet50"
-    assert printed["optim"]["base_lr"] == 0.8 and printed["train"]["amp"] == "bf16"  # from imagenet_recipe.yaml
 
 
 @pytest.fixture(scope="module")
@@ -252,38 +228,3 @@ def test_torchrun_restarted_worker_resumes_by_itself(tmp_path):
     assert "restarted by torchrun: resuming" in out and "resumed from" in out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["epoch"] == 1 and records[-1]["global_step"] == 120
-
-
-def test_eval_tool_with_a_timm_model_and_a_weights_file(tmp_path, capsys):
-    """--model NAME --pretrained FILE --data DIR: transform from the model's pretrained config, JSON out."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    import rednet
-
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / "val" / c).mkdir(parents=True)
-        for i in range(3):
-            image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
-            image.save(tmp_path / "data" / "val" / c / f"{i}.png")
-    model = rednet.create_model("resnet10t", num_classes=2)  # the folder's classes (eval takes the weights' count)
-    torch.save(model.state_dict(), tmp_path / "w.pth")
-    out = tmp_path / "r.json"
-    rc = load_tool("eval").main(["--model", "resnet10t", "--pretrained", str(tmp_path / "w.pth"), "--data",
-                             str(tmp_path / "data"), "--batch-size", "4", "--workers", "0", "--json", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
-    assert result["count"] == 6 and result["model"] == "resnet10t" and 0 <= result["top1"] <= 100
-    assert "eval transform from the pretrained config" in capsys.readouterr().out
-
-
-def test_eval_tool_bad_weights_file_is_a_clear_error(tmp_path, capsys):
-    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
-    bad = tmp_path / "w.pth"
-    bad.write_bytes(b"not weights at all")
-    rc = load_tool("eval").main(["--model", "rednet26", "--pretrained", str(bad), "--data", str(tmp_path / "data")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "unrecognised format" in err and "Traceback" not in err
-    assert "weights_only" not in err

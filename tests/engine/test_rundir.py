@@ -1,4 +1,5 @@
-"""RunDir: the names of a run directory's files and the housekeeping on them."""
+"""RunDir: the names of a run directory's files and the housekeeping on them; a run directory that cannot be
+used is refused before the run starts."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from rednet.engine.checkpoint import read_checkpoint
 from rednet.engine.rundir import RunDir
 from rednet.fileio import atomic_write
 
-from ..helpers import ROOT
+from ..helpers import ROOT, fails_cleanly, read_only_dir, train_argv
 
 
 def test_without_hard_links_last_pt_is_a_verified_copy_that_survives_pruning(tmp_path, monkeypatch):
@@ -82,3 +83,20 @@ def test_make_train_uses_the_run_directory_names():
     assert f"--checkpoint {run}/{RunDir.BEST}" in recipe
     assert f"--json {run}/{RunDir.EVAL}" in recipe
     assert f"--logdir {run}/{RunDir.TENSORBOARD}" in recipe
+
+
+# --- a run directory that cannot be used -----------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["existing-file", "under-a-file", "read-only"])
+def test_unusable_run_directory(tmp_path, capsys, case):
+    (tmp_path / "file").write_text("precious")
+    out = {"existing-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "run",
+           "read-only": read_only_dir(tmp_path) if case == "read-only" else None}[case]
+    try:
+        fails_cleanly(capsys, "train", train_argv(out), r"the run directory train\.output \(--output\) .*"
+                       r"(is a file, not a folder|lies under .*file, which is a file|is not writable)")
+    finally:
+        if (tmp_path / "ro").exists():
+            (tmp_path / "ro").chmod(0o755)  # let pytest remove it
+    assert (tmp_path / "file").read_text() == "precious"

@@ -38,7 +38,7 @@ from rednet.models import (
     weights_num_classes,
 )
 
-from ..helpers import DEPTHS, PARAMS, load_tool
+from ..helpers import DEPTHS, PARAMS, fails_cleanly, image_tree, load_tool
 
 # --- foreign layouts, built from a model's own weights ---------------------------------
 
@@ -357,6 +357,15 @@ def test_torch_file_that_runs_code_is_refused(trained, tmp_path):
     with pytest.raises(CheckpointError, match=r"refusing to load .*release\.pth.*(posix|os|nt)\.system"):
         read_weights(path)
     assert not marker.exists()
+
+
+def test_weights_pickle_naming_a_module_outside_the_allow_list(tmp_path, capsys):
+    data = image_tree(tmp_path / "data")
+    evil = tmp_path / "evil.pdparams"
+    evil.write_bytes(b"\x80\x02cnumpy.dtypes_evil\nEvilDType\n.")  # protocol 2, then one GLOBAL opcode
+    # A RedNet: its weights go through rednet.models' readers (timm models through timm's torch.load).
+    fails_cleanly(capsys, "eval", ["--model", "rednet26", "--pretrained", str(evil), "--data", str(data)],
+                   r"refusing to load .*evil\.pdparams.*numpy\.dtypes_evil")
 
 
 # --- sizes a file declares are checked before anything is allocated --------------------

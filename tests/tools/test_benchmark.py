@@ -1,4 +1,5 @@
-"""Smoke test of tools/benchmark.py on the CPU: one tiny shape, checks the results file."""
+"""Smoke tests of tools/benchmark.py on the CPU: one tiny shape of the op mode, and the data mode; each checks
+the results file."""
 from __future__ import annotations
 
 import json
@@ -183,3 +184,23 @@ def test_the_cpu_op_benchmark_writes_under_runs_and_prints_only_its_own_lines(tm
     assert all(re.match(r"(cpu: .* copy bandwidth|\[\d/2\] layer4 |wrote runs/benchmarks/)", line) for line in lines), \
         proc.stderr
     assert (tmp_path / "runs" / "benchmarks" / f"{dt.date.today().isoformat()}-cpu.json").is_file()
+
+
+# --- the data mode (issue 17, item 7): end to end, a smoke test; no timing is asserted ------------
+
+
+def test_benchmark_data_mode_writes_its_results(tmp_path, capsys):
+    import json
+
+    from ..helpers import load_tool
+
+    bench = load_tool("benchmark")
+    assert bench.main(["data", "--images", "4", "--batch", "8"]) == 2  # not one batch: exit 2, one line
+    assert capsys.readouterr().err.startswith("error:")
+    out = tmp_path / "data.json"
+    argv = ["data", "--images", "16", "--batch", "8", "--repeats", "1", "--workers", "0", "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [r["kind"] for r in res["rows"]] == ["train", "eval", "read"]  # no workers: no main-process row
+    assert res["environment"]["cpu_model"] and res["command"].endswith(" ".join(argv))
+    assert all(r["old"] > 0 and r["new"] > 0 for r in res["rows"]) and out.with_suffix(".md").is_file()

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import torch.nn as nn
 
 from rednet.analysis.complexity import count_complexity, count_model
 from rednet.layers import Involution
 
-from ..helpers import PAPER_GMACS, PARAMS, load_tool
+from ..helpers import PAPER_GMACS, PARAMS, fails_cleanly, load_tool
 
 # docs/reference.md: exact parameter counts and the GFLOPs (MACs) column at 224x224.
 REFERENCE = {name: (PARAMS[name], PAPER_GMACS[name]) for name in PARAMS}
@@ -61,3 +62,10 @@ def test_any_timm_model_and_text_output(capsys):
     assert _tool().main(["--model", "rednet5"]) == 2
     assert "did you mean" in capsys.readouterr().err
     assert "--img-size" in _tool().build_parser().format_help()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_complexity_on_cuda_without_a_gpu(capsys):
+    """A traceback from torch's CUDA initialisation."""
+    fails_cleanly(capsys, "complexity", ["--model", "rednet26", "--device", "cuda"],
+                   r"^error: --device cuda: no CUDA device is visible to torch; use --device cpu$")

@@ -316,7 +316,7 @@ def test_the_sdist_runs_its_own_tests(sdist, tmp_path):
     assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
     files = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
     assert files == {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")}
-    ran = subprocess.run([*pytest_, "tests/engine/test_training.py::test_the_readme_quotes_the_exit_codes",
-                          "tests/tools/test_eval.py::test_list_configs", "tests/tools/test_complexity.py"],
+    ran = subprocess.run([*pytest_, "tests/engine/test_cli.py::test_the_readme_quotes_the_exit_codes",
+                          "tests/engine/test_config_files.py::test_list_configs", "tests/tools/test_complexity.py"],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout[-3000:]

@@ -367,3 +367,12 @@ def test_cli_on_a_checkpoint_written_by_tools_train(tmp_path, capsys):
     assert out.is_file()
     if side < 4:
         assert "maps are only" in io.err  # the user is pointed to an earlier layer
+
+
+def test_visualize_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    """The README's visualize command wrote kernels_<model>_<layer>.png into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "rednet26", "--layer", "stem.1", "--img-size", "32", "--dpi", "10", "--device", "cpu"]
+    assert load_tool("visualize").main(argv) == 0
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")] == [
+        "runs/visualize/kernels_rednet26_stem.1.png"]
