@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -16,7 +17,9 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled configs (the one copy; a wheel ships them as rednet/configs, and `--config NAME`
@@ -231,3 +234,52 @@ def digits_cfg(*extra: str):
 
     return load_config(None, ["model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=32",
                               *extra])
+
+
+# --- weights in the layouts others publish (models/test_weights.py, tools/test_convert_weights.py) -
+
+
+def to_paddle(sd: dict[str, torch.Tensor]) -> dict:
+    """What PaddleClas publishes: _mean/_variance, no num_batches_tracked, fc as (in, out)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        a = v.detach().cpu().numpy()
+        if k == "fc.weight":
+            a = np.ascontiguousarray(a.T)
+        out[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = a
+    out["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(out)}
+    return out
+
+
+def to_mmcls(sd: dict[str, torch.Tensor], meta: object = None) -> dict:
+    """The authors' release: backbone./head.fc. prefixes inside state_dict, plus meta."""
+    state = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in sd.items()}
+    return {"state_dict": state, "meta": meta if meta is not None else {"epoch": 130, "CLASSES": ("tench",)}}
+
+
+def write_weights(kind: str, sd: dict, path: Path) -> Path:
+    """``sd`` written to ``path`` in the layout ``kind`` (rednet, mmcls, mmcls_legacy, paddle2, paddle4)."""
+    from rednet.models import save_weights
+
+    if kind == "rednet":
+        save_weights(sd, path)
+    elif kind == "mmcls":
+        torch.save(to_mmcls(sd), path)
+    elif kind == "mmcls_legacy":
+        torch.save(to_mmcls(sd), path, _use_new_zipfile_serialization=False)
+    elif kind.startswith("paddle"):
+        with open(path, "wb") as f:
+            pickle.dump(to_paddle(sd), f, protocol=int(kind[-1]))
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+def with_nonfinite(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``sd`` with 3 NaN or infinite values in 2 tensors."""
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["layer1.0.conv1.weight"].view(-1)[:2] = float("nan")
+    bad["fc.bias"][7] = float("-inf")
+    return bad

@@ -1,4 +1,5 @@
-"""Pretrained weights: every layout round-trips, downloads, refusals and clear errors."""
+"""Pretrained weights: every layout round-trips, downloads, refusals and clear errors (the command that converts
+them: tools/test_convert_weights.py)."""
 from __future__ import annotations
 
 import collections
@@ -32,75 +33,14 @@ from rednet.models import (
     detect_key_layout,
     fit_state_dict,
     load_pretrained,
-    load_weights,
     read_weights,
     save_weights,
     weights_num_classes,
 )
 
-from ..helpers import DEPTHS, PARAMS, fails_cleanly, image_tree, load_tool
+from ..helpers import DEPTHS, fails_cleanly, image_tree, to_mmcls, to_paddle, with_nonfinite, write_weights
 
 # --- foreign layouts, built from a model's own weights ---------------------------------
-
-
-def to_paddle(sd: dict[str, torch.Tensor]) -> dict:
-    """What PaddleClas publishes: _mean/_variance, no num_batches_tracked, fc as (in, out)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        a = v.detach().cpu().numpy()
-        if k == "fc.weight":
-            a = np.ascontiguousarray(a.T)
-        out[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = a
-    out["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(out)}
-    return out
-
-
-def to_mmcls(sd: dict[str, torch.Tensor], meta: object = None) -> dict:
-    """The authors' release: backbone./head.fc. prefixes inside state_dict, plus meta."""
-    state = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in sd.items()}
-    return {"state_dict": state, "meta": meta if meta is not None else {"epoch": 130, "CLASSES": ("tench",)}}
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """A rednet26 with non-trivial weights and BN statistics, its input and output."""
-    torch.manual_seed(0)
-    model = rednet.create_model("rednet26")
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if t.dim() == 1:  # BN scales and shifts (the zero-initialised last ones too), biases
-                t.uniform_(0.5, 1.0) if name.endswith("weight") and "fc" not in name else t.normal_(0, 0.05)
-        # Involution is quadratic in its input, so random statistics blow up within a few
-        # blocks; calibrate real ones instead (momentum None: a plain average).
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-        model.train()
-        for _ in range(2):
-            model(torch.randn(4, 3, 64, 64))
-    model.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        y = model(x)
-    assert torch.isfinite(y).all() and y.std() > 0
-    return model.state_dict(), x, y
-
-
-def _write(kind: str, sd: dict, path: Path) -> Path:
-    if kind == "rednet":
-        save_weights(sd, path)
-    elif kind == "mmcls":
-        torch.save(to_mmcls(sd), path)
-    elif kind == "mmcls_legacy":
-        torch.save(to_mmcls(sd), path, _use_new_zipfile_serialization=False)
-    elif kind.startswith("paddle"):
-        with open(path, "wb") as f:
-            pickle.dump(to_paddle(sd), f, protocol=int(kind[-1]))
-    else:
-        raise AssertionError(kind)
-    return path
 
 
 # File names deliberately lie: the layout must come from the content.
@@ -111,7 +51,7 @@ FILE_KINDS = [("rednet", "w.bin"), ("mmcls", "w.pdparams"), ("mmcls_legacy", "w.
 @pytest.mark.parametrize("kind,fname", FILE_KINDS, ids=[k for k, _ in FILE_KINDS])
 def test_roundtrip_identical_outputs(trained, tmp_path, kind, fname):
     sd, x, y = trained
-    path = _write(kind, sd, tmp_path / fname)
+    path = write_weights(kind, sd, tmp_path / fname)
     model = rednet.create_model("rednet26", pretrained=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(model(x), y)
@@ -185,7 +125,7 @@ def test_default_weights_metadata():
 
 def test_other_num_classes_drops_classifier_and_says_so(trained, tmp_path, caplog):
     sd, x, _ = trained
-    path = _write("paddle2", sd, tmp_path / "w.pdparams")
+    path = write_weights("paddle2", sd, tmp_path / "w.pdparams")
     with caplog.at_level(logging.WARNING):
         model = rednet.create_model("rednet26", pretrained=str(path), num_classes=10).eval()
     assert "1000 classes, the model 10" in caplog.text and "fc" in caplog.text
@@ -205,7 +145,7 @@ def test_headless_checkpoint_into_a_classifier(trained, tmp_path, caplog):
 
 def test_no_classifier_and_features_only(trained, tmp_path):
     sd, x, _ = trained
-    path = _write("mmcls", sd, tmp_path / "w.pth")
+    path = write_weights("mmcls", sd, tmp_path / "w.pth")
     ref = rednet.create_model("rednet26", pretrained=str(path)).eval()
     headless = rednet.create_model("rednet26", pretrained=str(path), num_classes=0).eval()
     feats = rednet.create_model("rednet26", pretrained=str(path), features_only=True).eval()
@@ -217,7 +157,7 @@ def test_no_classifier_and_features_only(trained, tmp_path):
 
 def test_in_chans_adapts_stem(trained, tmp_path):
     sd, _, _ = trained
-    path = _write("rednet", sd, tmp_path / "w.safetensors")
+    path = write_weights("rednet", sd, tmp_path / "w.safetensors")
     model = rednet.create_model("rednet26", pretrained=str(path), in_chans=1)
     w = model.state_dict()["stem.0.conv.weight"]
     assert w.shape == (32, 1, 3, 3)
@@ -229,7 +169,7 @@ def test_in_chans_adapts_stem(trained, tmp_path):
 
 def test_wrong_depth_names_both_variants(trained, tmp_path):
     sd, _, _ = trained
-    path = _write("paddle2", sd, tmp_path / "w.pdparams")
+    path = write_weights("paddle2", sd, tmp_path / "w.pdparams")
     with pytest.raises(CheckpointError, match=r"missing: layer1\.1\.conv1\.weight") as e:
         rednet.create_model("rednet38", pretrained=str(path))
     assert "rednet26" in str(e.value) and "(2, 3, 5, 2)" in str(e.value)
@@ -260,9 +200,9 @@ def test_not_a_rednet_checkpoint(tmp_path):
 def test_weights_num_classes_reads_the_classifier_of_every_layout(tmp_path, kind):
     """7 classes in every layout: mmcls's head.fc.weight, PaddleClas's transposed (2048, 7) fc.weight."""
     sd = rednet.create_model("rednet26", num_classes=7).state_dict()
-    assert weights_num_classes(_write(kind, sd, tmp_path / "w.bin")) == 7
+    assert weights_num_classes(write_weights(kind, sd, tmp_path / "w.bin")) == 7
     headless = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    assert weights_num_classes(_write(kind, headless, tmp_path / "headless.bin")) is None
+    assert weights_num_classes(write_weights(kind, headless, tmp_path / "headless.bin")) is None
 
 
 def test_weights_num_classes_of_another_models_file(tmp_path):
@@ -278,7 +218,7 @@ def test_weights_num_classes_of_another_models_file(tmp_path):
 @pytest.mark.parametrize("kind", ["rednet", "mmcls", "paddle2", "paddle4"])
 def test_truncated_file_is_a_clear_error(trained, tmp_path, kind):
     sd, _, _ = trained
-    path = _write(kind, sd, tmp_path / "w.bin")
+    path = write_weights(kind, sd, tmp_path / "w.bin")
     data = path.read_bytes()
     for cut in (len(data) // 2, 40):
         path.write_bytes(data[:cut])
@@ -489,16 +429,9 @@ def test_safetensors_offsets_beyond_the_file_are_refused(tmp_path):
 # --- NaN and infinity are never silent ---------------------------------------------------
 
 
-def _with_nonfinite(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    bad = {k: v.clone() for k, v in sd.items()}
-    bad["layer1.0.conv1.weight"].view(-1)[:2] = float("nan")
-    bad["fc.bias"][7] = float("-inf")
-    return bad
-
-
 def test_nonfinite_weights_load_with_one_warning(trained, tmp_path, caplog):
     sd, _, _ = trained
-    save_weights(_with_nonfinite(sd), tmp_path / "nan.safetensors")
+    save_weights(with_nonfinite(sd), tmp_path / "nan.safetensors")
     with caplog.at_level(logging.WARNING, logger="rednet"):
         model = rednet.create_model("rednet26", pretrained=str(tmp_path / "nan.safetensors"))
     assert torch.isnan(model.layer1[0].conv1.weight).sum() == 2  # loaded as they are: the user was told
@@ -508,20 +441,6 @@ def test_nonfinite_weights_load_with_one_warning(trained, tmp_path, caplog):
     assert "nan.safetensors: 3 NaN or infinite values in 2 tensors: " in msg
     assert "layer1.0.conv1.weight (2)" in msg and "fc.bias (1)" in msg
     assert read_weights(tmp_path / "nan.safetensors").summary()["nonfinite"] == 3
-
-
-def test_convert_weights_refuses_nonfinite_without_force(trained, tmp_path, capsys):
-    sd, _, _ = trained
-    tool = load_tool("convert_weights")
-    src, dst = _write("rednet", _with_nonfinite(sd), tmp_path / "nan.safetensors"), tmp_path / "out.safetensors"
-    assert tool.main([str(src), str(dst)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "3 NaN or infinite values" in err[0]
-    assert "--force" in err[0] and not dst.exists()
-    assert tool.main([str(src), str(dst), "--force", "--json"]) == 0
-    out = capsys.readouterr()
-    assert json.loads(out.out)["nonfinite"] == 3 and out.err.startswith("warning: ")
-    assert torch.isnan(load_weights(dst).state_dict["layer1.0.conv1.weight"]).sum() == 2
 
 
 # --- downloads through torch.hub's cache ------------------------------------------------
@@ -545,7 +464,7 @@ def server(tmp_path, monkeypatch):
 def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
     sd, x, y = trained
     root, base = server
-    src = _write("paddle2", sd, root / "RedNet26_pretrained.pdparams")
+    src = write_weights("paddle2", sd, root / "RedNet26_pretrained.pdparams")
     url = f"{base}/RedNet26_pretrained.pdparams"
     # pretrained=True follows the pretrained_cfg URL; point it at the local server.
     model = rednet.create_model("rednet26", pretrained=True, pretrained_cfg_overlay=dict(url=url)).eval()
@@ -562,7 +481,7 @@ def test_download_default_weights_into_hub_cache(trained, tmp_path, server):
 def test_download_sha256_verified(trained, tmp_path, server):
     sd, x, y = trained
     root, base = server
-    src = _write("mmcls", sd, root / "release.pth")
+    src = write_weights("mmcls", sd, root / "release.pth")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     model = rednet.create_model("rednet26")
     wrong = "0" * 64
@@ -580,55 +499,9 @@ def test_download_sha256_verified(trained, tmp_path, server):
 def test_file_url(trained, tmp_path, monkeypatch):
     sd, x, y = trained
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    src = _write("rednet", sd, tmp_path / "mine.safetensors")
+    src = write_weights("rednet", sd, tmp_path / "mine.safetensors")
     model = rednet.create_model("rednet26", pretrained=src.as_uri()).eval()
     with torch.no_grad():
         assert torch.equal(model(x), y)
     key = hashlib.sha256(src.as_uri().encode()).hexdigest()[:12]
     assert (tmp_path / "th" / "hub" / "checkpoints" / f"{key}-mine.safetensors").is_file()
-
-
-# --- tools/convert_weights.py -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["paddle2", "mmcls"])
-def test_convert_weights_cli(trained, tmp_path, capsys, kind):
-    from safetensors import safe_open
-
-    sd, x, y = trained
-    tool = load_tool("convert_weights")
-    src = _write(kind, sd, tmp_path / "src.bin")
-    dst = tmp_path / "out.safetensors"
-    assert tool.main([str(src), str(dst), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["arch"] == "rednet26" and report["params"] == PARAMS["rednet26"]
-    assert report["layout"] == ("paddle" if kind == "paddle2" else "mmcls")
-    if kind == "paddle2":
-        assert report["transposed"] == ["fc.weight"] and report["filled"] == 40
-        assert report["dropped"] == ["StructuredToParameterName@@"]
-    with safe_open(str(dst), "pt") as f:
-        assert f.metadata() == {"format": "pt", "layout": "rednet", "arch": "rednet26"}
-    model = rednet.create_model("rednet26", pretrained=str(dst)).eval()
-    with torch.no_grad():
-        assert torch.equal(model(x), y)
-    assert tool.main([str(src), str(tmp_path / "x.safetensors"), "--arch", "rednet50"]) == 2
-    assert "does not fit" in capsys.readouterr().err
-    assert not (tmp_path / "x.safetensors").exists() and not list(tmp_path.glob(".*tmp*"))
-    assert "--arch" in tool.build_parser().format_help()
-
-
-def test_convert_weights_never_clobbers_dst(tmp_path, capsys):
-    tool = load_tool("convert_weights")
-    sd = rednet.create_model("rednet26").state_dict()
-    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_weights(sd, src)
-    dst.write_bytes(b"precious")
-    assert tool.main([str(src), str(dst)]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err and dst.read_bytes() == b"precious"
-    assert tool.main([str(src), str(dst), "--force"]) == 0
-    assert torch.equal(load_weights(dst).state_dict["fc.weight"], sd["fc.weight"])
-    # A failing write (here: the destination is a directory) leaves no partial file behind.
-    (tmp_path / "dir.safetensors").mkdir()
-    with pytest.raises(OSError):
-        save_weights(sd, tmp_path / "dir.safetensors")
-    assert not list(tmp_path.glob(".*tmp*"))
