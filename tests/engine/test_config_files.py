@@ -242,7 +242,7 @@ def test_the_bundled_configs_ship_in_the_wheel(wheel, installed, tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"rednet/configs/{n}.yaml" for n in BUNDLED} <= names, sorted(names)
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rednet").rglob("*")
-               if p.suffix in (".py", ".cu", ".cpp")}
+               if p.suffix in (".py", ".cu", ".cpp", ".h")}
     assert sources <= names, sorted(sources - names)
 
     elsewhere = tmp_path / "elsewhere"

@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+from rednet.analysis import cuda_emu
 from rednet.ops import _cupy, _memory_format, _plan, _selfcheck, involution_reference
-
-from .. import cuda_emu
 
 REDNET_WINDOWS = [(3, 1, 1), (7, 1, 1), (7, 2, 1)]  # (K, stride, dilation): stem and blocks
 GENERIC_WINDOWS = [(1, 2, 1), (5, 2, 2), (11, 2, 3), (15, 1, 3)]  # last two: windows too big for smem tiles
@@ -92,7 +91,7 @@ def test_nvrtc_compiles_every_instantiation(arch):
 
 
 # ----------------------------------------------------------------------------------------
-# Host emulation of the kernels (tests/cuda_emu.h): every RedNet window in every reduced
+# Host emulation of the kernels (rednet/analysis/cuda_emu.h): every RedNet window in every reduced
 # precision, and the generic paths (tiled and not) in double.
 
 # (B, C, G, H, W) and what each shape exercises.

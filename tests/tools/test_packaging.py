@@ -226,7 +226,7 @@ def test_every_command_is_a_script_a_module_and_a_wrapper():
     tools = ROOT / "rednet" / "tools"  # a module per command, or a package (benchmark: a module per mode)
     found = [p.stem for p in tools.glob("[!_]*.py")] + [p.parent.name for p in tools.glob("[!_]*/__init__.py")]
     assert sorted(found) == sorted(modules.values())
-    developer_tools = {"kernel_report", "_sass"}  # need nvcc, CuPy and the tests' CUDA emulation: checkout only
+    developer_tools = {"kernel_report"}  # needs nvcc, CuPy and a git checkout (it compares revisions)
     assert {p.stem for p in (ROOT / "tools").glob("*.py")} == {*modules.values(), *developer_tools}
     for module in modules.values():
         text = (ROOT / "tools" / f"{module}.py").read_text()
@@ -292,8 +292,8 @@ def test_the_sdist_holds_what_its_tests_read(sdist):
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     needed = {"pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "Makefile", "requirements.in",
               "requirements.lock", "hubconf.py", ".dockerignore", "docker/Dockerfile", "docs/reference.md",
-              "tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "tests/cuda_emu.h", "tests/cuda_emu.py"}
-    for folder, pattern in (("tests", "**/test_*.py"), ("configs", "*.yaml"), ("tools", "*.py"), ("rednet", "**/*.py"),
+              "tests/__init__.py", "tests/conftest.py", "tests/helpers.py", "rednet/analysis/cuda_emu.h"}
+    for folder, pattern in (("tests", "**/*.py"), ("configs", "*.yaml"), ("tools", "*.py"), ("rednet", "**/*.py"),
                             ("rednet", "**/*.cu"), ("rednet", "**/*.cpp")):
         needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob(pattern)}
     assert needed <= names, sorted(needed - names)

@@ -1,4 +1,5 @@
-"""tools/_sass.py: the static report's binary is the runtime's, and its instruction count.
+"""rednet.analysis.sass, the compiler evidence of tools/kernel_report.py: the static report's binary is the
+runtime's, and its instruction count.
 
 - the options the report compiles with are ``_cupy.COMPILE_OPTIONS``, read from the source
   of any revision, and the cubin it builds is byte for byte what ``_cupy.compile_binary``
@@ -13,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rednet.analysis import sass
 from rednet.ops import _cupy, _plan
-from tools import _sass
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,13 @@ def nvrtc():
         from cupy.cuda import compiler
 
         compiler._get_nvrtc_version()
-        _sass.find_tool("nvdisasm"), _sass.find_tool("cuobjdump")
+        sass.find_tool("nvdisasm"), sass.find_tool("cuobjdump")
     except Exception as e:  # noqa: BLE001  (CuPy, NVRTC or the binary utilities missing: skip)
         pytest.skip(f"NVRTC or CUDA's binary utilities not available: {type(e).__name__}: {e}")
 
 
 def test_the_report_compiles_with_the_runtime_options_and_gets_the_runtime_binary(nvrtc, monkeypatch, tmp_path):
-    assert _sass.runtime_options(_cupy.SOURCE_PATH.with_name("_cupy.py").read_text()) == _cupy.COMPILE_OPTIONS
+    assert sass.runtime_options(_cupy.SOURCE_PATH.with_name("_cupy.py").read_text()) == _cupy.COMPILE_OPTIONS
     from cupy.cuda import compiler
 
     monkeypatch.setenv("REDNET_CACHE_DIR", str(tmp_path))
@@ -38,12 +39,12 @@ def test_the_report_compiles_with_the_runtime_options_and_gets_the_runtime_binar
                                                                                             "cubin"))
     names = _plan.name_expressions(torch.float32, 3, 1, 1)
     runtime = _cupy.compile_binary(names, "90")
-    binary, lowered = _sass.compile_nvrtc(_cupy.source(), names, _cupy.COMPILE_OPTIONS, "90")
+    binary, lowered = sass.compile_nvrtc(_cupy.source(), names, _cupy.COMPILE_OPTIONS, "90")
     assert lowered == runtime.names
     assert binary.startswith(runtime.binary) and not binary[len(runtime.binary):].strip(b"\0")
     cubin = tmp_path / "k.cubin"
     cubin.write_bytes(binary)
-    res = _sass.resources(cubin)
+    res = sass.resources(cubin)
     assert set(res) == set(lowered.values()) and all(r["registers"] > 0 for r in res.values())
 
 
@@ -65,9 +66,9 @@ extern "C" __global__ void count_me(float* y, const float* x, int n, int flag) {
 
 
 def test_executed_counts_loops_by_trip_count_and_the_larger_side_of_an_if_else(nvrtc, tmp_path):
-    binary, lowered = _sass.compile_nvrtc(SOURCE, ["count_me"], _cupy.COMPILE_OPTIONS, "90", extra=("-lineinfo",))
+    binary, lowered = sass.compile_nvrtc(SOURCE, ["count_me"], _cupy.COMPILE_OPTIONS, "90", extra=("-lineinfo",))
     (tmp_path / "k.cubin").write_bytes(binary)
-    fn = _sass.disassemble(tmp_path / "k.cubin")[lowered["count_me"]]
+    fn = sass.disassemble(tmp_path / "k.cubin")[lowered["count_me"]]
     (loop,) = [lp for lp in fn.loops]
     assert 5 in {x.line for x in fn.loop_instrs(loop)}  # the source line of the loop
     one, three = (fn.executed(lambda lp, n=n: n) for n in (1, 3))

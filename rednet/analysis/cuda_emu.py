@@ -1,10 +1,10 @@
-"""Build and drive the host emulation of ``involution.cu`` (``tests/cuda_emu.h``).
+"""Build and drive the host emulation of ``involution.cu`` (``cuda_emu.h``, next to this file).
 
 The kernel source is compiled by g++ with the shim in front of it; each kernel instantiation
 (a name expression of ``_plan``) gets a wrapper called cuLaunchKernel-style (an array of
 pointers to the arguments), so any launch plan runs as ``_cupy.launch`` would run it on a GPU.
-Used by ``tests/test_kernels.py`` to prove the kernels and by ``tools/kernel_report.py`` to
-count the global accesses of the same code.
+Used by ``tests/ops/test_kernels.py`` to prove the kernels and by ``tools/kernel_report.py`` to
+count the global accesses of the same code. Building needs g++; importing needs nothing beyond torch.
 """
 from __future__ import annotations
 

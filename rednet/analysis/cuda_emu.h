@@ -344,7 +344,7 @@ inline void emu_call_with(void (*k)(P...), void** args, std::index_sequence<I...
 template <typename... P>
 inline void emu_call(void (*k)(P...), void** args) { emu_call_with(k, args, std::index_sequence_for<P...>{}); }
 
-// Exported entry points: this header is included by exactly one translation unit (tests/cuda_emu.py).
+// Exported entry points: this header is included by exactly one translation unit (the wrapper cuda_emu.py generates).
 
 // Launch `body` on blocks [0, grid) or, when `blocks` is given, on those blocks of a grid of
 // `grid` blocks (the report samples blocks of large grids). 0 on success, else see emu_error().

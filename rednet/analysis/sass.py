@@ -1,6 +1,6 @@
 """The kernels' machine code as the runtime builds it, and what each thread of it executes.
 
-Used by ``tools/kernel_report.py``. ``compile_nvrtc`` builds a cubin the way
+Used by ``tools/kernel_report.py`` (needs CuPy and CUDA's nvdisasm). ``compile_nvrtc`` builds a cubin the way
 ``rednet.ops._cupy.compile_binary`` does at run time (CuPy's ``compile_using_nvrtc`` with
 the revision's ``COMPILE_OPTIONS``; CuPy adds ``-arch=sm_XX`` and
 ``--device-as-default-execution-space``), so registers, spills and instructions are those
