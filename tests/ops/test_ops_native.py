@@ -35,7 +35,7 @@ def built():
 
 native = pytest.mark.usefixtures("built")
 
-# The operator shapes of tests/test_ops.py (odd sizes, stride 2, dilation 2, K = 1..7, G = 1
+# The operator shapes of tests/ops/test_ops.py (odd sizes, stride 2, dilation 2, K = 1..7, G = 1
 # and G = C), and groups of 16 and 32 channels (the vectorised channels_last path).
 SHAPES = [
     *OP_SHAPES[:5],

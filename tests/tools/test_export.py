@@ -18,7 +18,7 @@ _ONNX = ("onnx", "onnxscript", "onnxruntime")
 needs_onnx = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in _ONNX),
                                 reason=f"needs {', '.join(_ONNX)}")
 
-# The operator shapes of tests/test_ops.py, and a stride-2 K=7 window over a 16-channel group.
+# The operator shapes of tests/ops/test_ops.py, and a stride-2 K=7 window over a 16-channel group.
 SHAPES = [*OP_SHAPES[:5], (2, 16, 1, 14, 14, 7, 2, 1)]
 
 
