@@ -1,6 +1,7 @@
 """What several test files share: the repository root, loading a command, building the sdist and
-wheel, the published facts of the five RedNets (docs/reference.md), and the small runs, image trees
-and error checks the tests of several layers use, each written once."""
+wheel, the published facts of the five RedNets (docs/reference.md), the small runs, image trees and
+error checks the tests of several layers use, and weights in the layouts others publish; each written
+once."""
 from __future__ import annotations
 
 import functools
