@@ -13,7 +13,7 @@ PROJECT_STAMP := $(VENV)/.project-$(shell sha256sum pyproject.toml | cut -c1-12)
 # earlier version made, which left an .installed-* stamp) is ever deleted and rebuilt: VENV
 # may name a folder of the user's.
 OWNED := .created-by-rednet-make
-# timm's own model tests, from the locked timm's source distribution: tests/test_timm_upstream.py
+# timm's own model tests, from the locked timm's source distribution: tests/models/test_timm_upstream.py
 # runs them on RedNet. No timm code lives in this repository.
 TIMM_TESTS := $(VENV)/timm-tests
 TIMM_TESTS_STAMP := $(TIMM_TESTS)/.extracted-$(LOCK_HASH)
@@ -84,7 +84,7 @@ lock: env
 # after a change to the config, `make train TRAIN_ARGS=--restart` moves the old results
 # aside and trains afresh. TensorBoard: tensorboard --logdir runs/digits/tb
 # best.pt, eval.json and tb/ are RunDir's names (rednet/engine/rundir.py), written out here because
-# make cannot import them before the environment exists; tests/test_rundir.py keeps the two in step.
+# make cannot import them before the environment exists; tests/engine/test_rundir.py keeps the two in step.
 TRAIN_ARGS ?=
 train: env
 	@command -v $(firstword $(CXX)) >/dev/null 2>&1 || echo "warning: no C++ compiler ($(CXX)): training runs on the slower PyTorch reference; install g++ for the native CPU kernel" >&2

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import rednet
+
 from .helpers import PIP_ENV, build_sdist, build_wheel, unpack_sdist
 
 # Tests run many tiny ops: on a 2-core machine with anything else running, two OpenMP
@@ -51,3 +53,32 @@ def installed(wheel, tmp_path_factory) -> Path:
                            str(wheel)], env=PIP_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return site
+
+
+# Weights with a known output, shared by the tests of the weights files (models/test_weights.py) and of the
+# command that converts them (tools/test_convert_weights.py): built once.
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A rednet26 with non-trivial weights and BN statistics, its input and output."""
+    torch.manual_seed(0)
+    model = rednet.create_model("rednet26")
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.dim() == 1:  # BN scales and shifts (the zero-initialised last ones too), biases
+                t.uniform_(0.5, 1.0) if name.endswith("weight") and "fc" not in name else t.normal_(0, 0.05)
+        # Involution is quadratic in its input, so random statistics blow up within a few
+        # blocks; calibrate real ones instead (momentum None: a plain average).
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, 64, 64))
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert torch.isfinite(y).all() and y.std() > 0
+    return model.state_dict(), x, y

@@ -1,11 +1,15 @@
 """What several test files share: the repository root, loading a command, building the sdist and
-wheel, and the published facts of the five RedNets (docs/reference.md), each written once."""
+wheel, the published facts of the five RedNets (docs/reference.md), the small runs, image trees and
+error checks the tests of several layers use, and weights in the layouts others publish; each written
+once."""
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +18,9 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The bundled configs (the one copy; a wheel ships them as rednet/configs, and `--config NAME`
@@ -167,3 +173,114 @@ def _unwritable(folder: str) -> bool:
     except OSError:
         return True
     return False
+
+
+# --- what the refusals of several commands are checked with --------------------------------
+
+
+def fails_cleanly(capsys, tool: str, argv: list[str], pattern: str) -> str:
+    """Run ``tools/<tool>.py argv``; assert exit 2 and exactly one ``error:`` line matching ``pattern``."""
+    rc = load_tool(tool).main(argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert rc == 2, captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert len(errors) == 1, captured.err
+    assert re.search(pattern, errors[0]), errors[0]
+    return errors[0]
+
+
+def one_error(capsys) -> str:
+    """The one ``error:`` line a command wrote on stderr (asserting there is one, and no traceback)."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+# A timm model on synthetic data, for the refusals of tools/train.py and tools/eval.py: every case that uses
+# it fails before the first step, most before any data is read.
+TINY_TRAIN = ["model.name=resnet10t", "model.num_classes=4", "data.dataset=synthetic", "data.img_size=16",
+              "data.batch_size=4", "data.workers=0", "data.synthetic_train_size=8", "data.synthetic_val_size=4",
+              "train.epochs=1", "train.max_iters_per_epoch=1"]
+
+
+def train_argv(out, *sets: str) -> list[str]:
+    """tools/train.py's arguments for a TINY_TRAIN run into ``out``, with ``sets`` (``key=value``) on top."""
+    return ["--config", "digits.yaml", "--output", str(out),
+            *[a for item in (*TINY_TRAIN, *sets) for a in ("--set", item)]]
+
+
+def image_tree(root: Path, broken: tuple[str, ...] = (), per_class: int = 3) -> Path:
+    """``root/{train,val}/{a,b}/*.png``; the splits named in ``broken`` hold only undecodable files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                if split in broken:
+                    (root / split / c / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+                else:
+                    image = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+                    image.save(root / split / c / f"{i}.png")
+    return root
+
+
+def digits_cfg(*extra: str):
+    """RedNet-26 on scikit-learn's digits at 32 px, with ``extra`` overrides."""
+    from rednet.engine import load_config
+
+    return load_config(None, ["model.name=rednet26", "model.num_classes=10", "data.dataset=digits", "data.img_size=32",
+                              *extra])
+
+
+# --- weights in the layouts others publish (models/test_weights.py, tools/test_convert_weights.py) -
+
+
+def to_paddle(sd: dict[str, torch.Tensor]) -> dict:
+    """What PaddleClas publishes: _mean/_variance, no num_batches_tracked, fc as (in, out)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        a = v.detach().cpu().numpy()
+        if k == "fc.weight":
+            a = np.ascontiguousarray(a.T)
+        out[k.replace("running_mean", "_mean").replace("running_var", "_variance")] = a
+    out["StructuredToParameterName@@"] = {k: f"param_{i}" for i, k in enumerate(out)}
+    return out
+
+
+def to_mmcls(sd: dict[str, torch.Tensor], meta: object = None) -> dict:
+    """The authors' release: backbone./head.fc. prefixes inside state_dict, plus meta."""
+    state = {(f"head.{k}" if k.startswith("fc.") else f"backbone.{k}"): v for k, v in sd.items()}
+    return {"state_dict": state, "meta": meta if meta is not None else {"epoch": 130, "CLASSES": ("tench",)}}
+
+
+def write_weights(kind: str, sd: dict, path: Path) -> Path:
+    """``sd`` written to ``path`` in the layout ``kind`` (rednet, mmcls, mmcls_legacy, paddle2, paddle4)."""
+    from rednet.models import save_weights
+
+    if kind == "rednet":
+        save_weights(sd, path)
+    elif kind == "mmcls":
+        torch.save(to_mmcls(sd), path)
+    elif kind == "mmcls_legacy":
+        torch.save(to_mmcls(sd), path, _use_new_zipfile_serialization=False)
+    elif kind.startswith("paddle"):
+        with open(path, "wb") as f:
+            pickle.dump(to_paddle(sd), f, protocol=int(kind[-1]))
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+def with_nonfinite(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``sd`` with 3 NaN or infinite values in 2 tensors."""
+    bad = {k: v.clone() for k, v in sd.items()}
+    bad["layer1.0.conv1.weight"].view(-1)[:2] = float("nan")
+    bad["fc.bias"][7] = float("-inf")
+    return bad

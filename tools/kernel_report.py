@@ -8,16 +8,16 @@ the working tree):
 
 - per kernel instantiation RedNet uses (fp32, bf16, fp16 x its three windows x both memory
   formats x three passes), compiled for sm_90 the way the runtime compiles it (NVRTC through
-  CuPy with ``_cupy.COMPILE_OPTIONS``, tools/_sass.py): registers, spills (stack bytes and
+  CuPy with ``_cupy.COMPILE_OPTIONS``, rednet/analysis/sass.py): registers, spills (stack bytes and
   local-memory instructions), shared memory, resident blocks per SM, the global and shared
   memory instructions in the SASS by width, and the instructions each thread executes (the
-  SASS with every loop counted its trip count, tools/_sass.py);
+  SASS with every loop counted its trip count, rednet/analysis/sass.py);
 - per RedNet-50 involution shape (batch 64, 224 px) and pass: the launches the revision's plan
   makes, and from them two lower bounds on time for an H100 SXM and an H200 SXM: the memory
   floor (each tensor the pass reads or writes moved once, at the datasheet bandwidth) and the
   issue bound (warp instructions executed / (SMs x 4 per cycle x boost clock));
 - per shape and pass (bf16): the bytes the kernel's access pattern fetches, counted on the
-  host emulation of the same source (tests/cuda_emu.h) running the exact launch plans of that
+  host emulation of the same source (rednet/analysis/cuda_emu.h) running the exact launch plans of that
   revision on evenly spaced sample blocks (batch 1; every count scales with the batch): the
   distinct 32-byte sectors each block touches, i.e. L2 -> SM traffic if L1 keeps a block's own
   reuse, the thread-level load instructions per output element, and the share of each fetched
@@ -41,15 +41,13 @@ from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the emulator lives with the tests that prove it
+from rednet.analysis import cuda_emu, sass
+from rednet.analysis.shapes import involution_shapes
+from rednet.engine import run_command
+from rednet.ops import involution_output_size
+from rednet.tools._options import add_option
 
-from rednet.analysis.shapes import involution_shapes  # noqa: E402
-from rednet.engine import run_command  # noqa: E402
-from rednet.ops import involution_output_size  # noqa: E402
-from rednet.tools._options import add_option  # noqa: E402
-from tests import cuda_emu  # noqa: E402
-from tools import _sass  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, whose git history gives the sides
 
 REDNET_WINDOWS = [(3, 1, 1), (7, 1, 1), (7, 2, 1)]  # (K, stride, dilation)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,7 +98,7 @@ class Side:
                                       capture_output=True, text=True).stdout
                 path.write_text(text)
         self.source = paths["involution.cu"]
-        self.options = _sass.runtime_options(paths["_cupy.py"].read_text())
+        self.options = sass.runtime_options(paths["_cupy.py"].read_text())
         # Named inside rednet.ops so that its relative imports (_memory_format) resolve there.
         spec = importlib.util.spec_from_file_location(f"rednet.ops._kernel_report_plan_{label}", paths["_plan.py"])
         self.plan: ModuleType = importlib.util.module_from_spec(spec)
@@ -117,25 +115,25 @@ class Side:
 def compile_side(side: Side, names: list[str], workdir: Path) -> dict[str, dict]:
     """Per name expression: resources, SASS (with source lines) and its static instruction counts."""
     src = side.source.read_text()
-    binary, lowered = _sass.compile_nvrtc(src, names, side.options, ARCH)
-    lined, lowered2 = _sass.compile_nvrtc(src, names, side.options, ARCH, extra=("-lineinfo",))
+    binary, lowered = sass.compile_nvrtc(src, names, side.options, ARCH)
+    lined, lowered2 = sass.compile_nvrtc(src, names, side.options, ARCH, extra=("-lineinfo",))
     d = workdir / f"sass-{side.label}"
     d.mkdir()
     (d / "exact.cubin").write_bytes(binary)
     (d / "lines.cubin").write_bytes(lined)
-    res = _sass.resources(d / "exact.cubin")
-    exact, with_lines = _sass.disassemble(d / "exact.cubin"), _sass.disassemble(d / "lines.cubin")
+    res = sass.resources(d / "exact.cubin")
+    exact, with_lines = sass.disassemble(d / "exact.cubin"), sass.disassemble(d / "lines.cubin")
     out = {}
     for name in names:
         fn, fl = exact[lowered[name]], with_lines[lowered2[name]]
-        if not _sass.same_code(fn, fl):
+        if not sass.same_code(fn, fl):
             raise RuntimeError(f"{name}: the -lineinfo build's code differs; cannot attribute lines")
         for a, b in zip(fn.instrs, fl.instrs):
             a.line = b.line
         for lp in fn.loops:
             lp.lines = frozenset(x.line for x in fn.loop_instrs(lp) if x.line is not None)
         r = res[lowered[name]]
-        sass: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for ins in fn.instrs[:fn.main_end]:
             if ins.base in ("LDG", "STG", "LDS", "STS", "LDGSTS"):
                 key = f"{ins.base}.{ins.width()}"
@@ -143,8 +141,8 @@ def compile_side(side: Side, names: list[str], workdir: Path) -> dict[str, dict]
                 key = ins.base
             else:
                 continue
-            sass[key] = sass.get(key, 0) + 1
-        out[name] = {**r, "sass": sass, "static_instructions": sum(1 for x in fn.instrs[:fn.main_end]
+            counts[key] = counts.get(key, 0) + 1
+        out[name] = {**r, "sass": counts, "static_instructions": sum(1 for x in fn.instrs[:fn.main_end]
                                                                      if x.base != "NOP"),
                      "fn": fn}
     return out
@@ -175,7 +173,7 @@ def _log2(n: int) -> int:
 class TripRules:
     """Trip counts for the loops of one kernel launched for one shape."""
 
-    def __init__(self, side: Side, name: str, fn: _sass.Function, launch, shape: dict, dtype: torch.dtype):
+    def __init__(self, side: Side, name: str, fn: sass.Function, launch, shape: dict, dtype: torch.dtype):
         self.side, self.name, self.fn, self.launch = side, name, fn, launch
         self.lines = side.source.read_text().splitlines()
         c, g, k = shape["C"], shape["G"], shape["K"]
@@ -186,7 +184,7 @@ class TripRules:
     def text(self, instrs) -> str:
         return "\n".join(sorted({self.lines[x.line - 1] for x in instrs if x.line}))
 
-    def __call__(self, loop: _sass.Loop) -> float:
+    def __call__(self, loop: sass.Loop) -> float:
         own = self.fn.exclusive(loop)
         body = self.fn.loop_instrs(loop)
         text = self.text(own)
@@ -418,8 +416,8 @@ def _kernel_key(name: str) -> tuple:
     return m.group(1), m.group(2), m.group(3), f"{m.group(4)},{m.group(5)},{m.group(6)}"
 
 
-def _sass_str(sass: dict, op: str) -> str:
-    parts = [f"{sass[k]}x{k.split('.')[1]}" for k in sorted(sass, key=lambda k: int(k.split(".")[1]) if "."
+def _sass_str(counts: dict, op: str) -> str:
+    parts = [f"{counts[k]}x{k.split('.')[1]}" for k in sorted(counts, key=lambda k: int(k.split(".")[1]) if "."
                                                                 in k else 0) if k.startswith(op + ".")]
     return " ".join(parts) or "-"
 
@@ -459,7 +457,7 @@ def markdown(report: dict) -> str:
            + f". Command: `{report['command']}`.", "",
            f"Nothing below is a timing. Every kernel is compiled as the runtime compiles it: NVRTC {report['nvrtc']} "
            f"through CuPy {report['cupy']} with the revision's `_cupy.COMPILE_OPTIONS`, to which CuPy adds "
-           f"`-arch=sm_{ARCH} --device-as-default-execution-space` (tools/_sass.py). Registers, spills and "
+           f"`-arch=sm_{ARCH} --device-as-default-execution-space` (rednet/analysis/sass.py). Registers, spills and "
            "instructions are read from that cubin (`cuobjdump -res-usage`, `nvdisasm`).", ""]
 
     out += ["## Summary: RedNet-50 training step, involution kernels only", "",
@@ -522,7 +520,7 @@ def markdown(report: dict) -> str:
             for name, v in res.items()]
     dyn = {lb: _per_kernel(report, lb) for lb in labels}
     for (kind, path, t, win), _, side, name, v in sorted(rows, key=lambda r: (r[0], r[1])):
-        sass = v.get("sass", {})
+        counts = v.get("sass", {})
         d = dyn[side].get(name)
         dyn_cols = ("-", "-", "-", "-", str(blocks_per_sm(v["registers"], v["smem"], 256)))
         if d:
@@ -530,11 +528,11 @@ def markdown(report: dict) -> str:
             dyn_cols = (f"{d['per_thread_instructions']:.0f}", f"{d['per_thread_fma']:.0f}", f"{per_mac:.2f}",
                         f"{per_mac * 16 / TYPE_SIZES[t]:.0f}", str(d["blocks_per_sm"]))
         out.append(f"| {kind}_{path} | {t} | {win} | {side} | {v['registers']} | {v['stack']} | "
-                   f"{sass.get('LDL', 0) + sass.get('STL', 0)} | {v['smem']} | {v['static_instructions']} | "
+                   f"{counts.get('LDL', 0) + counts.get('STL', 0)} | {v['smem']} | {v['static_instructions']} | "
                    + " | ".join(dyn_cols) + " | "
-                   f"{_sass_str(sass, 'LDG')} | {_sass_str(sass, 'STG')} | {_sass_str(sass, 'LDS')} | "
-                   f"{_sass_str(sass, 'STS')} | {_sass_str(sass, 'LDGSTS')} | {sass.get('SHFL', 0)} | "
-                   f"{sass.get('BAR', 0)} |")
+                   f"{_sass_str(counts, 'LDG')} | {_sass_str(counts, 'STG')} | {_sass_str(counts, 'LDS')} | "
+                   f"{_sass_str(counts, 'STS')} | {_sass_str(counts, 'LDGSTS')} | {counts.get('SHFL', 0)} | "
+                   f"{counts.get('BAR', 0)} |")
 
     out += ["", f"## Per shape and pass (bf16, batch {BATCH}, 224 px, RedNet-50)", "",
             "issue us: the issue bound of the pass's launches (H100 = H200). floor us: the memory floor on each GPU. "
@@ -568,7 +566,7 @@ def markdown(report: dict) -> str:
 
 METHOD = """## How the issue bound is counted, and what it leaves out
 
-Instructions executed per thread come from the SASS of the binary (tools/_sass.py): each
+Instructions executed per thread come from the SASS of the binary (rednet/analysis/sass.py): each
 instruction outside a loop counts once; one inside loops counts the product of their trip
 counts, each taken from the launch (the NCHW channel loop: C/G; the shuffle sum: log2 of the
 threads per item; copy loops: their iterations, the worst lane of a warp). The -lineinfo build,

@@ -80,7 +80,7 @@ def error_bound(dtype: torch.dtype, n: int, exact: torch.Tensor, abs_sum: torch.
     return v * exact.abs() + (1 + v) * gamma * abs_sum + flushed + subnormal
 # (B, C, G, H, W), small, chosen so that for any dtype, window and memory format the check runs
 # every kernel family the plans pick for RedNet's shapes, and a few they pick for others
-# (tests/test_cuda_fallback.py asserts it):
+# (tests/ops/test_cuda_fallback.py asserts it):
 # - C/G = 3, 37 wide: nchw 32x8 tiles partly filled; channels_last: the scalar kernels;
 # - C/G = 16, G = 4, 14x14: nchw 16x8 tiles; channels_last: the vector kernels, a block of groups
 #   per patch (RedNet's stages);

@@ -4,7 +4,7 @@
 //
 // Compiled at run time by NVRTC through cupy.RawModule (rednet/ops/_cupy.py), one module
 // per (dtype, K, S, D) and device, and in CI by nvcc and NVRTC without a GPU
-// (tests/test_kernels.py), which also runs it on the host (tests/cuda_emu.h). The file is
+// (tests/ops/test_kernels.py), which also runs it on the host (rednet/analysis/cuda_emu.h). The file is
 // header-free so both compilers take it as is: NVRTC has no default include path, and the
 // half conversions below are one PTX instruction each. Launch geometry and arguments are
 // planned by rednet/ops/_plan.py, which mirrors the constants marked "(_plan)".
@@ -42,7 +42,7 @@ struct bf16_t { unsigned short bits; };  // bfloat16, layout of torch.bfloat16
 template <typename T> struct Acc { typedef float type; };
 template <> struct Acc<double> { typedef double type; };
 
-// The host emulation (tests/cuda_emu.h) supplies its own half conversions, asynchronous copies
+// The host emulation (rednet/analysis/cuda_emu.h) supplies its own half conversions, asynchronous copies
 // and dynamic shared memory, and checks every global and shared vector access through the trace
 // hooks, which are empty on the device.
 #ifndef REDNET_HOST_EMULATION
