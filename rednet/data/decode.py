@@ -31,6 +31,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     PIL's ``convert("RGB")`` clips 16-bit grey values at 255, so a 16-bit PNG came out
     almost white; such images are scaled to 8 bits first (65535 -> 255).
     """
+    if img.mode == "RGB":  # convert would decode into a copy
+        img.load()
+        return img
     if img.mode in _WIDE_GREY_MODES:
         wide = np.asarray(img, dtype=np.float64)  # (H, W); mode "I" is int32, read as 16-bit data
         img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")

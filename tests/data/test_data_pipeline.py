@@ -64,6 +64,16 @@ def test_what_torchvision_io_does_not_decode_goes_through_pil(tmp_path, fmt):
         assert got[0, 0].tolist() == [0, 128, 255, 4]
 
 
+def test_an_rgb_image_is_not_copied_to_become_rgb(tmp_path):
+    """WebP and BMP go through PIL; one already in RGB is used as decoded (convert would copy it)."""
+    path = tmp_path / "img.bmp"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(path)
+    opened = Image.open(path)
+    assert opened.mode == "RGB" and to_rgb(opened) is opened
+    assert to_rgb(Image.open(path)).tobytes() == Image.open(path).convert("RGB").tobytes()
+    assert load_rgb(str(path)).tobytes() == Image.open(path).convert("RGB").tobytes()  # decoded before the file closes
+
+
 def test_train_crop_draws_timms_boxes_and_flips():
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
