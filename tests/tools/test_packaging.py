@@ -3,6 +3,7 @@ environment handling, the Dockerfile and what git and Docker leave out."""
 from __future__ import annotations
 
 import email
+import hashlib
 import os
 import re
 import shutil
@@ -114,6 +115,11 @@ def test_license_file_and_spdx_expression():
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
 
 
+def _stamp_hash(name: str) -> str:
+    """The Makefile's key for a file: the first 12 hex digits of its sha256."""
+    return hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
+
+
 def _make(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", "-C", str(cwd), *args], capture_output=True, text=True,
                           timeout=120)
@@ -133,8 +139,7 @@ def test_make_test_names_a_missing_compiler_up_front(tmp_path: Path):
     venv = tmp_path / "env"
     venv.mkdir()
     # An environment that looks installed, so that only the compiler check can stop `make test`.
-    lock_hash = subprocess.run(["sha256sum", str(ROOT / "requirements.lock")], capture_output=True,
-                               text=True).stdout[:12]
+    lock_hash = _stamp_hash("requirements.lock")
     (venv / f".installed-{lock_hash}").touch()
     res = _make("test", f"VENV={venv}", "CXX=no-such-compiler-here")
     assert res.returncode == 2
@@ -145,16 +150,14 @@ def test_make_reinstalls_the_package_when_pyproject_changes(tmp_path: Path):
     """An environment from before a change to pyproject.toml (new console scripts) gets the package again."""
     venv = tmp_path / "env"
     venv.mkdir()
-    lock_hash = subprocess.run(["sha256sum", str(ROOT / "requirements.lock")], capture_output=True,
-                               text=True).stdout[:12]
+    lock_hash = _stamp_hash("requirements.lock")
     (venv / f".installed-{lock_hash}").touch()
     (venv / "timm-tests").mkdir()
     (venv / "timm-tests" / f".extracted-{lock_hash}").touch()
     (venv / ".project-000000000000").touch()  # installed from an older pyproject.toml
     plan = _make("-n", "env", f"VENV={venv}")
     assert plan.returncode == 0 and "pip install -q --no-deps -e ." in plan.stdout, plan.stdout + plan.stderr
-    project_hash = subprocess.run(["sha256sum", str(ROOT / "pyproject.toml")], capture_output=True,
-                                  text=True).stdout[:12]
+    project_hash = _stamp_hash("pyproject.toml")
     (venv / f".project-{project_hash}").touch()
     assert "pip install" not in _make("-n", "env", f"VENV={venv}").stdout
 
