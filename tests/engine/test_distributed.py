@@ -96,8 +96,8 @@ def test_fit_destroys_the_process_group_it_made(torchrun_run, tmp_path):
     out, _, _ = torchrun_run
     script = tmp_path / "fit_then_group.py"
     script.write_text(_FIT_THEN_GROUP)
-    res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                str(out), *TINY, "train.max_iters_per_epoch=3", "train.ckpt_every_iters=2", "train.epochs=2"])
+    res = _torchrun(2, script, str(out), *TINY, "train.max_iters_per_epoch=3", "train.ckpt_every_iters=2",
+                    "train.epochs=2")  # an absolute script path stays itself under tools/
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("group left after fit: False") == 2 and "True" not in res.stdout, res.stdout + res.stderr
 
