@@ -386,12 +386,15 @@ def test_sigint_during_eval_exits_130_with_one_line(tmp_path):
     import rednet
 
     data = image_tree(tmp_path / "data", per_class=100)
-    # The folder's 2 classes: a 1000-class head is refused (exit 2) by a check that could beat the signal.
+    # The folder's 2 classes: a 1000-class head is refused (exit 2) once the data is read.
     torch.save(rednet.create_model("resnet10t", num_classes=2).state_dict(), tmp_path / "w.pth")
     args = [sys.executable, str(ROOT / "tools" / "eval.py"), "--model", "resnet10t", "--pretrained",
             str(tmp_path / "w.pth"), "--data", str(data), "--batch-size", "1", "--workers", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell ignores SIGINT in the jobs it starts in the background, and a child inherits that (Python then
+    # installs no KeyboardInterrupt handler): the tool gets the default, as from a terminal.
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # logged just before the evaluation pass (200 images at 224 px, one by one)
             if "eval transform" in line:
