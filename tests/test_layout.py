@@ -49,14 +49,10 @@ def _imports(path: Path) -> list[list[str]]:
     return [m for m in found if m[0] == "rednet" and len(m) > 1]
 
 
-def _layer(parts: tuple[str, ...] | list[str]) -> str:
-    return parts[0].removesuffix(".py")
-
-
 def test_layers_import_downwards_only_and_nothing_private_of_another():
     wrong = []
     for path in _python_files():
-        own = _layer(path.relative_to(PACKAGE).parts)
+        own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
         if own not in LAYERS:  # rednet/__init__.py and __main__.py: the front door over everything
             continue
         for module in _imports(path):
